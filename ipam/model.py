@@ -1,0 +1,66 @@
+"""Cluster resources as typed values (no I/O, no parsing: see ipam.resources for YAML).
+
+Field names follow Calico's v3 API so that people who know Calico recognise them; the
+Python attribute names are the snake_case of the YAML keys.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import netaddr
+
+
+class EncapMode(enum.Enum):
+    NEVER = "Never"
+    ALWAYS = "Always"
+    CROSS_SUBNET = "CrossSubnet"
+
+
+@dataclass(frozen=True)
+class IPPool:
+    name: str
+    cidr: netaddr.IPNetwork
+    block_size: int
+    vxlan_mode: EncapMode = EncapMode.NEVER
+    ipip_mode: EncapMode = EncapMode.NEVER
+    nat_outgoing: bool = False
+    disabled: bool = False
+    node_selector: str = "all()"
+
+    @property
+    def version(self) -> int:
+        return int(self.cidr.version)
+
+
+@dataclass(frozen=True)
+class IPAMConfig:
+    """The cluster-wide singleton named `default`."""
+
+    strict_affinity: bool = False
+    max_blocks_per_host: int = 0  # 0: the effective default, DEFAULT_MAX_BLOCKS_PER_HOST
+    auto_allocate_blocks: bool = True
+
+
+DEFAULT_MAX_BLOCKS_PER_HOST = 20
+
+
+@dataclass(frozen=True)
+class IPReservation:
+    name: str
+    reserved_cidrs: tuple[netaddr.IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict, hash=False)
+    # Underlay addresses WITH their prefix (e.g. 10.0.1.5/24): cross-subnet needs it.
+    ipv4_address: netaddr.IPNetwork | None = None
+    ipv6_address: netaddr.IPNetwork | None = None
+    ipv4_vxlan_tunnel_addr: netaddr.IPAddress | None = None
+    ipv6_vxlan_tunnel_addr: netaddr.IPAddress | None = None
+    ipv4_ipip_tunnel_addr: netaddr.IPAddress | None = None
+    vxlan_tunnel_mac: str | None = None
+    ipv6_vxlan_tunnel_mac: str | None = None

@@ -1,0 +1,124 @@
+"""Dataplane objects as plain values: what compute() wants and what the kernel reader finds.
+
+No I/O and no pyroute2 types here. Every object is frozen and hashable, so desired and
+actual states are sets/dicts that plan() can diff.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import netaddr
+
+# Calico's conventions, so that `ip` output looks familiar to Calico users.
+VXLAN_DEVICE = "vxlan.calico"
+IPIP_DEVICE = "tunl0"
+VXLAN_VNI = 4096
+VXLAN_PORT = 4789
+VXLAN_OVERHEAD = 50
+IPIP_OVERHEAD = 20
+
+# Route/nexthop protocol that marks an object as ours (Calico's exclusive protocol is 80 too).
+RT_PROTO = 80
+MAIN_TABLE = 254
+
+
+class Path(enum.Enum):
+    """How traffic to a peer's blocks leaves this node."""
+
+    DIRECT = "direct"  # plain route via the peer's underlay address (same subnet)
+    VXLAN = "vxlan"
+    IPIP = "ipip"
+
+
+@dataclass(frozen=True)
+class VxlanDevice:
+    name: str
+    vni: int
+    port: int
+    local: netaddr.IPAddress  # underlay address of this node
+    parent: str  # underlay interface name
+    mac: str  # lower-case aa:bb:cc:dd:ee:ff
+    mtu: int
+    address: netaddr.IPAddress | None  # tunnel address, programmed as /32
+
+
+@dataclass(frozen=True)
+class IpipDevice:
+    name: str
+    mtu: int
+    address: netaddr.IPAddress | None
+
+
+Device = VxlanDevice | IpipDevice
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """Permanent ARP entry: remote tunnel address -> remote VTEP MAC, on the VXLAN device."""
+
+    dev: str
+    ip: netaddr.IPAddress
+    mac: str
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    """Permanent FDB entry: remote VTEP MAC -> remote underlay address, on the VXLAN device."""
+
+    dev: str
+    mac: str
+    dst: netaddr.IPAddress
+
+
+@dataclass(frozen=True)
+class NexthopKey:
+    """A nexthop is identified by where it points; plan() maps keys to kernel ids."""
+
+    gateway: netaddr.IPAddress
+    dev: str
+    onlink: bool = True
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: netaddr.IPNetwork
+    # Exactly one of: nexthop (an nhid route), blackhole, or dev without gateway
+    # (a directly-connected /32, e.g. a borrowed tunnel address).
+    nexthop: NexthopKey | None = None
+    blackhole: bool = False
+    dev: str | None = None
+    table: int = MAIN_TABLE
+
+
+@dataclass(frozen=True)
+class NatOutgoing:
+    """Masquerade traffic from `sources` to anything outside `all_pools`."""
+
+    sources: frozenset[netaddr.IPNetwork]
+    all_pools: frozenset[netaddr.IPNetwork]
+
+
+@dataclass(frozen=True)
+class PeerPath:
+    """For introspection: the path chosen to a peer, and why."""
+
+    node: str
+    path: Path
+    reason: str
+    underlay: netaddr.IPAddress | None
+
+
+@dataclass
+class Dataplane:
+    """A whole dataplane: desired (from compute) or actual (read from the kernel)."""
+
+    devices: dict[str, Device] = field(default_factory=dict)
+    neighbours: set[Neighbour] = field(default_factory=set)
+    fdb: set[FdbEntry] = field(default_factory=set)
+    nexthops: set[NexthopKey] = field(default_factory=set)
+    nexthop_ids: dict[NexthopKey, int] = field(default_factory=dict)  # actual only
+    routes: set[Route] = field(default_factory=set)
+    nat: NatOutgoing | None = None
+    peers: list[PeerPath] = field(default_factory=list)  # desired only
