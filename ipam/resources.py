@@ -1,0 +1,645 @@
+"""Cluster resources in Calico's YAML shape <-> the typed values of ipam.model.
+
+Manifests written for Calico (`apiVersion: projectcalico.org/v3`) are accepted unchanged, as
+is our own `overlay.dev/v1`; we always emit our own apiVersion with Calico's field names.
+Validation is strict: unknown fields at any level, wrong types and values we cannot honour
+are refused with one line naming the resource, the field path and the value. Calico fields
+we do not implement are accepted only with a value that changes nothing here. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import netaddr
+import yaml
+
+from ipam.model import EncapMode, IPAMConfig, IPPool, IPReservation, Node
+from ipam.selector import SelectorError, parse_selector
+
+__all__ = [
+    "API_VERSION",
+    "CALICO_API_VERSION",
+    "KINDS",
+    "Resource",
+    "ResourceError",
+    "from_manifest",
+    "kind_of",
+    "name_of",
+    "parse_documents",
+    "resolve_kind",
+    "to_manifest",
+]
+
+API_VERSION = "overlay.dev/v1"
+CALICO_API_VERSION = "projectcalico.org/v3"
+_API_VERSIONS = (API_VERSION, CALICO_API_VERSION)
+
+Resource = IPPool | IPAMConfig | IPReservation | Node
+
+# Canonical kind name -> the type it maps to.
+KINDS: dict[str, type] = {
+    "IPPool": IPPool,
+    "IPAMConfig": IPAMConfig,
+    "IPReservation": IPReservation,
+    "Node": Node,
+}
+# Every spelling a manifest or a command line may use, lower-cased -> canonical kind.
+_KIND_ALIASES = {
+    "ippool": "IPPool",
+    "ippools": "IPPool",
+    "pool": "IPPool",
+    "pools": "IPPool",
+    "ipamconfig": "IPAMConfig",
+    "ipamconfigs": "IPAMConfig",
+    "ipamconfiguration": "IPAMConfig",
+    "ipamconfigurations": "IPAMConfig",
+    "ipreservation": "IPReservation",
+    "ipreservations": "IPReservation",
+    "node": "Node",
+    "nodes": "Node",
+}
+IPAM_CONFIG_NAME = "default"
+# `kind: List` and calicoctl's `<Kind>List`, lower-cased without the "List" suffix.
+_LIST_KINDS = {"", *_KIND_ALIASES}
+
+# Metadata that the API server (or calicoctl get -o yaml) sets: harmless, ignored on input.
+_SERVER_METADATA = {
+    "annotations",
+    "creationTimestamp",
+    "generation",
+    "managedFields",
+    "resourceVersion",
+    "selfLink",
+    "uid",
+}
+
+# Kubernetes DNS-1123 subdomain: the rule Calico applies to these resource names.
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+_LINK_LOCAL = (netaddr.IPNetwork("169.254.0.0/16"), netaddr.IPNetwork("fe80::/10"))
+_BLOCK_RANGE = {4: (20, 32), 6: (116, 128)}
+_DEFAULT_BLOCK = {4: 26, 6: 122}
+
+
+class ResourceError(ValueError):
+    """An invalid manifest or resource; the message is one line for the operator."""
+
+
+T = TypeVar("T")
+
+
+class _Ctx:
+    """Names the resource in every error: `IPPool "p1": spec.blockSize: ...`."""
+
+    def __init__(self, kind: str, name: str | None = None) -> None:
+        self.label = f'{kind} "{name}"' if name else kind
+
+    def fail(self, path: str, what: str) -> NoReturn:
+        raise ResourceError(f"{self.label}: {path}: {what}" if path else f"{self.label}: {what}")
+
+    def mapping(self, path: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(path, f"expected a mapping, got {_show(value)}")
+        return value
+
+    def fields(self, path: str, value: Any, known: set[str]) -> dict[str, Any]:
+        """The mapping at `path`, refusing any field not in `known`."""
+        m = self.mapping(path, value)
+        for key in m:
+            if key not in known:
+                where = f"{path}.{key}" if path else str(key)
+                self.fail(where, f"unknown field (known: {', '.join(sorted(known))})")
+        return m
+
+    def typed(self, path: str, value: Any, kind: type[T], what: str) -> T:
+        # bool is an int in Python; a YAML `true` must not pass as a number.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.fail(path, f"expected {what}, got {_show(value)}")
+        return value
+
+    def boolean(self, path: str, value: Any) -> bool:
+        return self.typed(path, value, bool, "true or false")
+
+    def string(self, path: str, value: Any) -> str:
+        return self.typed(path, value, str, "a string")
+
+
+def _show(value: Any) -> str:
+    """A value as the operator wrote it, with its YAML type when that is the problem."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, int | float):
+        return f"number {value}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return repr(value)
+
+
+def resolve_kind(text: str) -> str:
+    """The canonical kind for any accepted spelling (ippool, ippools, IPPool, ...)."""
+    kind = _KIND_ALIASES.get(text.lower()) if isinstance(text, str) else None
+    if kind is None:
+        raise ResourceError(f"unknown resource kind {text!r} (known: {', '.join(KINDS)})")
+    return kind
+
+
+def kind_of(res: Resource) -> str:
+    for kind, cls in KINDS.items():
+        if isinstance(res, cls):
+            return kind
+    raise TypeError(f"not a resource: {res!r}")
+
+
+def name_of(res: Resource) -> str:
+    return IPAM_CONFIG_NAME if isinstance(res, IPAMConfig) else res.name
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            mark = key_node.start_mark
+            raise ResourceError(
+                f"invalid YAML: line {mark.line + 1}, column {mark.column + 1}: "
+                f"duplicate key {key!r}"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def parse_documents(text: str) -> list[Resource]:
+    """Every resource in a multi-document YAML (or JSON) text, in order.
+
+    Empty documents are skipped; `kind: List` (and calicoctl's `<Kind>List`) documents
+    contribute their `items`.
+    """
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ResourceError(f"invalid YAML: {where}{problem}") from None
+    manifests: list[tuple[str, Any]] = []
+    for i, doc in enumerate(docs, 1):
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        if isinstance(kind, str) and kind.endswith("List") and kind[:-4].lower() in _LIST_KINDS:
+            items = doc.get("items")
+            if not isinstance(items, list):
+                raise ResourceError(f"document {i}: {kind}: items: expected a list")
+            manifests += [(f"document {i} item {j}", item) for j, item in enumerate(items, 1)]
+        else:
+            manifests.append((f"document {i}", doc))
+    out: list[Resource] = []
+    for where, doc in manifests:
+        try:
+            out.append(from_manifest(doc))
+        except ResourceError as e:
+            raise ResourceError(f"{where}: {e}" if len(manifests) > 1 else str(e)) from None
+    return out
+
+
+def from_manifest(doc: Any) -> Resource:
+    """One manifest (a parsed YAML/JSON mapping) -> its typed value, fully validated."""
+    if not isinstance(doc, dict):
+        raise ResourceError(f"a resource must be a mapping, got {_show(doc)}")
+    kind_text = doc.get("kind")
+    if kind_text is None:
+        raise ResourceError("kind: missing (expected one of: " + ", ".join(KINDS) + ")")
+    if not isinstance(kind_text, str) or kind_text.lower() not in _KIND_ALIASES:
+        raise ResourceError(f"kind: unknown kind {_show(kind_text)} (known: {', '.join(KINDS)})")
+    kind = _KIND_ALIASES[kind_text.lower()]
+    meta = doc.get("metadata")
+    name = meta.get("name") if isinstance(meta, dict) else None
+    ctx = _Ctx(kind, name if isinstance(name, str) else None)
+    ctx.fields("", doc, {"apiVersion", "kind", "metadata", "spec", "status"})
+    api = doc.get("apiVersion")
+    if api not in _API_VERSIONS:
+        ctx.fail("apiVersion", f"{_show(api)} is not supported (use {' or '.join(_API_VERSIONS)})")
+    meta_fields = {"name", "labels", "namespace"} | _SERVER_METADATA
+    meta = ctx.fields("metadata", meta, meta_fields)
+    name = _name(ctx, meta)
+    if meta.get("namespace") not in (None, ""):
+        ctx.fail("metadata.namespace", f"{_show(meta['namespace'])}: {kind} is cluster-scoped")
+    labels = _labels(ctx, meta.get("labels"))
+    spec = doc.get("spec")
+    spec = {} if spec is None else spec
+    return _PARSERS[kind](ctx, name, labels, spec)
+
+
+def _name(ctx: _Ctx, meta: dict[str, Any]) -> str:
+    name = meta.get("name")
+    if name is None or name == "":
+        ctx.fail("metadata.name", "missing")
+    name = ctx.string("metadata.name", name)
+    if len(name) > 253 or not _NAME.fullmatch(name):
+        ctx.fail(
+            "metadata.name",
+            f"{name!r} is not a valid name (lower-case letters, digits, '-' and '.', "
+            "starting and ending with a letter or digit, at most 253 characters)",
+        )
+    return name
+
+
+def _labels(ctx: _Ctx, value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    labels = ctx.mapping("metadata.labels", value)
+    out: dict[str, str] = {}
+    for key, val in labels.items():
+        path = f"metadata.labels.{key}"
+        if not isinstance(key, str):
+            ctx.fail(path, f"label key must be a string, got {_show(key)}")
+        prefix, _, lname = key.rpartition("/")
+        if (
+            not lname
+            or len(lname) > 63
+            or not _LABEL_NAME.fullmatch(lname)
+            or (prefix and (len(prefix) > 253 or not _NAME.fullmatch(prefix)))
+        ):
+            ctx.fail(path, f"{key!r} is not a valid label key")
+        if not isinstance(val, str):
+            ctx.fail(path, f"expected a string, got {_show(val)} (quote it in YAML)")
+        if len(val) > 63 or not _LABEL_NAME.fullmatch(val):
+            ctx.fail(path, f"{val!r} is not a valid label value")
+        out[key] = val
+    return out
+
+
+# ---------------------------------------------------------------------------- IPPool
+
+_POOL_FIELDS = {
+    "cidr",
+    "blockSize",
+    "vxlanMode",
+    "ipipMode",
+    "natOutgoing",
+    "disabled",
+    "nodeSelector",
+    # Calico fields we do not implement: accepted only with a harmless value (below).
+    "allowedUses",
+    "disableBGPExport",
+    "assignmentMode",
+    "namespaceSelector",
+    "awsSubnetID",
+}
+
+
+def _cidr(ctx: _Ctx, path: str, value: Any) -> netaddr.IPNetwork:
+    text = ctx.string(path, value)
+    if "/" not in text:
+        ctx.fail(path, f"{text!r} is not a CIDR (expected address/prefix, e.g. 10.244.0.0/16)")
+    try:
+        net = netaddr.IPNetwork(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        ctx.fail(path, f"{text!r} is not a valid CIDR")
+    if net.ip != net.network:
+        ctx.fail(path, f"{text!r} has host bits set (did you mean {net.cidr}?)")
+    return net
+
+
+def _encap(ctx: _Ctx, path: str, value: Any) -> EncapMode:
+    if value is None:
+        return EncapMode.NEVER
+    text = ctx.string(path, value)
+    for mode in EncapMode:
+        if mode.value == text:
+            return mode
+    ctx.fail(path, f"{text!r} is not one of {', '.join(m.value for m in EncapMode)}")
+
+
+def _pool(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> IPPool:
+    spec = ctx.fields("spec", spec_value, _POOL_FIELDS)
+    if spec.get("cidr") is None:
+        ctx.fail("spec.cidr", "missing")
+    cidr = _cidr(ctx, "spec.cidr", spec["cidr"])
+    for reserved in _LINK_LOCAL:
+        if cidr.version == reserved.version and (cidr in reserved or reserved in cidr):
+            ctx.fail("spec.cidr", f"{cidr} overlaps the link-local range {reserved}")
+    version = int(cidr.version)
+    disabled = ctx.boolean("spec.disabled", spec.get("disabled", False))
+    nat = ctx.boolean("spec.natOutgoing", spec.get("natOutgoing", False))
+
+    block_size = _DEFAULT_BLOCK[version]
+    if spec.get("blockSize") is not None:
+        block_size = ctx.typed("spec.blockSize", spec["blockSize"], int, "an integer")
+    low, high = _BLOCK_RANGE[version]
+    if not low <= block_size <= high:
+        ctx.fail(
+            "spec.blockSize", f"{block_size} is out of range {low}-{high} for an IPv{version} pool"
+        )
+    # Calico allows a block larger than the pool only while the pool is disabled.
+    if block_size < cidr.prefixlen and not disabled:
+        ctx.fail(
+            "spec.blockSize",
+            f"{block_size} is smaller than the prefix length of the pool {cidr} "
+            f"(a block must fit in the pool: use a block size >= {cidr.prefixlen})",
+        )
+
+    vxlan = _encap(ctx, "spec.vxlanMode", spec.get("vxlanMode"))
+    ipip = _encap(ctx, "spec.ipipMode", spec.get("ipipMode"))
+    if ipip is not EncapMode.NEVER and version == 6:
+        ctx.fail("spec.ipipMode", f"{ipip.value}: IP-in-IP is IPv4 only (use vxlanMode)")
+    if ipip is not EncapMode.NEVER and vxlan is not EncapMode.NEVER:
+        ctx.fail(
+            "spec",
+            f"ipipMode {ipip.value} and vxlanMode {vxlan.value}: "
+            "enable at most one encapsulation per pool",
+        )
+
+    selector = spec.get("nodeSelector")
+    selector = "all()" if selector is None else ctx.string("spec.nodeSelector", selector)
+    try:
+        parse_selector(selector)
+    except SelectorError as e:
+        ctx.fail("spec.nodeSelector", str(e))
+    selector = selector.strip() or "all()"
+
+    _harmless_pool_fields(ctx, spec)
+    return IPPool(
+        name=name,
+        cidr=cidr,
+        block_size=block_size,
+        vxlan_mode=vxlan,
+        ipip_mode=ipip,
+        nat_outgoing=nat,
+        disabled=disabled,
+        node_selector=selector,
+    )
+
+
+def _harmless_pool_fields(ctx: _Ctx, spec: dict[str, Any]) -> None:
+    uses = spec.get("allowedUses")
+    if uses is not None:
+        uses = ctx.typed("spec.allowedUses", uses, list, "a list")
+        if uses and sorted(map(str, uses)) != ["Tunnel", "Workload"]:
+            ctx.fail(
+                "spec.allowedUses",
+                f"{uses} is not supported (only the default [Workload, Tunnel])",
+            )
+    # There is no BGP here, so nothing is exported either way.
+    if spec.get("disableBGPExport") is not None:
+        ctx.boolean("spec.disableBGPExport", spec["disableBGPExport"])
+    mode = spec.get("assignmentMode")
+    if mode is not None and mode != "Automatic":
+        ctx.fail("spec.assignmentMode", f"{_show(mode)} is not supported (only Automatic)")
+    ns = spec.get("namespaceSelector")
+    if ns is not None and ctx.string("spec.namespaceSelector", ns).strip() not in ("", "all()"):
+        ctx.fail("spec.namespaceSelector", f"{ns!r} is not supported (only all())")
+    aws = spec.get("awsSubnetID")
+    if aws not in (None, ""):
+        ctx.fail("spec.awsSubnetID", f"{_show(aws)} is not supported")
+
+
+# ---------------------------------------------------------------------------- IPAMConfig
+
+
+def _ipam_config(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> IPAMConfig:
+    if name != IPAM_CONFIG_NAME:
+        ctx.fail(
+            "metadata.name", f"{name!r}: the IPAM configuration is a singleton named 'default'"
+        )
+    known = {
+        "strictAffinity",
+        "maxBlocksPerHost",
+        "autoAllocateBlocks",
+        "kubeVirtVMAddressPersistence",
+        "ipCooldownSeconds",
+    }
+    spec = ctx.fields("spec", spec_value, known)
+    strict = ctx.boolean("spec.strictAffinity", spec.get("strictAffinity", False))
+    auto = ctx.boolean("spec.autoAllocateBlocks", spec.get("autoAllocateBlocks", True))
+    max_blocks = ctx.typed(
+        "spec.maxBlocksPerHost", spec.get("maxBlocksPerHost", 0), int, "an integer"
+    )
+    if max_blocks < 0:
+        ctx.fail("spec.maxBlocksPerHost", f"{max_blocks} must be >= 0 (0 means the default)")
+    if not strict and not auto:
+        ctx.fail(
+            "spec",
+            "strictAffinity false with autoAllocateBlocks false would leave no way to get "
+            "an address: set strictAffinity true or autoAllocateBlocks true",
+        )
+    # No KubeVirt here: any persistence setting changes nothing.
+    kv = spec.get("kubeVirtVMAddressPersistence")
+    if kv is not None and kv not in ("Enabled", "Disabled"):
+        ctx.fail("spec.kubeVirtVMAddressPersistence", f"{_show(kv)} is not Enabled or Disabled")
+    cooldown = spec.get("ipCooldownSeconds")
+    if cooldown not in (None, 0):
+        ctx.fail("spec.ipCooldownSeconds", f"{_show(cooldown)} is not supported (only 0)")
+    return IPAMConfig(
+        strict_affinity=strict, max_blocks_per_host=max_blocks, auto_allocate_blocks=auto
+    )
+
+
+# ---------------------------------------------------------------------------- IPReservation
+
+
+def _reservation(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> IPReservation:
+    spec = ctx.fields("spec", spec_value, {"reservedCIDRs"})
+    items = spec.get("reservedCIDRs")
+    items = [] if items is None else ctx.typed("spec.reservedCIDRs", items, list, "a list")
+    cidrs: list[netaddr.IPNetwork] = []
+    for i, item in enumerate(items):
+        path = f"spec.reservedCIDRs[{i}]"
+        text = ctx.string(path, item)
+        if "/" in text:
+            cidrs.append(_cidr(ctx, path, text))
+        else:
+            addr = _address(ctx, path, text)
+            cidrs.append(netaddr.IPNetwork(f"{addr}/{32 if addr.version == 4 else 128}"))
+    return IPReservation(name=name, reserved_cidrs=tuple(cidrs))
+
+
+# ---------------------------------------------------------------------------- Node
+
+_NODE_FIELDS = {
+    "bgp",
+    "ipv4VXLANTunnelAddr",
+    "ipv6VXLANTunnelAddr",
+    "vxlanTunnelMACAddr",
+    "vxlanTunnelMACAddrV6",
+    # Written by Calico's own components; informational here and ignored.
+    "addresses",
+    "orchRefs",
+    "interfaceName",
+}
+_BGP_FIELDS = {"ipv4Address", "ipv6Address", "ipv4IPIPTunnelAddr", "asNumber"}
+
+
+def _address(ctx: _Ctx, path: str, value: Any, version: int | None = None) -> netaddr.IPAddress:
+    text = ctx.string(path, value)
+    try:
+        addr = netaddr.IPAddress(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        ctx.fail(path, f"{text!r} is not a valid IP address")
+    if version is not None and addr.version != version:
+        ctx.fail(path, f"{text!r} is not an IPv{version} address")
+    return addr
+
+
+def _interface_address(ctx: _Ctx, path: str, value: Any, version: int) -> netaddr.IPNetwork:
+    """An underlay address with its subnet prefix; a bare address becomes a host prefix."""
+    text = ctx.string(path, value)
+    try:
+        net = netaddr.IPNetwork(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        ctx.fail(path, f"{text!r} is not a valid address/prefix (e.g. 10.0.1.5/24)")
+    if net.version != version:
+        ctx.fail(path, f"{text!r} is not an IPv{version} address")
+    return net
+
+
+def _optional(
+    ctx: _Ctx, spec: dict[str, Any], key: str, path: str, parse: Callable[[_Ctx, str, Any], T]
+) -> T | None:
+    value = spec.get(key)
+    return None if value is None or value == "" else parse(ctx, path, value)
+
+
+def _mac(ctx: _Ctx, path: str, value: Any) -> str:
+    text = ctx.string(path, value)
+    if not _MAC.fullmatch(text):
+        ctx.fail(path, f"{text!r} is not a MAC address (expected xx:xx:xx:xx:xx:xx)")
+    return text.lower()
+
+
+def _node(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> Node:
+    spec = ctx.fields("spec", spec_value, _NODE_FIELDS)
+    bgp = spec.get("bgp")
+    bgp = {} if bgp is None else ctx.fields("spec.bgp", bgp, _BGP_FIELDS)
+    if bgp.get("asNumber") is not None:
+        ctx.typed("spec.bgp.asNumber", bgp["asNumber"], int, "an integer")
+    for key in ("addresses", "orchRefs"):
+        if spec.get(key) is not None:
+            ctx.typed(f"spec.{key}", spec[key], list, "a list")
+    if spec.get("interfaceName") is not None:
+        ctx.string("spec.interfaceName", spec["interfaceName"])
+
+    def v4(c: _Ctx, p: str, v: Any) -> netaddr.IPAddress:
+        return _address(c, p, v, 4)
+
+    def v6(c: _Ctx, p: str, v: Any) -> netaddr.IPAddress:
+        return _address(c, p, v, 6)
+
+    return Node(
+        name=name,
+        labels=labels,
+        ipv4_address=_optional(
+            ctx,
+            bgp,
+            "ipv4Address",
+            "spec.bgp.ipv4Address",
+            lambda c, p, v: _interface_address(c, p, v, 4),
+        ),
+        ipv6_address=_optional(
+            ctx,
+            bgp,
+            "ipv6Address",
+            "spec.bgp.ipv6Address",
+            lambda c, p, v: _interface_address(c, p, v, 6),
+        ),
+        ipv4_vxlan_tunnel_addr=_optional(
+            ctx, spec, "ipv4VXLANTunnelAddr", "spec.ipv4VXLANTunnelAddr", v4
+        ),
+        ipv6_vxlan_tunnel_addr=_optional(
+            ctx, spec, "ipv6VXLANTunnelAddr", "spec.ipv6VXLANTunnelAddr", v6
+        ),
+        ipv4_ipip_tunnel_addr=_optional(
+            ctx, bgp, "ipv4IPIPTunnelAddr", "spec.bgp.ipv4IPIPTunnelAddr", v4
+        ),
+        vxlan_tunnel_mac=_optional(
+            ctx, spec, "vxlanTunnelMACAddr", "spec.vxlanTunnelMACAddr", _mac
+        ),
+        ipv6_vxlan_tunnel_mac=_optional(
+            ctx, spec, "vxlanTunnelMACAddrV6", "spec.vxlanTunnelMACAddrV6", _mac
+        ),
+    )
+
+
+_PARSERS: dict[str, Callable[[_Ctx, str, dict[str, str], Any], Resource]] = {
+    "IPPool": _pool,
+    "IPAMConfig": _ipam_config,
+    "IPReservation": _reservation,
+    "Node": _node,
+}
+
+
+# ---------------------------------------------------------------------------- emitting
+
+
+def to_manifest(res: Resource) -> dict[str, Any]:
+    """The manifest for a typed value: our apiVersion, Calico's field names.
+
+    Only fields with a value are emitted for nodes, so a manifest stays what a person wrote.
+    """
+    spec: dict[str, Any]
+    metadata: dict[str, Any] = {"name": name_of(res)}
+    if isinstance(res, IPPool):
+        spec = {
+            "cidr": str(res.cidr),
+            "blockSize": res.block_size,
+            "ipipMode": res.ipip_mode.value,
+            "vxlanMode": res.vxlan_mode.value,
+            "natOutgoing": res.nat_outgoing,
+            "disabled": res.disabled,
+            "nodeSelector": res.node_selector,
+        }
+    elif isinstance(res, IPAMConfig):
+        spec = {
+            "strictAffinity": res.strict_affinity,
+            "maxBlocksPerHost": res.max_blocks_per_host,
+            "autoAllocateBlocks": res.auto_allocate_blocks,
+        }
+    elif isinstance(res, IPReservation):
+        spec = {"reservedCIDRs": [str(c) for c in res.reserved_cidrs]}
+    elif isinstance(res, Node):
+        if res.labels:
+            metadata["labels"] = dict(res.labels)
+        bgp = {
+            key: str(value)
+            for key, value in (
+                ("ipv4Address", res.ipv4_address),
+                ("ipv6Address", res.ipv6_address),
+                ("ipv4IPIPTunnelAddr", res.ipv4_ipip_tunnel_addr),
+            )
+            if value is not None
+        }
+        spec = {"bgp": bgp} if bgp else {}
+        for key, value in (
+            ("ipv4VXLANTunnelAddr", res.ipv4_vxlan_tunnel_addr),
+            ("ipv6VXLANTunnelAddr", res.ipv6_vxlan_tunnel_addr),
+            ("vxlanTunnelMACAddr", res.vxlan_tunnel_mac),
+            ("vxlanTunnelMACAddrV6", res.ipv6_vxlan_tunnel_mac),
+        ):
+            if value is not None:
+                spec[key] = str(value)
+    else:
+        raise TypeError(f"not a resource: {res!r}")
+    return {"apiVersion": API_VERSION, "kind": kind_of(res), "metadata": metadata, "spec": spec}
