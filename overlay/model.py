@@ -105,7 +105,7 @@ class PeerPath:
     """For introspection: the path chosen to a peer, and why."""
 
     node: str
-    path: Path
+    path: Path | None  # None: no route to this peer's blocks (the reason says why)
     reason: str
     underlay: netaddr.IPAddress | None
 
@@ -120,5 +120,32 @@ class Dataplane:
     nexthops: set[NexthopKey] = field(default_factory=set)
     nexthop_ids: dict[NexthopKey, int] = field(default_factory=dict)  # actual only
     routes: set[Route] = field(default_factory=set)
+    # Actual only: the kernel nhid each nexthop route uses. A route with a nexthop key but no
+    # entry here carries its own gateway (no nexthop object), so plan() re-sets it.
+    route_nhids: dict[Route, int] = field(default_factory=dict)
+    # Actual only: ids of nexthop objects that are not ours; plan() never allocates them.
+    foreign_nexthop_ids: set[int] = field(default_factory=set)
     nat: NatOutgoing | None = None
     peers: list[PeerPath] = field(default_factory=list)  # desired only
+
+
+@dataclass(frozen=True)
+class Nexthop:
+    """A kernel nexthop object: plan() assigns the id, reusing the kernel's where it exists."""
+
+    id: int
+    key: NexthopKey
+
+
+class Action(enum.Enum):
+    SET = "set"  # create or replace (devices: create, or recreate when incompatible)
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kernel change. For a Route with a nexthop key, `nhid` is the resolved kernel id."""
+
+    action: Action
+    obj: VxlanDevice | IpipDevice | Neighbour | FdbEntry | Nexthop | Route
+    nhid: int | None = None

@@ -1,0 +1,101 @@
+"""Entry points of the exec'd plugins `overlay-cni` and `overlay-ipam`.
+
+The only module that touches os.environ, stdin and stdout. It validates locally, answers
+VERSION itself, and sends everything else to the node agent over its Unix socket. Imports
+are kept to the standard library's cheapest modules: a call should cost little more than
+the interpreter's start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from cni import spec
+from cni.spec import CniError
+
+# typing costs ~3 ms of start-up; mypy still reads this block.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Protocol
+
+    class Reader(Protocol):
+        def read(self) -> bytes | str: ...
+
+    class Writer(Protocol):
+        def write(self, text: str, /) -> object: ...
+        def flush(self) -> None: ...
+
+    Call = Callable[[str, bytes, float], dict[str, object] | None]
+
+
+def run(
+    plugin: str,
+    environ: dict[str, str],
+    stdin: Reader,
+    stdout: Writer,
+    call: Call | None = None,
+) -> int:
+    """One plugin invocation: returns the exit status, writes the result or error to stdout.
+
+    `stdin` has .read() -> bytes|str and `stdout` has .write(str); `call(path, request,
+    timeout)` talks to the agent. All are injectable for tests.
+    """
+    version = spec.CURRENT_VERSION
+    try:
+        try:
+            data = stdin.read()
+        except OSError as e:
+            raise CniError(spec.IO_FAILURE, f"cannot read the configuration from stdin: {e}") from e
+        version = spec.peek_version(data)
+        verb = spec.parse_command(environ)
+        if verb == "VERSION":
+            _emit(stdout, spec.version_info())
+            return 0
+        from cni import protocol  # not needed by VERSION: socket costs a few ms
+
+        env = spec.parse_env(environ)
+        conf = spec.parse_config(plugin, data, verb)
+        request = protocol.encode_request(verb, plugin, env.to_wire(), conf.raw)
+        try:
+            result = (call or protocol.call)(conf.agent_socket, request, conf.timeout_s)
+        except CniError as e:
+            if verb == "STATUS" and e.code == spec.TRY_AGAIN_LATER:
+                # For STATUS an absent agent means "cannot serve ADD now": code 50.
+                raise CniError(spec.NOT_AVAILABLE, e.msg, e.details) from e
+            raise
+        if result is not None:
+            _emit(stdout, result)
+        return 0
+    except CniError as e:
+        _emit(stdout, e.to_object(version))
+        return 1
+    except Exception as e:  # never a traceback: the runtime only reads stdout
+        msg = f"internal error in overlay-{plugin}: {type(e).__name__}: {e}"
+        err = spec.error_object(spec.INTERNAL, msg, "", version)
+        _emit(stdout, err)
+        return 1
+
+
+def _emit(stdout: Writer, obj: dict[str, object]) -> None:
+    stdout.write(json.dumps(obj) + "\n")
+    stdout.flush()
+
+
+def _main(plugin: str) -> None:
+    code = run(plugin, dict(os.environ), sys.stdin.buffer, sys.stdout)
+    sys.exit(code)
+
+
+def main_cni() -> None:
+    _main("cni")
+
+
+def main_ipam() -> None:
+    _main("ipam")
+
+
+if __name__ == "__main__":
+    main_cni()

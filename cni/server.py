@@ -1,0 +1,165 @@
+"""Agent side of the CNI socket: a threaded Unix-socket server calling a handler.
+
+One thread per connection (the runtime may run ADDs for different pods in parallel); the
+handler is responsible for its own locking. Every failure becomes a spec error object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from typing import Protocol
+
+from cni import protocol, spec
+from cni.spec import CniEnv, CniError, NetConf
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT_S = 10.0  # a client that connects and sends nothing must not hold a thread
+
+
+class CniHandler(Protocol):
+    def handle(
+        self, verb: str, plugin: str, env: CniEnv, config: NetConf
+    ) -> dict[str, object] | None: ...
+
+
+def dispatch(handler: CniHandler, line: bytes) -> bytes:
+    """Decode one request line, validate it again (the agent trusts no client), answer."""
+    try:
+        request = protocol.decode_request(line)
+        env = spec.parse_env(request.env)
+        if env.command != request.verb:
+            raise CniError(
+                spec.INVALID_ENV,
+                f"CNI_COMMAND={env.command!r} does not match the request verb {request.verb!r}",
+            )
+        config = spec.parse_config(request.plugin, request.config, request.verb)
+        result = handler.handle(request.verb, request.plugin, env, config)
+        return protocol.encode_result(result)
+    except CniError as e:
+        return protocol.encode_error(e)
+    except Exception as e:
+        log.exception("cni request failed unexpectedly")
+        msg = f"internal error in overlay-agent: {type(e).__name__}: {e}"
+        return protocol.encode_error(CniError(spec.INTERNAL, msg, "see the overlay-agent log"))
+
+
+class CniServer:
+    """Serve `handler` on a Unix socket at `path` (mode 0600) until stop()."""
+
+    def __init__(self, path: str, handler: CniHandler) -> None:
+        self.path = path
+        self.handler = handler
+        self._sock: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._workers: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._inode = -1
+
+    def start(self) -> None:
+        self._sock = self._bind()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="cni-accept", daemon=True)
+        self._acceptor.start()
+        log.info("cni socket listening path=%s", self.path)
+
+    def _bind(self) -> socket.socket:
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        if os.path.exists(self.path):
+            if _is_live(self.path):
+                raise OSError(
+                    f"another process is serving {self.path}; stop it or choose another socket"
+                )
+            log.info("replacing stale cni socket path=%s", self.path)
+        # Bind under a temporary name, restrict it, then rename over the final path, so
+        # the socket never appears with looser permissions and a stale file is replaced.
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)
+            sock.listen(128)
+            os.replace(tmp, self.path)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._inode = os.stat(self.path).st_ino
+        return sock
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                break  # stop() shut the listening socket down
+            worker = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            with self._lock:
+                self._workers.add(worker)
+            worker.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                conn.settimeout(READ_TIMEOUT_S)
+                try:
+                    line = protocol.read_line(conn)
+                except (OSError, ValueError) as e:
+                    log.warning("cni request unreadable error=%s", e)
+                    return
+                if not line:
+                    return  # a liveness probe, or a plugin that gave up
+                answer = dispatch(self.handler, line)
+                conn.settimeout(READ_TIMEOUT_S)
+                with contextlib.suppress(OSError):  # the plugin may have given up
+                    conn.sendall(answer)
+        finally:
+            with self._lock:
+                self._workers.discard(threading.current_thread())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, wait up to `timeout` for requests in flight, remove the socket."""
+        self._stopping.set()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            self._sock.close()
+        if self._acceptor is not None:
+            self._acceptor.join(timeout)
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.join(timeout)
+        # Remove the file only if it is still ours (a new agent may have replaced it).
+        with contextlib.suppress(FileNotFoundError):
+            if self._sock is not None and os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        self._sock = None
+
+    def __enter__(self) -> CniServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

@@ -1,0 +1,256 @@
+"""The kernel layer against the real kernel, in scratch network namespaces (root only)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import netaddr
+import pytest
+
+from netns_tests.kernel_fixtures import ip, peer, peer_ops, underlay, vxlan_device
+from overlay.kernel.apply import Kernel
+from overlay.kernel.monitor import Monitor
+from overlay.kernel.nat import apply_nat, read_nat
+from overlay.model import (
+    IPIP_DEVICE,
+    RT_PROTO,
+    VXLAN_DEVICE,
+    Action,
+    IpipDevice,
+    NatOutgoing,
+    Op,
+    Route,
+)
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
+
+BLACKHOLE = Route(dst=netaddr.IPNetwork("10.127.0.0/26"), blackhole=True)
+DEV_ROUTE = Route(dst=netaddr.IPNetwork("10.126.0.9/32"), dev=VXLAN_DEVICE)
+
+
+@pytest.fixture
+def node() -> Iterator[str]:
+    with underlay() as (ns, _other):
+        yield ns
+
+
+@pytest.fixture
+def kernel(node: str) -> Iterator[Kernel]:
+    k = Kernel(netns=node)
+    yield k
+    k.close()
+
+
+def _apply_ok(k: Kernel, ops: list[Op]) -> None:
+    result = k.apply(ops)
+    assert result.failed == []
+    assert result.done == len(ops)
+
+
+def test_roundtrip_device_peers_blackhole(kernel: Kernel) -> None:
+    assert kernel.supports_nexthops()
+    dev = vxlan_device()
+    ops = [Op(Action.SET, dev), *peer_ops(3), Op(Action.SET, BLACKHOLE), Op(Action.SET, DEV_ROUTE)]
+    _apply_ok(kernel, ops)
+
+    dp = kernel.read()
+    peers = [peer(i) for i in range(3)]
+    assert dp.devices == {VXLAN_DEVICE: dev}
+    assert dp.neighbours == {p[0] for p in peers}
+    assert dp.fdb == {p[1] for p in peers}
+    assert dp.nexthop_ids == {p[2].key: p[2].id for p in peers}
+    assert dp.nexthops == {p[2].key for p in peers}
+    assert dp.routes == {p[3] for p in peers} | {BLACKHOLE, DEV_ROUTE}
+    assert dp.route_nhids == {p[3]: p[2].id for p in peers}
+
+    # Applying the same again is idempotent (replace semantics), and deletes empty it.
+    _apply_ok(kernel, ops)
+    dels = [
+        Op(Action.DELETE, DEV_ROUTE),
+        Op(Action.DELETE, BLACKHOLE),
+        *peer_ops(3, action=Action.DELETE),
+    ]
+    _apply_ok(kernel, dels)
+    dp = kernel.read()
+    assert (dp.neighbours, dp.fdb, dp.nexthops, dp.routes) == (set(), set(), set(), set())
+    # Deleting what is already gone counts as done.
+    _apply_ok(kernel, dels)
+    _apply_ok(kernel, [Op(Action.DELETE, dev)])
+    assert kernel.read().devices == {}
+    _apply_ok(kernel, [Op(Action.DELETE, dev)])
+
+
+def test_foreign_objects_invisible_and_untouched(node: str, kernel: Kernel) -> None:
+    _apply_ok(kernel, [Op(Action.SET, vxlan_device()), *peer_ops(2)])
+    foreign = "10.99.0.0/24"
+    ip("-n", node, "route", "add", foreign, "via", "192.0.2.2", "proto", "static")
+    ip("-n", node, "nexthop", "add", "id", "700", "via", "192.0.2.2", "dev", "veth0")
+    ip(
+        "-n",
+        node,
+        "neigh",
+        "add",
+        "10.200.0.1",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "veth0",
+        "nud",
+        "permanent",
+    )
+
+    dp = kernel.read()
+    assert all(str(r.dst) != foreign for r in dp.routes)
+    assert 700 not in dp.nexthop_ids.values()
+    assert dp.foreign_nexthop_ids == {700}  # plan() must never allocate it
+    assert len(dp.routes) == 2 and len(dp.nexthops) == 2
+
+    # Deleting our routes, even one with the foreign prefix, leaves the foreign route alone:
+    # deletes match our protocol.
+    ops = [
+        Op(Action.DELETE, Route(dst=netaddr.IPNetwork(foreign), dev="veth0")),
+        *peer_ops(2, action=Action.DELETE),
+    ]
+    _apply_ok(kernel, ops)
+    routes = ip("-n", node, "route", "show", foreign).stdout
+    assert "proto static" in routes
+    assert "id 700" in ip("-n", node, "nexthop", "show").stdout
+    assert "10.200.0.1" in ip("-n", node, "neigh", "show", "dev", "veth0").stdout
+
+
+def test_batch_of_10k_peers_is_fast(kernel: Kernel) -> None:
+    n = 10_000
+    _apply_ok(kernel, [Op(Action.SET, vxlan_device())])
+    ops = peer_ops(n)
+    start = time.perf_counter()
+    result = kernel.apply(ops)
+    took = time.perf_counter() - start
+    print(f"\napplied {n} peers ({len(ops)} objects) in {took:.2f} s")
+    assert result.failed == [] and result.done == 4 * n
+    start = time.perf_counter()
+    dp = kernel.read()
+    read_took = time.perf_counter() - start
+    print(
+        f"read back {len(dp.routes)} routes + {len(dp.nexthops)} nexthops + "
+        f"{len(dp.neighbours)} neighbours + {len(dp.fdb)} fdb in {read_took:.2f} s"
+    )
+    assert (len(dp.routes), len(dp.nexthops), len(dp.neighbours), len(dp.fdb)) == (n, n, n, n)
+    assert took < 10.0, f"10k peers took {took:.1f} s"
+    assert read_took < 5.0
+
+
+def test_failure_of_one_object_does_not_stop_the_batch(kernel: Kernel) -> None:
+    _apply_ok(kernel, [Op(Action.SET, vxlan_device())])
+    missing = Op(
+        Action.SET,
+        Route(dst=netaddr.IPNetwork("10.250.0.0/26"), nexthop=peer(50)[2].key),
+        nhid=99_999,
+    )
+    bad_dev = Op(Action.SET, Route(dst=netaddr.IPNetwork("10.250.1.0/26"), dev="nosuchdev"))
+    ops = [*peer_ops(5)]
+    ops.insert(12, missing)  # among the nexthops, before the good routes
+    ops.append(bad_dev)
+    result = kernel.apply(ops)
+    assert result.done == len(ops) - 2
+    assert [(op, code) for op, code, _ in result.failed] == [
+        (missing, errno.EINVAL),
+        (bad_dev, errno.ENODEV),
+    ]
+    assert "nexthop" in result.failed[0][2].lower()
+    assert len(kernel.read().routes) == 5
+
+
+def test_device_drift_recreates_and_mtu_is_fixed_in_place(node: str, kernel: Kernel) -> None:
+    _apply_ok(kernel, [Op(Action.SET, vxlan_device()), *peer_ops(2)])
+    index_before = ip("-n", node, "-o", "link", "show", VXLAN_DEVICE).stdout.split(":")[0]
+
+    ip("-n", node, "link", "set", VXLAN_DEVICE, "mtu", "1400")
+    assert kernel.read().devices[VXLAN_DEVICE].mtu == 1400
+    result = kernel.apply([Op(Action.SET, vxlan_device())])
+    assert result.failed == [] and not result.resync
+    assert kernel.read().devices[VXLAN_DEVICE] == vxlan_device()
+    assert ip("-n", node, "-o", "link", "show", VXLAN_DEVICE).stdout.split(":")[0] == index_before
+
+    drifted = vxlan_device(vni=4097)
+    result = kernel.apply([Op(Action.SET, drifted)])
+    assert result.failed == [] and result.resync
+    dp = kernel.read()
+    assert dp.devices[VXLAN_DEVICE] == drifted
+    assert "vxlan id 4097" in ip("-n", node, "-d", "link", "show", VXLAN_DEVICE).stdout
+    # Recreation flushed the peers: the caller must re-plan (resync=True says so).
+    assert dp.routes == set() and dp.neighbours == set()
+
+    # A stray extra address is drift too, and is removed.
+    ip("-n", node, "addr", "add", "10.5.5.5/24", "dev", VXLAN_DEVICE)
+    assert kernel.read().devices[VXLAN_DEVICE] != drifted
+    _apply_ok(kernel, [Op(Action.SET, drifted)])
+    assert kernel.read().devices[VXLAN_DEVICE] == drifted
+
+
+def test_monitor_kicks_when_our_route_is_deleted(node: str, kernel: Kernel) -> None:
+    _apply_ok(kernel, [Op(Action.SET, vxlan_device()), *peer_ops(2)])
+    reasons: list[str] = []
+    kicked = threading.Event()
+
+    def kick(reason: str) -> None:
+        reasons.append(reason)
+        kicked.set()
+
+    with Monitor(kick, netns=node):
+        # A foreign route coming and going is not a reason.
+        ip("-n", node, "route", "add", "10.99.0.0/24", "via", "192.0.2.2", "proto", "static")
+        ip("-n", node, "route", "del", "10.99.0.0/24")
+        assert not kicked.wait(0.5), reasons
+        start = time.monotonic()
+        ip("-n", node, "route", "del", str(peer(1)[3].dst), "proto", str(RT_PROTO))
+        assert kicked.wait(1.0), "no kick within 1 s"
+        print(f"\nmonitor kicked after {time.monotonic() - start:.3f} s: {reasons}")
+        assert "route_deleted" in reasons[0] and str(peer(1)[3].dst) in reasons[0]
+
+        kicked.clear()
+        ip("-n", node, "neigh", "del", str(peer(0)[0].ip), "dev", VXLAN_DEVICE)
+        assert kicked.wait(1.0) and "neighbour" in reasons[-1]
+
+
+def test_classic_route_fallback(node: str) -> None:
+    with Kernel(netns=node, use_nexthops=False) as k:
+        ops = [Op(Action.SET, vxlan_device()), *peer_ops(3)]
+        _apply_ok(k, ops)
+        out = ip("-n", node, "route", "show", "proto", str(RT_PROTO)).stdout
+        assert "nhid" not in out and "via 10.128.0.64 dev vxlan.calico" in out and "onlink" in out
+        dp = k.read()
+        assert dp.routes == {peer(i)[3] for i in range(3)}
+        assert dp.nexthops == set()
+        _apply_ok(k, peer_ops(3, action=Action.DELETE))
+        assert k.read().routes == set()
+
+
+def test_ipip_device_or_clear_unsupported(kernel: Kernel) -> None:
+    dev = IpipDevice(name=IPIP_DEVICE, mtu=1480, address=netaddr.IPAddress("10.127.1.1"))
+    result = kernel.apply([Op(Action.SET, dev)])
+    if result.failed:  # this host's kernel has no ipip
+        [(_op, code, text)] = result.failed
+        assert code == errno.EOPNOTSUPP and "kernel lacks ipip" in text
+    else:
+        assert kernel.read().devices[IPIP_DEVICE] == dev
+
+
+def test_nat_outgoing_roundtrip(node: str) -> None:
+    assert read_nat(node) is None
+    pools = frozenset(netaddr.IPNetwork(c) for c in ("10.128.0.0/16", "10.200.0.0/16"))
+    nat = NatOutgoing(sources=frozenset({netaddr.IPNetwork("10.128.0.0/16")}), all_pools=pools)
+    apply_nat(nat, node)
+    assert read_nat(node) == nat
+    ruleset = ip("netns", "exec", node, "nft", "list", "table", "ip", "overlay-nat").stdout
+    assert "ip saddr @sources ip daddr != @pools masquerade" in ruleset
+    apply_nat(nat, node)  # replacing is atomic and repeatable
+    apply_nat(None, node)
+    assert read_nat(node) is None
+    apply_nat(None, node)  # deleting twice is fine

@@ -1,0 +1,265 @@
+"""`Kernel`: read what is ours, apply plan() operations in netlink batches, report failures.
+
+Ops are executed in the order given (plan() orders them safely). Device ops go through
+pyroute2 one by one; every run of other ops between them is encoded with the lean encoder and
+sent as one batch, in order, so a nexthop created earlier in the run exists when a route
+refers to it. A failing object never stops the rest.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import netaddr
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from overlay.kernel import nlmsg
+from overlay.kernel.batch import RtnlSocket
+from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
+from overlay.kernel.reader import read_dataplane
+from overlay.model import (
+    IPIP_DEVICE,
+    RT_PROTO,
+    VXLAN_DEVICE,
+    Action,
+    Dataplane,
+    FdbEntry,
+    IpipDevice,
+    Neighbour,
+    Nexthop,
+    Op,
+    Route,
+    VxlanDevice,
+)
+
+log = logging.getLogger("overlay.kernel")
+
+# Deleting something already gone is success.
+GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
+
+
+@dataclass
+class ApplyResult:
+    done: int = 0
+    failed: list[tuple[Op, int, str]] = field(default_factory=list)
+    # A device was (re)created, which flushes its neighbours/routes/nexthops: the caller must
+    # re-read and re-plan now rather than at the next periodic resync.
+    resync: bool = False
+
+
+class _Skip(Exception):
+    """The op needs no kernel message (e.g. a nexthop object in classic-route mode)."""
+
+
+def _ip(addr: netaddr.IPAddress) -> bytes:
+    return int(addr).to_bytes(4 if addr.version == 4 else 16, "big")
+
+
+def describe(op: Op) -> str:
+    """`event=... key=value ...` for one op (without the outcome)."""
+    obj = op.obj
+    verb = "set" if op.action is Action.SET else "deleted"
+    if isinstance(obj, Route):
+        text = f"event=route_{verb} dst={obj.dst}"
+        if obj.blackhole:
+            text += " type=blackhole"
+        elif obj.nexthop is not None:
+            text += (f" nhid={op.nhid}" if op.nhid else "") + (
+                f" via={obj.nexthop.gateway} dev={obj.nexthop.dev}"
+            )
+        elif obj.dev:
+            text += f" dev={obj.dev}"
+        return text + (f" table={obj.table}" if obj.table != 254 else "")
+    if isinstance(obj, Nexthop):
+        k = obj.key
+        return f"event=nexthop_{verb} id={obj.id} via={k.gateway} dev={k.dev} onlink={k.onlink}"
+    if isinstance(obj, Neighbour):
+        return f"event=neighbour_{verb} dev={obj.dev} ip={obj.ip} mac={obj.mac}"
+    if isinstance(obj, FdbEntry):
+        return f"event=fdb_{verb} dev={obj.dev} mac={obj.mac} dst={obj.dst}"
+    return f"event=device_{verb} dev={obj.name}"
+
+
+class Kernel:
+    """The agent's whole view of the kernel. Not thread-safe: one reconciler drives it."""
+
+    def __init__(
+        self,
+        netns: str | None = None,
+        use_nexthops: bool | None = None,
+        device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE),
+    ) -> None:
+        self.netns = netns
+        self.device_names = tuple(device_names)
+        self._sock = RtnlSocket(netns)
+        self._ipr: IPRoute | None = None
+        self._nexthops = use_nexthops
+
+    def close(self) -> None:
+        self._sock.close()
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+        return self._ipr
+
+    def supports_nexthops(self) -> bool:
+        """Probed once: can this kernel dump (hence hold) nexthop objects?"""
+        if self._nexthops is None:
+            try:
+                for _ in self._sock.dump(nlmsg.dump_nexthops()):
+                    pass
+                self._nexthops = True
+            except OSError as exc:
+                log.warning(
+                    "event=nexthops_unsupported errno=%s fallback=classic_routes", exc.errno
+                )
+                self._nexthops = False
+        return self._nexthops
+
+    @property
+    def nexthops_supported(self) -> bool:
+        """The reconciler's name for supports_nexthops()."""
+        return self.supports_nexthops()
+
+    def read(self) -> Dataplane:
+        return read_dataplane(self._sock, self.ipr, self.device_names, self.supports_nexthops())
+
+    # --- apply -----------------------------------------------------------------------------
+    def apply(self, ops: Sequence[Op]) -> ApplyResult:
+        result = ApplyResult()
+        nexthops = self.supports_nexthops()
+        links = {name: i for i, name in self._sock.links().items()}
+        run: list[Op] = []
+        for op in ops:
+            if isinstance(op.obj, VxlanDevice | IpipDevice):
+                self._apply_batch(run, links, nexthops, result)
+                run = []
+                self._apply_device(op, result)
+                links = {name: i for i, name in self._sock.links().items()}
+            else:
+                run.append(op)
+        self._apply_batch(run, links, nexthops, result)
+        return result
+
+    def _apply_device(self, op: Op, result: ApplyResult) -> None:
+        dev = op.obj
+        assert isinstance(dev, VxlanDevice | IpipDevice)
+        try:
+            if op.action is Action.SET:
+                changes = ensure_device(self.ipr, dev)
+                if changes:
+                    log.info("event=device_set dev=%s changes=%r", dev.name, ",".join(changes))
+                    result.resync = result.resync or any(
+                        c == "created" or c.startswith("recreated") for c in changes
+                    )
+            elif delete_device(self.ipr, dev.name):
+                log.info("event=device_deleted dev=%s", dev.name)
+            result.done += 1
+        except Unsupported as exc:
+            self._fail(op, errno.EOPNOTSUPP, str(exc), result)
+        except DeviceError as exc:
+            self._fail(op, errno.EINVAL, str(exc), result)
+        except NetlinkError as exc:
+            self._fail(op, exc.code, str(exc), result)
+
+    def _fail(self, op: Op, code: int, text: str, result: ApplyResult) -> None:
+        result.failed.append((op, code, text))
+        log.warning("%s outcome=failed errno=%d error=%r", describe(op), code, text)
+
+    def _apply_batch(
+        self, ops: list[Op], links: dict[str, int], nexthops: bool, result: ApplyResult
+    ) -> None:
+        if not ops:
+            return
+        messages: list[bytes] = []
+        sent: list[int] = []  # positions in `ops` of the encoded messages
+        failed: list[tuple[int, int, str]] = []  # (position, errno, text), reported in op order
+        for pos, op in enumerate(ops):
+            try:
+                messages.append(self._encode(op, links, nexthops))
+                sent.append(pos)
+            except _Skip:
+                result.done += 1
+            except KeyError as exc:  # a device we need is missing
+                if op.action is Action.DELETE:
+                    result.done += 1  # the device took the object with it
+                else:
+                    failed.append((pos, errno.ENODEV, f"dev: device {exc.args[0]!r} not found"))
+            except ValueError as exc:
+                failed.append((pos, errno.EINVAL, str(exc)))
+        acks = {i: (code, text) for i, code, text in self._sock.batch(messages)}
+        info = log.isEnabledFor(logging.INFO)
+        for i, pos in enumerate(sent):
+            op = ops[pos]
+            ack = acks.get(i)
+            if ack is None:
+                result.done += 1
+                if info:
+                    log.info(describe(op))
+            elif op.action is Action.DELETE and ack[0] in GONE:
+                result.done += 1
+                log.debug("%s outcome=already_gone", describe(op))
+            else:
+                failed.append((pos, ack[0], ack[1] or os.strerror(ack[0])))
+        for pos, code, text in sorted(failed):
+            self._fail(ops[pos], code, text, result)
+
+    def _encode(self, op: Op, links: dict[str, int], nexthops: bool) -> bytes:
+        obj = op.obj
+        new = op.action is Action.SET
+        if isinstance(obj, Route):
+            return self._encode_route(op, obj, links, nexthops)
+        if isinstance(obj, Nexthop):
+            if not nexthops:
+                raise _Skip()
+            if not new:
+                return nlmsg.nexthop(False, obj.id)
+            k = obj.key
+            return nlmsg.nexthop(True, obj.id, _ip(k.gateway), links[k.dev], k.onlink, RT_PROTO)
+        if isinstance(obj, Neighbour):
+            return nlmsg.neighbour(new, links[obj.dev], _ip(obj.ip), nlmsg.mac_bytes(obj.mac))
+        if isinstance(obj, FdbEntry):
+            return nlmsg.fdb(new, links[obj.dev], nlmsg.mac_bytes(obj.mac), _ip(obj.dst))
+        raise ValueError(f"obj: cannot apply {type(obj).__name__}")
+
+    def _encode_route(self, op: Op, r: Route, links: dict[str, int], nexthops: bool) -> bytes:
+        dst, plen = _ip(r.dst.network), r.dst.prefixlen
+        common: dict = {"table": r.table, "protocol": RT_PROTO}
+        if op.action is Action.DELETE:
+            return nlmsg.route(False, dst, plen, **common)
+        if r.blackhole:
+            return nlmsg.route(True, dst, plen, blackhole=True, **common)
+        if r.nexthop is not None:
+            k = r.nexthop
+            if nexthops:
+                if not op.nhid:
+                    raise ValueError(f"nhid: route {r.dst} via {k.gateway} has no nexthop id")
+                return nlmsg.route(True, dst, plen, nhid=op.nhid, **common)
+            return nlmsg.route(
+                True,
+                dst,
+                plen,
+                gateway=_ip(k.gateway),
+                oif=links[k.dev],
+                onlink=k.onlink,
+                **common,
+            )
+        if r.dev:
+            return nlmsg.route(True, dst, plen, oif=links[r.dev], **common)
+        raise ValueError(f"route: {r.dst} has neither nexthop, blackhole nor dev")

@@ -1,0 +1,242 @@
+"""One NETLINK_ROUTE socket that sends many requests per sendmsg and reads every ack.
+
+rtnetlink processes a multi-message send synchronously and in order, acking each message, and
+an error in one message does not stop the rest. So a batch of ~1000 messages costs one
+syscall to send plus one recv per ack, and each error ack maps back to its request by
+sequence number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+from overlay.kernel import nlmsg
+
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x40000000
+MAX_BATCH_BYTES = 64 * 1024
+MAX_BATCH_MSGS = 1000
+RCVBUF = 32 * 1024 * 1024
+SNDBUF = 4 * 1024 * 1024
+RECV_TIMEOUT_S = 30.0
+
+_SEQ = struct.Struct("=I")
+_ACK = struct.Struct("=IHHIIi")  # nlmsghdr + error
+_ACK_LEN = 36  # a success ack echoes only the request header
+
+
+class DumpInterrupted(Exception):
+    """The kernel's table changed during a dump (NLM_F_DUMP_INTR); retry it."""
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def in_netns(netns: str | None, fn: Callable[[], T]) -> T:
+    """Run `fn` with the calling context in network namespace `netns` (None: the current one).
+
+    setns() only changes the calling thread, so a short-lived thread does it and the caller's
+    thread never leaves its namespace. Sockets keep the namespace they were created in.
+    """
+    if netns is None:
+        return fn()
+    path = netns if netns.startswith("/") else f"/var/run/netns/{netns}"
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            failure.append(OSError(exc.errno, f"netns {netns!r}: {exc.strerror}"))
+            return
+        try:
+            _setns(fd)
+            result.append(fn())
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def open_rtnl(netns: str | None = None, groups: int = 0) -> socket.socket:
+    """A NETLINK_ROUTE socket (in `netns` if given) with big buffers and extended acks."""
+
+    def make() -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            for opt, size in ((33, RCVBUF), (32, SNDBUF)):  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, opt, size)
+                except PermissionError:
+                    plain = socket.SO_RCVBUF if opt == 33 else socket.SO_SNDBUF
+                    sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            for opt in (nlmsg.NETLINK_EXT_ACK, nlmsg.NETLINK_CAP_ACK, nlmsg.NETLINK_GET_STRICT_CHK):
+                # Older kernels: plain acks and client-side filtering still work.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(nlmsg.SOL_NETLINK, opt, 1)
+            sock.bind((0, groups))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return in_netns(netns, make)
+
+
+class RtnlSocket:
+    """Batched requests and dumps over one rtnetlink socket. Not thread-safe."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self.sock = open_rtnl(netns)
+        self.sock.settimeout(RECV_TIMEOUT_S)
+        self._seq = 1
+        self._buf = bytearray(1024 * 1024)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RtnlSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _next_seq(self, count: int) -> int:
+        base = self._seq
+        self._seq = (self._seq + count) % 0x7FFF0000 or 1
+        if base + count >= 0x7FFF0000:  # keep a chunk's numbers contiguous
+            base, self._seq = 1, count + 1
+        return base
+
+    def batch(
+        self,
+        messages: Sequence[bytes],
+        max_bytes: int = MAX_BATCH_BYTES,
+        max_msgs: int = MAX_BATCH_MSGS,
+    ) -> list[tuple[int, int, str]]:
+        """Send every message (each must request an ack); return (index, errno, text) per
+        failed message. Failures never stop the other messages."""
+        failures: list[tuple[int, int, str]] = []
+        start = 0
+        total = len(messages)
+        while start < total:
+            end, size = start, 0
+            while end < total and end - start < max_msgs:
+                if size and size + len(messages[end]) > max_bytes:
+                    break
+                size += len(messages[end])
+                end += 1
+            failures.extend(self._send_chunk(messages, start, end))
+            start = end
+        return failures
+
+    def _send_chunk(
+        self, messages: Sequence[bytes], start: int, end: int
+    ) -> list[tuple[int, int, str]]:
+        base = self._next_seq(end - start)
+        buf = bytearray(b"".join(messages[start:end]))
+        off = 0
+        for seq in range(base, base + end - start):
+            _SEQ.pack_into(buf, off + 8, seq)
+            off += (_SEQ.unpack_from(buf, off)[0] + 3) & ~3
+        self.sock.sendall(buf)
+        pending = end - start
+        failures: list[tuple[int, int, str]] = []
+        acked = bytearray(pending)
+        rbuf = self._buf
+        while pending:
+            try:
+                n = self.sock.recv_into(rbuf)
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                # Acks were dropped: we cannot know these outcomes, report them as failed.
+                for j in range(end - start):
+                    if not acked[j]:
+                        failures.append((start + j, errno.ENOBUFS, "ack lost (receive buffer)"))
+                return failures
+            # Fast path: one successful ack per recv (the common case).
+            if n == _ACK_LEN:
+                _len, msg_type, _f, seq, _pid, err = _ACK.unpack_from(rbuf, 0)
+                j = seq - base
+                if msg_type == nlmsg.NLMSG_ERROR and not err and 0 <= j < end - start:
+                    if not acked[j]:
+                        acked[j] = 1
+                        pending -= 1
+                    continue
+            for msg_type, _flags, seq, payload in nlmsg.iter_messages(rbuf[:n]):
+                j = seq - base
+                if msg_type != nlmsg.NLMSG_ERROR or not 0 <= j < end - start or acked[j]:
+                    continue
+                acked[j] = 1
+                pending -= 1
+                err, text = nlmsg.parse_error(payload)
+                if err:
+                    failures.append((start + j, err, text or os.strerror(err)))
+        return failures
+
+    def dump(self, request: bytes) -> Iterator[tuple[int, memoryview]]:
+        """Send a dump request and yield (msg_type, payload) for every reply message.
+
+        Raises DumpInterrupted if the kernel flags the dump as inconsistent, OSError on an
+        error reply. The iterator must be exhausted before the socket is used again, and a
+        payload is only valid until the next item is requested (it views a reused buffer).
+        """
+        seq = self._next_seq(1)
+        req = bytearray(request)
+        _SEQ.pack_into(req, 8, seq)
+        self.sock.sendall(req)
+        interrupted = False
+        while True:
+            n = self.sock.recv_into(self._buf)
+            for msg_type, flags, mseq, payload in nlmsg.iter_messages(memoryview(self._buf)[:n]):
+                if mseq != seq:
+                    continue
+                if flags & nlmsg.NLM_F_DUMP_INTR:
+                    interrupted = True
+                if msg_type == nlmsg.NLMSG_DONE:
+                    # A dump that fails to start reports its error in the DONE payload.
+                    if len(payload) >= 4 and (err := -struct.unpack_from("=i", payload)[0]) > 0:
+                        ext = nlmsg.parse_attrs(payload, 4).get(nlmsg.NLMSGERR_ATTR_MSG)
+                        raise OSError(
+                            err, bytes(ext or b"").rstrip(b"\0").decode() or os.strerror(err)
+                        )
+                    if interrupted:
+                        raise DumpInterrupted()
+                    return
+                if msg_type == nlmsg.NLMSG_ERROR:
+                    err, text = nlmsg.parse_error(payload)
+                    if err:
+                        raise OSError(err, text or os.strerror(err))
+                    return
+                yield msg_type, payload
+
+    def links(self) -> dict[int, str]:
+        """ifindex -> name for every link in the socket's namespace."""
+        out: dict[int, str] = {}
+        for _t, payload in self.dump(nlmsg.dump_links()):
+            index, name, _flags = nlmsg.decode_link(payload)
+            out[index] = name
+        return out

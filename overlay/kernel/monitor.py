@@ -1,0 +1,166 @@
+"""Netlink monitor: kick the reconciler when someone else removes or changes what is ours.
+
+It only kicks (with a short reason); the reconciler re-reads the kernel and re-plans. Events
+are coalesced: one callback per burst of messages. Our own changes may kick too; a re-read
+then finds nothing to do, which is cheap and safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+
+from overlay.kernel import nlmsg
+from overlay.kernel.batch import RtnlSocket, in_netns, open_rtnl
+from overlay.model import IPIP_DEVICE, MAIN_TABLE, RT_PROTO, VXLAN_DEVICE
+
+log = logging.getLogger("overlay.kernel")
+
+GROUPS = nlmsg.RTMGRP_LINK | nlmsg.RTMGRP_NEIGH | nlmsg.RTMGRP_IPV4_ROUTE | nlmsg.RTMGRP_IPV6_ROUTE
+POLL_S = 0.2
+MAX_DRAIN = 10_000  # messages read per burst before the callback fires
+
+
+def _addr(raw: bytes) -> str:
+    if len(raw) == 4:
+        return socket.inet_ntop(socket.AF_INET, raw)
+    if len(raw) == 16:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return raw.hex()
+
+
+class Monitor:
+    def __init__(
+        self,
+        callback: Callable[[str], None],
+        netns: str | None = None,
+        device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE),
+    ) -> None:
+        self.callback = callback
+        self.netns = netns
+        self.names = frozenset(device_names)
+        self._index: dict[int, str] = {}  # ifindex -> our device name
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        def make() -> socket.socket:
+            sock = open_rtnl(None, GROUPS)
+            sock.setsockopt(nlmsg.SOL_NETLINK, nlmsg.NETLINK_ADD_MEMBERSHIP, nlmsg.RTNLGRP_NEXTHOP)
+            return sock
+
+        # Subscribe first, then learn our devices' indexes: no change can fall in between.
+        self._sock = in_netns(self.netns, make)
+        self._sock.setblocking(False)
+        with RtnlSocket(self.netns) as rt:
+            self._index = {i: n for i, n in rt.links().items() if n in self.names}
+        self._thread = threading.Thread(target=self._run, name="netlink-monitor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def __enter__(self) -> Monitor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        buf = bytearray(256 * 1024)
+        while not self._stop.is_set():
+            ready, _, _ = select.select([sock], [], [], POLL_S)
+            if not ready:
+                continue
+            reason = ""
+            count = 0
+            for _ in range(MAX_DRAIN):
+                try:
+                    n = sock.recv_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:  # events were lost: must re-read everything
+                        reason = reason or "monitor_overflow"
+                        count += 1
+                        continue
+                    if self._stop.is_set():
+                        return
+                    raise
+                for msg_type, flags, _seq, payload in nlmsg.iter_messages(bytes(buf[:n])):
+                    why = self._reason(msg_type, flags, payload)
+                    if why:
+                        reason = reason or why
+                        count += 1
+            if reason:
+                log.debug("event=kernel_kick reason=%r events=%d", reason, count)
+                try:
+                    self.callback(reason if count == 1 else f"{reason} (+{count - 1} more)")
+                except Exception:
+                    log.exception("event=monitor_callback_failed")
+
+    def _reason(self, msg_type: int, flags: int, payload: memoryview) -> str:
+        try:
+            if msg_type in (nlmsg.RTM_NEWLINK, nlmsg.RTM_DELLINK):
+                index, name, _f = nlmsg.decode_link(payload)
+                if name not in self.names and index not in self._index:
+                    return ""
+                if msg_type == nlmsg.RTM_DELLINK:
+                    self._index.pop(index, None)
+                    return f"device_deleted dev={name}"
+                if self._index.get(index) != name:
+                    self._index = {i: n for i, n in self._index.items() if n != name}
+                    if name in self.names:
+                        self._index[index] = name
+                return f"device_changed dev={name}"
+            if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
+                r = nlmsg.decode_route(payload)
+                dst = f"{_addr(r.dst)}/{r.dst_len}"
+                if msg_type == nlmsg.RTM_DELROUTE and r.protocol == RT_PROTO:
+                    return f"route_deleted dst={dst}"
+                if (
+                    msg_type == nlmsg.RTM_NEWROUTE
+                    and flags & nlmsg.NLM_F_REPLACE
+                    and r.protocol != RT_PROTO
+                    and r.table == MAIN_TABLE
+                ):
+                    return f"route_replaced dst={dst} proto={r.protocol}"
+                return ""
+            if msg_type in (nlmsg.RTM_DELNEIGH, nlmsg.RTM_NEWNEIGH):
+                nb = nlmsg.decode_neighbour(payload)
+                if nb.ifindex not in self._index:
+                    return ""
+                what = "fdb" if nb.family == nlmsg.AF_BRIDGE else "neighbour"
+                key = nlmsg.format_mac(nb.lladdr) if what == "fdb" else _addr(nb.dst)
+                if msg_type == nlmsg.RTM_DELNEIGH:
+                    return f"{what}_deleted dev={self._index[nb.ifindex]} key={key}"
+                if not nb.state & nlmsg.NUD_PERMANENT and what == "neighbour":
+                    return f"neighbour_changed dev={self._index[nb.ifindex]} key={key}"
+                return ""
+            if msg_type == nlmsg.RTM_DELNEXTHOP:
+                nh = nlmsg.decode_nexthop(payload)
+                if nh.protocol == RT_PROTO:
+                    return f"nexthop_deleted id={nh.id}"
+        except (
+            IndexError,
+            ValueError,
+            KeyError,
+            struct.error,
+        ):  # truncated/odd message: not ours to judge
+            return ""
+        return ""

@@ -1,0 +1,122 @@
+"""NAT-outgoing with nftables: one table `ip overlay-nat`, replaced atomically via `nft -f -`.
+
+Traffic from a natOutgoing pool to a destination outside every pool is masqueraded; pod to
+pod traffic (destination inside any pool) never is. IPv4 only, like the table family.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Iterable
+
+import netaddr
+
+from overlay.model import NatOutgoing
+
+log = logging.getLogger("overlay.kernel")
+
+FAMILY = "ip"
+TABLE = "overlay-nat"
+NFT_TIMEOUT_S = 10.0
+
+
+class NatError(Exception):
+    pass
+
+
+def _nft(
+    args: list[str], netns: str | None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.run(
+        [*prefix, "nft", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=NFT_TIMEOUT_S,
+        check=False,
+    )
+
+
+def _v4(nets: Iterable[netaddr.IPNetwork]) -> list[netaddr.IPNetwork]:
+    # Interval sets reject overlapping elements: merge first.
+    return netaddr.cidr_merge([n for n in nets if n.version == 4])
+
+
+def _elements(nets: list[netaddr.IPNetwork]) -> str:
+    return f"elements = {{ {', '.join(str(n.cidr) for n in nets)} }}" if nets else ""
+
+
+def render(nat: NatOutgoing | None) -> str:
+    """The nft script that replaces our table (and only deletes it when `nat` is None)."""
+    # "add" then "delete" makes the delete succeed whether or not the table existed; the whole
+    # script is one transaction, so the rules never disappear in between.
+    head = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+    if nat is None:
+        return head
+    sources, pools = _v4(nat.sources), _v4(nat.all_pools | nat.sources)
+    if not sources:
+        return head
+    return head + (
+        f"table {FAMILY} {TABLE} {{\n"
+        f"  set pools {{ type ipv4_addr; flags interval; {_elements(pools)} }}\n"
+        f"  set sources {{ type ipv4_addr; flags interval; {_elements(sources)} }}\n"
+        "  chain postrouting {\n"
+        "    type nat hook postrouting priority srcnat; policy accept;\n"
+        "    ip saddr @sources ip daddr != @pools masquerade\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def apply_nat(nat: NatOutgoing | None, netns: str | None = None) -> None:
+    script = render(nat)
+    proc = _nft(["-f", "-"], netns, script)
+    if proc.returncode != 0:
+        raise NatError(f"nft -f - failed (rc={proc.returncode}): {proc.stderr.strip()}")
+    if nat is None or not _v4(nat.sources):
+        log.info("event=nat_deleted table=%s", TABLE)
+    else:
+        log.info(
+            "event=nat_set table=%s sources=%s pools=%s",
+            TABLE,
+            ",".join(map(str, _v4(nat.sources))),
+            ",".join(map(str, _v4(nat.all_pools | nat.sources))),
+        )
+
+
+def _parse_elem(elem: object) -> list[netaddr.IPNetwork]:
+    if isinstance(elem, str):
+        return [netaddr.IPNetwork(elem)]
+    if isinstance(elem, dict):
+        if "prefix" in elem:
+            p = elem["prefix"]
+            return [netaddr.IPNetwork(f"{p['addr']}/{p['len']}")]
+        if "range" in elem:
+            lo, hi = elem["range"]
+            return list(netaddr.IPRange(lo, hi).cidrs())
+        if "elem" in elem:  # element with options (timeout, comment...)
+            return _parse_elem(elem["elem"]["val"] if isinstance(elem["elem"], dict) else elem)
+    raise NatError(f"nft: unexpected set element {elem!r}")
+
+
+def read_nat(netns: str | None = None) -> NatOutgoing | None:
+    """Our NAT-outgoing state, or None when the table is absent."""
+    proc = _nft(["-j", "list", "table", FAMILY, TABLE], netns)
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr:
+            return None
+        raise NatError(f"nft list table failed (rc={proc.returncode}): {proc.stderr.strip()}")
+    sets: dict[str, frozenset[netaddr.IPNetwork]] = {}
+    for item in json.loads(proc.stdout).get("nftables", []):
+        s = item.get("set")
+        if s and s.get("table") == TABLE:
+            nets: list[netaddr.IPNetwork] = []
+            for elem in s.get("elem", []):
+                nets.extend(_parse_elem(elem))
+            sets[s["name"]] = frozenset(nets)
+    if "sources" not in sets:
+        return None
+    return NatOutgoing(sources=sets["sources"], all_pools=sets.get("pools", frozenset()))
