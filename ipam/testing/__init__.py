@@ -1,0 +1,1 @@
+"""Test harnesses shared by the test suites (real servers started on loopback ports)."""
