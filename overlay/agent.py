@@ -1,0 +1,422 @@
+"""`overlay-agent`: one per node. Registers the node, keeps its dataplane converged with the
+cluster, and serves the node's CNI requests.
+
+Threads: the datastore watch (feeds views), the netlink monitor (kicks on drift), the CNI
+socket server, the HTTP status endpoint; the reconciler runs in the main thread and is the
+only writer of the dataplane.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import netaddr
+
+from ipam.allocator import IPAM
+from ipam.datastore import Datastore, DatastoreError, open_datastore, resolve_url
+from ipam.model import IPPool, Node
+from ipam.store import ResourceStore
+from overlay import autodetect, nodes
+from overlay.compute import DataplaneConfig, LocalNode, compute, local_node_from
+from overlay.model import Dataplane
+from overlay.reconciler import Reconciler
+from overlay.status_http import StatusServer
+from overlay.view import ClusterView
+from overlay.watch import ClusterWatcher
+
+log = logging.getLogger("overlay.agent")
+
+DEFAULT_STATE_DIR = "/var/lib/overlay"
+DEFAULT_SOCKET = "/var/run/overlay/cni.sock"
+DEFAULT_METRICS = "127.0.0.1:9099"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    datastore: str
+    state_dir: Path
+    socket: str
+    autodetect: str = "first-found"
+    metrics_addr: str = DEFAULT_METRICS
+    resync_interval: float = 30.0
+    mtu: int | None = None  # pod MTU override; None: underlay MTU - encapsulation overhead
+    vtep_mac: str | None = None
+
+    @property
+    def mtu_file(self) -> Path:
+        return self.state_dir / "mtu"
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One line per record: ts=... level=... logger=... then the message (already k=v)."""
+
+    def __init__(self, as_json: bool = False) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        ts += f".{int(record.msecs):03d}Z"
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += " exc=" + json.dumps(self.formatException(record.exc_info))
+        if self.as_json:
+            return json.dumps(
+                {"ts": ts, "level": record.levelname.lower(), "logger": record.name, "msg": msg}
+            )
+        return f"ts={ts} level={record.levelname.lower()} logger={record.name} {msg}"
+
+
+def _pool_key(pools: list[IPPool]) -> str:
+    return repr(sorted((p.name, repr(p)) for p in pools))
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.started = time.time()
+        self.ds: Datastore | None = None
+        self.local: LocalNode | None = None
+        self.node: Node | None = None
+        self.pod_mtu = 1450
+        self.nexthops = True
+        self._desired: Dataplane | None = None
+        self._pools_seen: str | None = None
+        self._pools: list[IPPool] = []
+        self._underlay: autodetect.Underlay | None = None
+        self._underlay_mtu = 1500
+        self.reconciler: Reconciler | None = None
+        self.watcher: ClusterWatcher | None = None
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def _detect_underlay(self) -> None:
+        from overlay.kernel import links
+
+        interfaces = links.list_interfaces()
+        self._underlay = autodetect.detect(
+            self.cfg.autodetect, interfaces, route_lookup=links.route_lookup
+        )
+        self._underlay_mtu = autodetect.host_mtu(interfaces, underlay=self._underlay.interface)
+        log.info(
+            "event=underlay_detected method=%s interface=%s address=%s mtu=%d",
+            self.cfg.autodetect,
+            self._underlay.interface,
+            self._underlay.address,
+            self._underlay_mtu,
+        )
+
+    def register(self, store: ResourceStore, ipam: IPAM) -> None:
+        """Create/update our Node and tunnel addresses; recompute MTU and the local node."""
+        assert self._underlay is not None
+        node = nodes.register_node(
+            store, ipam, self.cfg.node_name, self._underlay.address, vtep_mac=self.cfg.vtep_mac
+        )
+        pools = store.list_pools()
+        self._pools = pools
+        self.pod_mtu = nodes.mtu_for(self._underlay_mtu, nodes.encaps_in_use(pools), self.cfg.mtu)
+        nodes.write_mtu_file(self.cfg.mtu_file, self.pod_mtu)
+        self.node = node
+        self.local = local_node_from(
+            node, self._underlay.interface or "", underlay_mtu=self._underlay_mtu
+        )
+        self._pools_seen = _pool_key(pools)
+        log.info(
+            "event=node_registered node=%s underlay=%s vxlan_tunnel=%s ipip_tunnel=%s pod_mtu=%d",
+            node.name,
+            node.ipv4_address,
+            node.ipv4_vxlan_tunnel_addr,
+            node.ipv4_ipip_tunnel_addr,
+            self.pod_mtu,
+        )
+
+    def _compute(self, view: ClusterView) -> Dataplane:
+        assert self.local is not None
+        desired = compute(view, self.local, DataplaneConfig())
+        self._desired = desired
+        return desired
+
+    # --- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        rec = self.reconciler.stats() if self.reconciler else None
+        watcher = self.watcher
+        desired = self._desired
+        last_sync = None
+        if rec is not None and rec.last_sync_time is not None:
+            last_sync = time.time() - (time.monotonic() - rec.last_sync_time)
+        return {
+            "node": self.cfg.node_name,
+            "agent": "up",
+            "pid": os.getpid(),
+            "started": self.started,
+            "datastore": {
+                "url": self.cfg.datastore,
+                "reachable": watcher is not None and watcher.last_error is None,
+                "error": watcher.last_error if watcher else None,
+                "synced": bool(watcher and watcher.synced.is_set()),
+                "revision": watcher.revision if watcher else 0,
+            },
+            "underlay": {
+                "interface": self._underlay.interface if self._underlay else None,
+                "address": str(self._underlay.address) if self._underlay else None,
+                "mtu": self._underlay_mtu,
+            },
+            "pod_mtu": self.pod_mtu,
+            "nexthop_objects": self.nexthops,
+            "dataplane_synced": bool(rec and rec.last_sync_time is not None),
+            "last_sync": last_sync,
+            "reconciler": rec.__dict__ if rec else None,
+            "warnings": nodes.check_node_address(self.node) if self.node else [],
+            "peers": [
+                {
+                    "node": p.node,
+                    "path": p.path.value if p.path else None,
+                    "reason": p.reason,
+                    "underlay": str(p.underlay) if p.underlay else None,
+                }
+                for p in (desired.peers if desired else [])
+            ],
+        }
+
+    def metrics(self) -> dict[str, tuple[str, str, float]]:
+        rec = self.reconciler.stats() if self.reconciler else None
+        desired = self._desired
+        m: dict[str, tuple[str, str, float]] = {
+            "overlay_agent_up": ("gauge", "1 while the agent runs", 1),
+        }
+        if rec is not None:
+            m.update(
+                {
+                    "overlay_syncs_total": ("counter", "Reconcile passes", rec.passes),
+                    "overlay_kernel_reads_total": ("counter", "Kernel re-reads", rec.reads),
+                    "overlay_sync_duration_seconds": (
+                        "gauge",
+                        "Duration of the last reconcile pass",
+                        rec.last_duration or 0.0,
+                    ),
+                    "overlay_kernel_ops_total": (
+                        "counter",
+                        "Kernel changes applied",
+                        rec.ops_applied,
+                    ),
+                    "overlay_drift_repairs_total": (
+                        "counter",
+                        "Kernel objects repaired after someone else changed them",
+                        rec.drift_repairs,
+                    ),
+                    "overlay_apply_failures_total": (
+                        "counter",
+                        "Kernel changes that failed",
+                        rec.failures,
+                    ),
+                    "overlay_errors_total": ("counter", "Reconcile passes that raised", rec.errors),
+                }
+            )
+        if desired is not None:
+            m.update(
+                {
+                    "overlay_routes": ("gauge", "Routes programmed", len(desired.routes)),
+                    "overlay_nexthops": ("gauge", "Nexthop objects", len(desired.nexthops)),
+                    "overlay_neighbours": (
+                        "gauge",
+                        "Permanent neighbours",
+                        len(desired.neighbours),
+                    ),
+                    "overlay_fdb_entries": ("gauge", "Permanent FDB entries", len(desired.fdb)),
+                    "overlay_peers": ("gauge", "Remote nodes", len(desired.peers)),
+                }
+            )
+        return m
+
+    # --- main loop ----------------------------------------------------------------------------
+
+    def _on_view(self, view: ClusterView, store: ResourceStore, ipam: IPAM) -> None:
+        pools = list(view.pools)
+        self._pools = pools
+        key = _pool_key(pools)
+        mine = view.nodes.get(self.cfg.node_name)
+        lost = mine is None or (
+            self.node is not None and repr(mine) != repr(self.node) and self._identity_lost(mine)
+        )
+        if key != self._pools_seen or lost:
+            # Pools changed (tunnel addresses may be needed or freed) or our Node was
+            # deleted/overwritten: register again before computing.
+            try:
+                self.register(store, ipam)
+                return  # our own write comes back as the next view
+            except DatastoreError as exc:
+                log.warning("event=register_failed error=%s", exc)
+        if self.reconciler is not None:
+            self.reconciler.update_view(view)
+
+    def _identity_lost(self, stored: Node) -> bool:
+        assert self.node is not None
+        return str(stored.ipv4_address) != str(self.node.ipv4_address) or (
+            stored.ipv4_vxlan_tunnel_addr != self.node.ipv4_vxlan_tunnel_addr
+            or stored.ipv4_ipip_tunnel_addr != self.node.ipv4_ipip_tunnel_addr
+        )
+
+    def run(self) -> int:
+        from cni.handlers import CniRequestHandler
+        from cni.server import CniServer
+        from overlay.cni_service import CniIpam
+        from overlay.kernel.apply import Kernel
+        from overlay.kernel.monitor import Monitor
+
+        self._detect_underlay()
+        ds = self.ds = open_datastore(self.cfg.datastore)
+        store = ResourceStore(ds)
+        ipam = IPAM(ds, store)
+        self._retry(lambda: self.register(store, ipam), "register node")
+        if self.stop_event.is_set():
+            return 0
+
+        kernel = Kernel()
+        self.nexthops = kernel.supports_nexthops()
+        if not self.nexthops:
+            log.warning("event=no_nexthop_objects fallback=classic_routes")
+        self.reconciler = Reconciler(
+            kernel, self._compute, resync_interval=self.cfg.resync_interval
+        )
+        self.watcher = ClusterWatcher(ds, lambda v: self._on_view(v, store, ipam))
+        threads = [
+            threading.Thread(target=self.watcher.run, args=(self.stop_event,), daemon=True),
+        ]
+        monitor = Monitor(lambda reason: self.reconciler.kick(reason) if self.reconciler else None)
+        http = StatusServer(self.cfg.metrics_addr, self.status, self.metrics)
+        Path(self.cfg.socket).parent.mkdir(parents=True, exist_ok=True)
+        handler = CniRequestHandler(
+            CniIpam(ipam),
+            self.cfg.node_name,
+            mtu=lambda: self.pod_mtu,
+            status=self._cni_status,
+            ipam_gateway=self._ipam_gateway,
+        )
+        cni = CniServer(self.cfg.socket, handler)
+        try:
+            monitor.start()
+            for t in threads:
+                t.start()
+            http.start()
+            cni.start()
+            log.info(
+                "event=agent_started node=%s socket=%s metrics=%s",
+                self.cfg.node_name,
+                self.cfg.socket,
+                self.cfg.metrics_addr,
+            )
+            self.reconciler.run(self.stop_event)
+        finally:
+            cni.stop()
+            http.stop()
+            monitor.stop()
+            for t in threads:
+                t.join(timeout=5)
+            kernel.close()
+            ds.close()
+            log.info("event=agent_stopped node=%s", self.cfg.node_name)
+        return 0
+
+    def _ipam_gateway(self, address: str) -> tuple[str, str] | None:
+        """For a delegating plugin (ptp): the address with its pool's prefix and this node's
+        tunnel address as gateway. The tunnel address is reserved in IPAM, so no pod has it,
+        and it lies in the pool, so the pod reaches it on-link. None: no such pool/tunnel."""
+        node = self.node
+        tunnel = node and (node.ipv4_vxlan_tunnel_addr or node.ipv4_ipip_tunnel_addr)
+        if tunnel is None:
+            return None
+        ip = netaddr.IPNetwork(address).ip
+        for pool in self._pools:
+            if ip in pool.cidr and tunnel in pool.cidr:
+                return f"{ip}/{pool.cidr.prefixlen}", str(tunnel)
+        return None
+
+    def _cni_status(self) -> None:
+        from cni.spec import CniError
+
+        if self.watcher is None or not self.watcher.synced.is_set():
+            raise CniError(50, "overlay-agent has not read the datastore yet")
+        if self.watcher.last_error:
+            raise CniError(50, f"datastore unreachable: {self.watcher.last_error}")
+
+    def _retry(self, fn: Any, what: str, backoff_max: float = 10.0) -> None:
+        delay = 0.2
+        while not self.stop_event.is_set():
+            try:
+                fn()
+                return
+            except DatastoreError as exc:
+                log.warning("event=retry what=%r error=%s in=%.1fs", what, exc, delay)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, backoff_max)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.reconciler is not None:
+            self.reconciler.kick("stop", drift=False)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="overlay-agent", description=__doc__.splitlines()[0])
+    p.add_argument("--node-name", default=os.environ.get("OVERLAY_NODE_NAME"))
+    p.add_argument("--datastore", default=None, help="datastore URL (else $OVERLAY_DATASTORE)")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="CNI socket path")
+    p.add_argument(
+        "--ip-autodetection",
+        default="first-found",
+        help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR | "
+        "can-reach=ADDR | ADDR/PREFIX",
+    )
+    p.add_argument("--metrics-addr", default=DEFAULT_METRICS)
+    p.add_argument("--resync-interval", type=float, default=30.0)
+    p.add_argument("--mtu", type=int, default=None, help="pod MTU (default: derived)")
+    p.add_argument("--vtep-mac", default=None)
+    p.add_argument("--log-format", choices=("kv", "json"), default="kv")
+    p.add_argument("--log-file", default=None)
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handler: logging.Handler = (
+        logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler()
+    )
+    handler.setFormatter(KeyValueFormatter(as_json=args.log_format == "json"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    name = (args.node_name or socket.gethostname()).lower()
+    cfg = AgentConfig(
+        node_name=name,
+        datastore=resolve_url(args.datastore),
+        state_dir=Path(args.state_dir),
+        socket=args.socket,
+        autodetect=args.ip_autodetection,
+        metrics_addr=args.metrics_addr,
+        resync_interval=args.resync_interval,
+        mtu=args.mtu,
+        vtep_mac=args.vtep_mac,
+    )
+    agent = Agent(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    try:
+        return agent.run()
+    except (autodetect.AutodetectError, ValueError) as exc:
+        log.error("event=fatal error=%s", exc)
+        print(f"overlay-agent: error: {exc}", file=sys.stderr)
+        return 1

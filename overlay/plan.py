@@ -1,0 +1,241 @@
+"""plan(): desired vs actual dataplane -> ordered kernel operations. PURE.
+
+`actual` holds only what is ours (the reader filters by device name and route protocol),
+so whatever plan() deletes is ours by construction; foreign objects are never seen.
+
+Order, and why:
+  1. device sets        everything else hangs off the devices
+  2. neighbour, FDB sets  before routes, or the kernel would ARP for the gateway
+  3. nexthop sets       routes reference nexthops by id
+  4. route sets
+  5. route deletes      before nexthop deletes: deleting a nexthop takes its routes with it
+  6. nexthop deletes
+  7. neighbour, FDB deletes
+  8. device deletes     last: a deleted device takes all of the above with it
+
+Every SET is a create-or-replace keyed the way the kernel keys the object (a route by table
+and prefix, a neighbour by device and address, an FDB entry by device and MAC), so an
+object that changed is replaced in place and the old one is not deleted separately.
+
+A device SET whose difference is more than MTU or address may make the kernel layer
+recreate the device, which wipes everything on it. plan() then re-sets that device's
+dependents too (a replace is harmless if the device survived) and still emits deletes for
+its stale ones: the kernel layer must count a delete of something already gone as done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any
+
+import netaddr
+
+from overlay.model import (
+    Action,
+    Dataplane,
+    Device,
+    FdbEntry,
+    Neighbour,
+    Nexthop,
+    NexthopKey,
+    Op,
+    Route,
+)
+
+# First nexthop id we hand out. High, so ids that people or other tools pick by hand
+# (ip nexthop add id 1 ...) rarely meet ours; foreign ids in use are skipped anyway.
+NHID_BASE = 0x10000
+
+
+def plan(
+    desired: Dataplane,
+    actual: Dataplane,
+    *,
+    nexthops_supported: bool = True,
+    nhid_base: int = NHID_BASE,
+) -> list[Op]:
+    """The operations that turn `actual` (ours only) into `desired`, in a safe order."""
+    sets: list[Op] = []
+    deletes: list[Op] = []
+
+    # 1. Devices, and which of them may be recreated (dependents then count as absent).
+    recreated: set[str] = set()
+    for name in sorted(desired.devices):
+        want, have = desired.devices[name], actual.devices.get(name)
+        if have != want:
+            sets.append(Op(Action.SET, want))
+            if have is not None and may_recreate(want, have):
+                recreated.add(name)
+
+    # 2. Neighbours and FDB entries.
+    neigh_sets, neigh_deletes = _diff(desired.neighbours, actual.neighbours, _neigh_key, recreated)
+    fdb_sets, fdb_deletes = _diff(desired.fdb, actual.fdb, _fdb_key, recreated)
+    sets += [Op(Action.SET, n) for n in neigh_sets] + [Op(Action.SET, f) for f in fdb_sets]
+
+    # 3. Nexthops.
+    wanted_nh = wanted_nexthops(desired)
+    ids = assign_nexthop_ids(
+        desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
+    )
+    nh_sets = [k for k in ids if k not in actual.nexthop_ids or k.dev in recreated]
+    sets += [Op(Action.SET, Nexthop(ids[k], k)) for k in sorted(nh_sets, key=_nh_sort)]
+    nh_gone = [
+        (k, nhid)
+        for k, nhid in actual.nexthop_ids.items()
+        if k not in wanted_nh or not nexthops_supported
+    ]
+    nh_deletes = [
+        Op(Action.DELETE, Nexthop(nhid, k))
+        for k, nhid in sorted(nh_gone, key=lambda kv: _nh_sort(kv[0]))
+    ]
+
+    # 4./5. Routes: the nhid a route uses in the kernel is part of what must match.
+    def route_nhid(route: Route) -> int | None:
+        return ids[route.nexthop] if route.nexthop is not None and nexthops_supported else None
+
+    def on_recreated(route: Route) -> bool:
+        nh_dev = route.nexthop.dev if route.nexthop is not None else None
+        return route.dev in recreated or nh_dev in recreated
+
+    # Filter first, sort only what changes: at 50k routes sorting everything dominates.
+    route_sets = sorted(
+        (
+            r
+            for r in desired.routes
+            if r not in actual.routes
+            or (recreated and on_recreated(r))
+            or actual.route_nhids.get(r) != route_nhid(r)
+        ),
+        key=_route_sort,
+    )
+    set_keys = {_route_key(r) for r in route_sets}
+    route_deletes = sorted(
+        (r for r in actual.routes - desired.routes if _route_key(r) not in set_keys),
+        key=_route_sort,
+    )
+    sets += [Op(Action.SET, r, route_nhid(r)) for r in route_sets]
+    deletes += [Op(Action.DELETE, r, actual.route_nhids.get(r)) for r in route_deletes]
+
+    # 6.-8.
+    deletes += nh_deletes
+    deletes += [Op(Action.DELETE, n) for n in neigh_deletes]
+    deletes += [Op(Action.DELETE, f) for f in fdb_deletes]
+    deletes += [
+        Op(Action.DELETE, actual.devices[name])
+        for name in sorted(actual.devices)
+        if name not in desired.devices
+    ]
+    return sets + deletes
+
+
+def may_recreate(want: Device, have: Device) -> bool:
+    """Whether turning `have` into `want` may need a new device (more than MTU/address)."""
+    if type(want) is not type(have):
+        return True
+    return dataclasses.replace(have, mtu=want.mtu, address=want.address) != want
+
+
+def wanted_nexthops(desired: Dataplane) -> set[NexthopKey]:
+    return set(desired.nexthops) | {r.nexthop for r in desired.routes if r.nexthop is not None}
+
+
+def assign_nexthop_ids(
+    desired: Dataplane,
+    actual: Dataplane,
+    *,
+    nexthops_supported: bool = True,
+    nhid_base: int = NHID_BASE,
+) -> dict[NexthopKey, int]:
+    """Kernel ids for the desired nexthops: the kernel's own where the key exists, else the
+    smallest ids from `nhid_base` up that nothing (ours or foreign) uses, in key order."""
+    if not nexthops_supported:
+        return {}
+    have = actual.nexthop_ids
+    ids: dict[NexthopKey, int] = {}
+    new: list[NexthopKey] = []
+    for key in wanted_nexthops(desired):
+        nhid = have.get(key)
+        if nhid is None:
+            new.append(key)
+        else:
+            ids[key] = nhid
+    if not new:
+        return ids
+    in_use = set(have.values()) | set(actual.route_nhids.values()) | actual.foreign_nexthop_ids
+    candidate = nhid_base
+    for key in sorted(new, key=_nh_sort):  # sorted: the same input gives the same ids
+        while candidate in in_use:
+            candidate += 1
+        ids[key] = candidate
+        in_use.add(candidate)
+    return ids
+
+
+def settled(
+    desired: Dataplane,
+    actual: Dataplane,
+    *,
+    nexthops_supported: bool = True,
+    nhid_base: int = NHID_BASE,
+) -> Dataplane:
+    """What the reader would return after every op of plan(desired, actual) succeeded."""
+    ids = assign_nexthop_ids(
+        desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
+    )
+    return Dataplane(
+        devices=dict(desired.devices),
+        neighbours=set(desired.neighbours),
+        fdb=set(desired.fdb),
+        nexthops=set(ids),
+        nexthop_ids=ids,
+        routes=set(desired.routes),
+        route_nhids={r: ids[r.nexthop] for r in desired.routes if r.nexthop in ids},
+        foreign_nexthop_ids=set(actual.foreign_nexthop_ids),
+        nat=desired.nat,
+    )
+
+
+def _diff(
+    desired: set[Any],
+    actual: set[Any],
+    key: Any,
+    recreated: set[str],
+) -> tuple[list[Any], list[Any]]:
+    """(to set, to delete) for objects keyed like the kernel keys them. Actual objects on a
+    `recreated` device may have vanished with it, so they count as absent."""
+    present = {o for o in actual if o.dev not in recreated} if recreated else actual
+    to_set = sorted((o for o in desired if o not in present), key=_obj_sort)
+    set_keys = {key(o) for o in to_set}
+    to_delete = sorted((o for o in actual - desired if key(o) not in set_keys), key=_obj_sort)
+    return to_set, to_delete
+
+
+def _neigh_key(n: Neighbour) -> Hashable:
+    return (n.dev, n.ip)
+
+
+def _fdb_key(f: FdbEntry) -> Hashable:
+    return (f.dev, f.mac)
+
+
+def _route_key(r: Route) -> tuple[int, netaddr.IPNetwork]:
+    return (r.table, r.dst)
+
+
+def _ip_sort(ip: netaddr.IPAddress | None) -> tuple[int, int]:
+    return (0, 0) if ip is None else (ip.version, int(ip))
+
+
+def _nh_sort(k: NexthopKey) -> tuple[Any, ...]:
+    return (_ip_sort(k.gateway), k.dev, k.onlink)
+
+
+def _route_sort(r: Route) -> tuple[Any, ...]:
+    return (r.table, r.dst.version, r.dst.first, r.dst.prefixlen, repr(r))
+
+
+def _obj_sort(o: Neighbour | FdbEntry) -> tuple[Any, ...]:
+    if isinstance(o, Neighbour):
+        return (o.dev, _ip_sort(o.ip), o.mac)
+    return (o.dev, o.mac, _ip_sort(o.dst))

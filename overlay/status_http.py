@@ -1,0 +1,78 @@
+"""The agent's HTTP endpoint: Prometheus text on /metrics, JSON on /status.
+
+It only reads snapshots handed over by callables, so it never blocks the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+log = logging.getLogger("overlay.http")
+
+
+def render_metrics(metrics: dict[str, tuple[str, str, float]]) -> str:
+    """`name -> (type, help, value)` as Prometheus exposition text."""
+    lines = []
+    for name, (kind, help_text, value) in sorted(metrics.items()):
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name} {value:g}")
+    return "\n".join(lines) + "\n"
+
+
+class StatusServer:
+    def __init__(
+        self,
+        address: str,
+        status: Callable[[], dict[str, Any]],
+        metrics: Callable[[], dict[str, tuple[str, str, float]]],
+    ) -> None:
+        host, _, port = address.rpartition(":")
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                try:
+                    if self.path.startswith("/metrics"):
+                        body = render_metrics(outer.metrics()).encode()
+                        ctype = "text/plain; version=0.0.4"
+                    elif self.path.startswith("/status"):
+                        body = json.dumps(outer.status(), indent=2, default=str).encode()
+                        ctype = "application/json"
+                    else:
+                        self.send_error(404)
+                        return
+                except Exception as exc:  # a broken probe must not kill the endpoint
+                    log.exception("status endpoint failed")
+                    self.send_error(500, str(exc))
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.status = status
+        self.metrics = metrics
+        self._server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,285 @@
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from netaddr import IPAddress, IPNetwork
+
+from ipam.model import EncapMode, Node
+from overlay.compute import DataplaneConfig, LocalNode, compute, local_node_from
+from overlay.model import (
+    IPIP_DEVICE,
+    VXLAN_DEVICE,
+    FdbEntry,
+    IpipDevice,
+    NatOutgoing,
+    Neighbour,
+    NexthopKey,
+    Path,
+    Route,
+    VxlanDevice,
+)
+from overlay.tests.scenarios import LAYOUT, desired, me, node, pool, standard_view
+from overlay.view import BlockInfo, ClusterView, vtep_mac
+
+ALWAYS, CROSS, NEVER = EncapMode.ALWAYS, EncapMode.CROSS_SUBNET, EncapMode.NEVER
+
+
+def block_of(name: str) -> IPNetwork:
+    return IPNetwork(LAYOUT[name][3])
+
+
+def route_to(dp, name: str) -> Route | None:
+    matches = [r for r in dp.routes if r.dst == block_of(name)]
+    assert len(matches) <= 1
+    return matches[0] if matches else None
+
+
+def peer(dp, name: str):
+    (found,) = [p for p in dp.peers if p.node == name]
+    return found
+
+
+def underlay_ip(name: str) -> IPAddress:
+    return IPNetwork(LAYOUT[name][0]).ip
+
+
+def vxlan_ip(name: str) -> IPAddress:
+    return IPAddress(LAYOUT[name][1])
+
+
+# (vxlan mode, ipip mode, peer) -> (path, nexthop, words the reason must contain)
+CASES = [
+    (NEVER, CROSS, "b", Path.DIRECT, ("eth0", "b"), ["same subnet 10.0.1.0/24", "p1 is CrossSubnet"]),
+    (CROSS, NEVER, "b", Path.DIRECT, ("eth0", "b"), ["same subnet 10.0.1.0/24", "p1 is CrossSubnet"]),
+    (CROSS, NEVER, "c", Path.VXLAN, (VXLAN_DEVICE, "c"), ["different subnet", "vxlanMode CrossSubnet"]),
+    (ALWAYS, NEVER, "b", Path.VXLAN, (VXLAN_DEVICE, "b"), ["vxlanMode Always"]),
+    (ALWAYS, NEVER, "c", Path.VXLAN, (VXLAN_DEVICE, "c"), ["vxlanMode Always"]),
+    (NEVER, ALWAYS, "b", Path.IPIP, (IPIP_DEVICE, "b"), ["ipipMode Always"]),
+    (NEVER, ALWAYS, "c", Path.IPIP, (IPIP_DEVICE, "c"), ["ipipMode Always"]),
+    (NEVER, CROSS, "c", Path.IPIP, (IPIP_DEVICE, "c"), ["different subnet", "ipipMode CrossSubnet"]),
+    # Stored as /32 although it sits in our subnet: tunnelled, and the reason says why.
+    (CROSS, NEVER, "d", Path.VXLAN, (VXLAN_DEVICE, "d"), ["/32", "cross-subnet can't work"]),
+    (NEVER, CROSS, "d", Path.IPIP, (IPIP_DEVICE, "d"), ["/32", "always be tunnelled"]),
+    (NEVER, NEVER, "b", None, None, ["Never"]),
+]
+
+
+@pytest.mark.parametrize(("vxlan", "ipip", "name", "path", "via", "words"), CASES)
+def test_path_per_peer(vxlan, ipip, name, path, via, words) -> None:
+    dp = desired(standard_view(pool(vxlan, ipip)))
+    p = peer(dp, name)
+    assert p.path is path
+    for word in words:
+        assert word in p.reason
+    route = route_to(dp, name)
+    if via is None:
+        assert route is None
+        return
+    dev, who = via
+    gateway = vxlan_ip(who) if dev == VXLAN_DEVICE else underlay_ip(who)
+    assert route == Route(block_of(name), nexthop=NexthopKey(gateway, dev, True))
+    assert route.nexthop in dp.nexthops
+
+
+def test_vxlan_programs_neighbour_fdb_and_device() -> None:
+    dp = desired(standard_view(pool(ALWAYS)))
+    for name in "bcd":
+        mac = vtep_mac(name)
+        assert Neighbour(VXLAN_DEVICE, vxlan_ip(name), mac) in dp.neighbours
+        assert FdbEntry(VXLAN_DEVICE, mac, underlay_ip(name)) in dp.fdb
+    assert len(dp.neighbours) == len(dp.fdb) == 3  # not for ourselves
+    assert dp.devices == {
+        VXLAN_DEVICE: VxlanDevice(
+            name=VXLAN_DEVICE,
+            vni=4096,
+            port=4789,
+            local=IPAddress("10.0.1.5"),
+            parent="eth0",
+            mac=vtep_mac("a"),
+            mtu=1450,
+            address=IPAddress("10.244.0.1"),
+        )
+    }
+
+
+def test_ipip_device_mtu_and_no_l2_state() -> None:
+    dp = desired(standard_view(pool(ipip=ALWAYS)), me(underlay_mtu=9000))
+    assert dp.devices == {IPIP_DEVICE: IpipDevice(IPIP_DEVICE, 8980, IPAddress("10.244.0.2"))}
+    assert not dp.neighbours and not dp.fdb
+
+
+def test_configured_mtu_wins() -> None:
+    view = standard_view(pool(ALWAYS))
+    dp = compute(view, me(), DataplaneConfig(vxlan_mtu=1400))
+    assert dp.devices[VXLAN_DEVICE].mtu == 1400
+
+
+def test_no_device_when_pools_need_no_encapsulation() -> None:
+    dp = desired(standard_view(pool(NEVER, NEVER)))
+    assert dp.devices == {}
+    assert all(r.blackhole for r in dp.routes)
+
+
+def test_no_tunnel_address_here_means_no_device_and_peers_skipped() -> None:
+    dp = desired(standard_view(pool(ALWAYS)), me(vxlan_tunnel_addr=None))
+    assert dp.devices == {}
+    assert route_to(dp, "c") is None
+    assert "this node has no VXLAN tunnel address" in peer(dp, "c").reason
+    assert peer(dp, "c").path is None
+
+
+def test_blackhole_for_our_blocks_only() -> None:
+    dp = desired(standard_view(pool(ALWAYS)))
+    assert route_to(dp, "a") == Route(block_of("a"), blackhole=True)
+    assert [r for r in dp.routes if r.blackhole] == [Route(block_of("a"), blackhole=True)]
+
+
+def test_peer_without_tunnel_address_is_skipped_with_reason() -> None:
+    nodes = [node("a"), node("b"), node("c", vxlan=None)]
+    dp = desired(standard_view(pool(ALWAYS), nodes=nodes))
+    assert route_to(dp, "c") is None
+    assert peer(dp, "c").path is None
+    assert "no VXLAN tunnel address" in peer(dp, "c").reason
+    assert not any(n.ip == vxlan_ip("c") for n in dp.neighbours)
+    assert route_to(dp, "b") is not None
+
+
+def test_peer_without_underlay_is_skipped_with_reason() -> None:
+    nodes = [node("a"), node("b", underlay=None)]
+    dp = desired(standard_view(pool(CROSS), nodes=nodes))
+    assert route_to(dp, "b") is None
+    assert "no IPv4 underlay address" in peer(dp, "b").reason
+
+
+def test_same_subnet_peer_needs_no_tunnel_address_when_direct() -> None:
+    nodes = [node("a"), node("b", vxlan=None)]
+    dp = desired(standard_view(pool(CROSS), nodes=nodes))
+    assert peer(dp, "b").path is Path.DIRECT
+
+
+def test_our_underlay_stored_as_host_route_tunnels_everyone() -> None:
+    dp = desired(standard_view(pool(CROSS)), me(underlay=IPNetwork("10.0.1.5/32")))
+    assert peer(dp, "b").path is Path.VXLAN
+    assert "this node's underlay address 10.0.1.5/32 has no subnet prefix" in peer(dp, "b").reason
+
+
+def test_borrowed_addresses_get_host_routes_to_their_host() -> None:
+    view = standard_view(pool(CROSS))
+    ours = BlockInfo(
+        block_of("a"),
+        "a",
+        borrowed={
+            IPAddress("10.244.0.10"): "b",  # hosted in our subnet: direct
+            IPAddress("10.244.0.11"): "c",  # hosted elsewhere: VXLAN
+            IPAddress("10.244.0.129"): "c",  # outside the block: ignored
+        },
+    )
+    theirs = BlockInfo(block_of("c"), "c", borrowed={IPAddress("10.244.0.140"): "a"})
+    view = ClusterView(view.nodes, view.pools, [ours, theirs, *view.blocks[1:3]])
+    dp = desired(view)
+    host = {r.dst: r for r in dp.routes if r.dst.prefixlen == 32}
+    assert host == {
+        IPNetwork("10.244.0.10/32"): Route(
+            IPNetwork("10.244.0.10/32"), nexthop=NexthopKey(underlay_ip("b"), "eth0")
+        ),
+        IPNetwork("10.244.0.11/32"): Route(
+            IPNetwork("10.244.0.11/32"), nexthop=NexthopKey(vxlan_ip("c"), VXLAN_DEVICE)
+        ),
+    }  # and nothing for 10.244.0.140: it lives here, the CNI routes it
+    assert Route(block_of("a"), blackhole=True) in dp.routes
+
+
+def test_borrowed_tunnel_address_gets_device_route() -> None:
+    view = standard_view(pool(ALWAYS))
+    # c's tunnel address was borrowed from our block.
+    nodes = {**view.nodes, "c": node("c", vxlan="10.244.0.20")}
+    blocks = [BlockInfo(block_of("a"), "a", {IPAddress("10.244.0.20"): "c"}), *view.blocks[1:]]
+    dp = desired(ClusterView(nodes, view.pools, blocks))
+    assert Route(IPNetwork("10.244.0.20/32"), dev=VXLAN_DEVICE) in dp.routes
+    assert Neighbour(VXLAN_DEVICE, IPAddress("10.244.0.20"), vtep_mac("c")) in dp.neighbours
+
+
+def test_borrowed_host_route_beats_a_slash32_block_of_ours() -> None:
+    p = pool(ALWAYS)
+    nodes = [node("a"), node("c")]
+    blocks = [BlockInfo(IPNetwork("10.244.1.0/32"), "a", {IPAddress("10.244.1.0"): "c"})]
+    dp = desired(ClusterView(nodes, [p], blocks))
+    assert dp.routes == {
+        Route(IPNetwork("10.244.1.0/32"), nexthop=NexthopKey(vxlan_ip("c"), VXLAN_DEVICE))
+    }
+
+
+def test_blocks_without_affinity_or_pool_get_no_block_route() -> None:
+    p = pool(ALWAYS)
+    blocks = [
+        BlockInfo(IPNetwork("10.244.5.0/26"), None),
+        BlockInfo(IPNetwork("10.99.0.0/26"), "c"),  # in no pool
+        BlockInfo(IPNetwork("10.244.6.0/26"), "ghost"),  # no Node resource
+    ]
+    dp = desired(ClusterView([node("a"), node("c")], [p], blocks))
+    assert dp.routes == set()
+    reasons = {(x.node, x.reason) for x in dp.peers}
+    assert ("c", "its blocks are in no IP pool: no route") in reasons
+    assert ("ghost", "no Node resource for this node: no route") in reasons
+
+
+def test_nat_outgoing_sources_and_all_pools() -> None:
+    p1 = pool(ALWAYS, nat=True)
+    p2 = pool(ALWAYS, name="p2", cidr=IPNetwork("10.245.0.0/16"))
+    dp = desired(standard_view(p1, p2))
+    assert dp.nat == NatOutgoing(
+        frozenset({IPNetwork("10.244.0.0/16")}),
+        frozenset({IPNetwork("10.244.0.0/16"), IPNetwork("10.245.0.0/16")}),
+    )
+    assert desired(standard_view(pool(ALWAYS))).nat is None
+
+
+def test_paths_are_per_pool() -> None:
+    p1 = pool(CROSS)
+    p2 = pool(ipip=ALWAYS, name="p2", cidr=IPNetwork("10.245.0.0/16"))
+    view = standard_view(p1, p2)
+    blocks = [*view.blocks, BlockInfo(IPNetwork("10.245.0.0/26"), "b")]
+    dp = desired(ClusterView(view.nodes, view.pools, blocks))
+    assert {p.path for p in dp.peers if p.node == "b"} == {Path.DIRECT, Path.IPIP}
+    assert set(dp.devices) == {VXLAN_DEVICE, IPIP_DEVICE}
+
+
+def test_duplicate_vtep_mac_is_refused_for_the_later_node() -> None:
+    nodes = [node("a"), node("b"), Node(**{**node("c").__dict__, "vxlan_tunnel_mac": vtep_mac("b")})]
+    dp = desired(standard_view(pool(ALWAYS), nodes=nodes))
+    assert peer(dp, "c").path is None
+    assert "also used by b" in peer(dp, "c").reason
+    assert len({f.mac for f in dp.fdb}) == len(dp.fdb)
+
+
+def test_output_is_deterministic_and_independent_of_input_order() -> None:
+    v1 = standard_view(pool(CROSS))
+    v2 = ClusterView(dict(reversed(list(v1.nodes.items()))), v1.pools, reversed(v1.blocks))
+    assert desired(v1) == desired(v2)
+
+
+def test_vtep_mac_rule() -> None:
+    digest = hashlib.sha1(b"node-1").hexdigest()
+    assert vtep_mac("node-1") == "66:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
+    assert vtep_mac("node-1", "AA:BB:CC:DD:EE:FF") == "aa:bb:cc:dd:ee:ff"
+    view = ClusterView([Node("x", vxlan_tunnel_mac="02:00:00:00:00:01"), Node("y")])
+    assert view.vtep_mac("x") == "02:00:00:00:00:01"
+    assert view.vtep_mac("y") == vtep_mac("y")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"vxlan_mtu": 10}, "vxlan_mtu"), ({"vxlan_vni": 0}, "vxlan_vni"), ({"ipip_mtu": 70000}, "ipip_mtu")],
+)
+def test_bad_config_names_the_field(kwargs, field) -> None:
+    with pytest.raises(ValueError, match=field):
+        DataplaneConfig(**kwargs)
+
+
+def test_local_node_from_node_resource() -> None:
+    local = local_node_from(node("a"), "eth0", 1500)
+    assert local == LocalNode("a", "eth0", IPNetwork("10.0.1.5/24"), IPAddress("10.244.0.1"),
+                              IPAddress("10.244.0.2"))
+    with pytest.raises(ValueError, match="ipv4_address"):
+        local_node_from(node("a", underlay=None), "eth0")

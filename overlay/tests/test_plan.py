@@ -1,0 +1,200 @@
+from __future__ import annotations
+
+import dataclasses
+
+from netaddr import IPAddress, IPNetwork
+
+from ipam.model import EncapMode
+from overlay.model import (
+    VXLAN_DEVICE,
+    Action,
+    Dataplane,
+    FdbEntry,
+    Neighbour,
+    Nexthop,
+    NexthopKey,
+    Op,
+    Route,
+    VxlanDevice,
+)
+from overlay.plan import NHID_BASE, plan
+from overlay.tests.fake_kernel import FakeKernel
+from overlay.tests.scenarios import desired, node, pool, standard_view
+from overlay.view import ClusterView
+
+CROSS, ALWAYS = EncapMode.CROSS_SUBNET, EncapMode.ALWAYS
+
+
+def converge(kernel: FakeKernel, want: Dataplane, **kw: bool) -> list[Op]:
+    ops = plan(want, kernel.read(), **kw)
+    result = kernel.apply(ops)
+    assert result.failed == []
+    return ops
+
+
+def kinds(ops: list[Op]) -> list[tuple[str, str]]:
+    """(action, type) sequence with consecutive repeats collapsed."""
+    out: list[tuple[str, str]] = []
+    for op in ops:
+        k = (op.action.value, type(op.obj).__name__)
+        if not out or out[-1] != k:
+            out.append(k)
+    return out
+
+
+def test_plan_of_state_as_read_is_empty() -> None:
+    want = desired(standard_view(pool(CROSS)))
+    kernel = FakeKernel()
+    assert converge(kernel, want)
+    assert plan(want, kernel.read()) == []
+
+
+def test_first_plan_order_is_devices_l2_nexthops_routes() -> None:
+    ops = plan(desired(standard_view(pool(CROSS))), Dataplane())
+    assert kinds(ops) == [
+        ("set", "VxlanDevice"),
+        ("set", "Neighbour"),
+        ("set", "FdbEntry"),
+        ("set", "Nexthop"),
+        ("set", "Route"),
+    ]
+    route_ops = [op for op in ops if isinstance(op.obj, Route)]
+    nh_ids = {op.obj.key: op.obj.id for op in ops if isinstance(op.obj, Nexthop)}
+    for op in route_ops:
+        assert op.nhid == (nh_ids[op.obj.nexthop] if op.obj.nexthop else None)
+
+
+def test_teardown_order_is_routes_nexthops_l2_devices() -> None:
+    kernel = FakeKernel()
+    converge(kernel, desired(standard_view(pool(ALWAYS))))
+    ops = converge(kernel, Dataplane())
+    assert kinds(ops) == [
+        ("delete", "Route"),
+        ("delete", "Nexthop"),
+        ("delete", "Neighbour"),
+        ("delete", "FdbEntry"),
+        ("delete", "VxlanDevice"),
+    ]
+    assert kernel.read() == Dataplane()
+    assert kernel.missing_deletes == 0
+
+
+def test_nexthop_ids_are_reused_and_new_ones_avoid_every_id_in_use() -> None:
+    view = standard_view(pool(ALWAYS))
+    kernel = FakeKernel()
+    kernel.add_foreign(Nexthop(NHID_BASE + 3, NexthopKey(IPAddress("192.0.2.1"), "eth0")))
+    ops = converge(kernel, desired(view))
+    first_ids = kernel.read().nexthop_ids
+    assert sorted(first_ids.values()) == [NHID_BASE, NHID_BASE + 1, NHID_BASE + 2]
+    assert all(op.obj.id != NHID_BASE + 3 for op in ops if isinstance(op.obj, Nexthop))
+
+    # Drop peer b: its nexthop goes, the others keep their ids, and a new peer's nexthop
+    # takes the smallest free id, not the foreign one.
+    nodes = [n for name, n in view.nodes.items() if name != "b"]
+    converge(kernel, desired(standard_view(pool(ALWAYS), nodes=nodes)))
+    second = kernel.read().nexthop_ids
+    assert {k: v for k, v in first_ids.items() if k in second} == second
+    nodes.append(dataclasses.replace(node("b"), ipv4_vxlan_tunnel_addr=IPAddress("10.244.0.99")))
+    converge(kernel, desired(standard_view(pool(ALWAYS), nodes=nodes)))
+    third = kernel.read().nexthop_ids
+    new = set(third.values()) - set(second.values())
+    assert new == {first_ids[NexthopKey(IPAddress("10.244.0.65"), VXLAN_DEVICE)]}
+
+
+def test_changed_route_is_replaced_not_deleted() -> None:
+    kernel = FakeKernel()
+    converge(kernel, desired(standard_view(pool(ALWAYS))))
+    ops = converge(kernel, desired(standard_view(pool(CROSS))))
+    # b moves from VXLAN to direct: one new nexthop, one route re-pointed, old nexthop gone.
+    assert [op.action for op in ops if isinstance(op.obj, Route)] == [Action.SET]
+    assert [(op.action, type(op.obj)) for op in ops if isinstance(op.obj, Nexthop)] == [
+        (Action.SET, Nexthop),
+        (Action.DELETE, Nexthop),
+    ]
+    assert plan(desired(standard_view(pool(CROSS))), kernel.read()) == []
+
+
+def test_route_with_own_gateway_is_reset_onto_a_nexthop_object() -> None:
+    want = desired(standard_view(pool(ALWAYS)))
+    kernel = FakeKernel()
+    converge(kernel, want, nexthops_supported=False)
+    actual = kernel.read()
+    assert actual.nexthop_ids == {} and actual.routes == want.routes
+    ops = converge(kernel, want)
+    assert {op.obj for op in ops if isinstance(op.obj, Route)} == {
+        r for r in want.routes if r.nexthop
+    }
+    assert all(r in kernel.read().route_nhids for r in want.routes if r.nexthop)
+
+
+def test_route_pointing_at_another_nhid_is_reset() -> None:
+    want = desired(standard_view(pool(ALWAYS)))
+    kernel = FakeKernel()
+    converge(kernel, want)
+    route = next(r for r in want.routes if r.nexthop)
+    # Someone added a duplicate nexthop object for the same gateway and moved our route.
+    dup = NHID_BASE + 100
+    kernel.apply([Op(Action.SET, Nexthop(dup, route.nexthop)), Op(Action.SET, route, dup)])
+    actual = kernel.read()
+    assert actual.route_nhids[route] == dup != actual.nexthop_ids[route.nexthop]
+    ops = plan(want, actual)
+    assert ops == [Op(Action.SET, route, actual.nexthop_ids[route.nexthop])]
+
+
+def test_stale_neighbour_with_new_mac_is_replaced_in_place() -> None:
+    want = desired(standard_view(pool(ALWAYS)))
+    n = next(iter(want.neighbours))
+    actual = dataclasses.replace(
+        want, neighbours=(want.neighbours - {n}) | {Neighbour(n.dev, n.ip, "02:00:00:00:00:09")}
+    )
+    assert plan(want, actual, nexthops_supported=False) == [Op(Action.SET, n)]
+
+
+def test_device_mtu_change_touches_only_the_device() -> None:
+    kernel = FakeKernel()
+    want = desired(standard_view(pool(ALWAYS)))
+    converge(kernel, want)
+    dev = want.devices[VXLAN_DEVICE]
+    assert isinstance(dev, VxlanDevice)
+    want2 = dataclasses.replace(want, devices={VXLAN_DEVICE: dataclasses.replace(dev, mtu=1400)})
+    assert converge(kernel, want2) == [Op(Action.SET, want2.devices[VXLAN_DEVICE])]
+
+
+def test_incompatible_device_change_reprograms_its_dependents() -> None:
+    kernel = FakeKernel()
+    want = desired(standard_view(pool(ALWAYS)))
+    converge(kernel, want)
+    dev = want.devices[VXLAN_DEVICE]
+    assert isinstance(dev, VxlanDevice)
+    want2 = dataclasses.replace(want, devices={VXLAN_DEVICE: dataclasses.replace(dev, vni=7)})
+    converge(kernel, want2)  # the fake recreates the device, wiping what hung off it
+    actual = kernel.read()
+    assert actual.neighbours == want2.neighbours and actual.fdb == want2.fdb
+    assert actual.routes == want2.routes
+    assert plan(want2, actual) == []
+
+
+def test_nexthops_unsupported_gives_gateway_routes_and_no_nexthop_ops() -> None:
+    kernel = FakeKernel(nexthops_supported=False)
+    want = desired(standard_view(pool(CROSS)))
+    ops = converge(kernel, want, nexthops_supported=False)
+    assert not any(isinstance(op.obj, Nexthop) for op in ops)
+    assert all(op.nhid is None for op in ops)
+    assert plan(want, kernel.read(), nexthops_supported=False) == []
+
+
+def test_plan_is_deterministic() -> None:
+    want = desired(standard_view(pool(CROSS)))
+    view2 = standard_view(pool(CROSS))
+    want2 = desired(ClusterView(view2.nodes, view2.pools, reversed(view2.blocks)))
+    assert plan(want, Dataplane()) == plan(want2, Dataplane())
+
+
+def test_only_actual_objects_are_deleted() -> None:
+    actual = Dataplane(
+        fdb={FdbEntry(VXLAN_DEVICE, "66:00:00:00:00:01", IPAddress("10.0.9.9"))},
+        routes={Route(IPNetwork("10.9.0.0/26"), blackhole=True)},
+    )
+    ops = plan(Dataplane(), actual)
+    assert {op.obj for op in ops} == actual.fdb | actual.routes
+    assert all(op.action is Action.DELETE for op in ops)

@@ -1,0 +1,167 @@
+"""The agent's cluster view, kept current by a datastore watch.
+
+One list at start, then a watch from the listing's revision: each event updates a decoded
+cache entry, and a new ClusterView is built from the cache (decoding only what changed). When
+the watch breaks (compaction, datastore gone) the cache is rebuilt from a fresh listing, so
+a lost event can never leave a stale peer behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import netaddr
+
+from ipam.block import Block
+from ipam.datastore import Compacted, Datastore, DatastoreError, Event, EventType
+from ipam.model import IPPool, Node
+from ipam.records import BLOCKS_PREFIX
+from ipam.store import RESOURCES_PREFIX, decode, kind_prefix
+from overlay.view import BlockInfo, ClusterView
+
+log = logging.getLogger("overlay.watch")
+
+ROOT_PREFIX = "/overlay/v1/"
+_NODES = kind_prefix("Node")
+_POOLS = kind_prefix("IPPool")
+
+
+def block_info(block: Block) -> BlockInfo:
+    """Reduce a stored block to what routing needs: owner and borrowed addresses."""
+    owner = block.host
+    borrowed: dict[netaddr.IPAddress, str] = {}
+    for ordinal, index in enumerate(block.allocations):
+        if index is None:
+            continue
+        host = block.attributes[index].secondary.get("node")
+        if host and host != owner:
+            borrowed[block.address(ordinal)] = host
+    return BlockInfo(block.cidr, owner, borrowed)
+
+
+class ClusterCache:
+    """Decoded nodes, pools and blocks, updated from datastore events. Not thread-safe:
+    owned by the watch thread."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, Node] = {}
+        self.pools: dict[str, IPPool] = {}
+        self.blocks: dict[str, BlockInfo] = {}
+
+    def clear(self) -> None:
+        self.nodes.clear()
+        self.pools.clear()
+        self.blocks.clear()
+
+    def put(self, key: str, value: str | None) -> bool:
+        """Apply one change; True when it can matter to the dataplane."""
+        if key.startswith(_NODES):
+            return _put(self.nodes, key, None if value is None else decode(key, value))
+        if key.startswith(_POOLS):
+            return _put(self.pools, key, None if value is None else decode(key, value))
+        if key.startswith(BLOCKS_PREFIX):
+            info = None if value is None else block_info(Block.from_json(value))
+            return _put(self.blocks, key, info)
+        return False
+
+    def view(self) -> ClusterView:
+        return ClusterView(
+            {n.name: n for n in self.nodes.values()},
+            sorted(self.pools.values(), key=lambda p: p.name),
+            self.blocks.values(),
+        )
+
+
+def _put(table: dict, key: str, item: object) -> bool:  # type: ignore[type-arg]
+    if item is None:
+        return table.pop(key, None) is not None
+    old = table.get(key)
+    table[key] = item
+    # Node equality ignores host bits of the underlay (netaddr), so compare the text too.
+    return old is None or old != item or repr(old) != repr(item)
+
+
+class ClusterWatcher:
+    """Lists, then watches, and calls `on_view` with a fresh view after each burst."""
+
+    def __init__(
+        self,
+        ds: Datastore,
+        on_view: Callable[[ClusterView], None],
+        *,
+        on_error: Callable[[str], None] | None = None,
+        poll: float = 0.5,
+        coalesce: float = 0.02,
+    ) -> None:
+        self._ds = ds
+        self._on_view = on_view
+        self._on_error = on_error or (lambda _msg: None)
+        self._poll = poll
+        self._coalesce = coalesce
+        self.cache = ClusterCache()
+        self.revision = 0
+        self.synced = threading.Event()
+        self.last_error: str | None = None
+
+    def resync(self) -> None:
+        """Rebuild the cache from a full listing and publish it."""
+        # Two listings (skipping handles and affinities, which routing never needs). Watching
+        # from the first listing's revision replays what the second already holds: harmless,
+        # since a put is idempotent.
+        resources = self._ds.list(RESOURCES_PREFIX)
+        blocks = self._ds.list(BLOCKS_PREFIX)
+        self.cache.clear()
+        for kv in (*resources.items, *blocks.items):
+            self._safe_put(kv.key, kv.value)
+        self.revision = resources.revision
+        self._on_view(self.cache.view())
+        self.synced.set()
+
+    def _safe_put(self, key: str, value: str | None) -> bool:
+        try:
+            return self.cache.put(key, value)
+        except (ValueError, KeyError, TypeError) as exc:
+            # One bad record must not stop the node: skip it, say so.
+            log.warning("event=bad_record key=%s error=%s", key, exc)
+            return False
+
+    def _apply(self, events: list[Event]) -> bool:
+        changed = False
+        for ev in events:
+            value = ev.value if ev.type is EventType.PUT else None
+            changed |= self._safe_put(ev.key, value)
+            self.revision = max(self.revision, ev.mod_revision)
+        return changed
+
+    def run(self, stop: threading.Event, *, backoff_max: float = 5.0) -> None:
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                self.resync()
+                watch = self._ds.watch(ROOT_PREFIX, self.revision + 1)
+                backoff = 0.1
+                self.last_error = None
+                try:
+                    while not stop.is_set():
+                        events = watch.next(self._poll)
+                        if not events:
+                            continue
+                        # Coalesce a burst (e.g. many blocks claimed at once) into one view.
+                        deadline = time.monotonic() + self._coalesce
+                        while more := watch.next(max(0.0, deadline - time.monotonic())):
+                            events.extend(more)
+                        if self._apply(events):
+                            self._on_view(self.cache.view())
+                finally:
+                    watch.close()
+            except Compacted:
+                log.info("event=watch_compacted action=relist")
+            except DatastoreError as exc:
+                self.last_error = str(exc)
+                self._on_error(str(exc))
+                log.warning("event=datastore_error error=%s retry_in=%.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, backoff_max)
