@@ -1,0 +1,1 @@
+"""`overlayctl lab`: a whole cluster out of network namespaces on one machine."""

@@ -1,0 +1,205 @@
+"""`overlayctl lab check`: ping every ordered pod pair and each pod -> external host, and
+record the path each request took AS SEEN ON THE WIRE.
+
+Every node namespace gets a lab-owned nftables table counting what leaves its underlay
+interface: VXLAN (UDP 4789), IP-in-IP (protocol 4), and plain pod-to-pod packets (direct).
+The external namespace counts echo requests per source address, which shows whether
+NAT-outgoing rewrote the pod address into its node's. Pings run one at a time, so the
+counters of the source node move only for the ping in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+from overlay.lab import netns
+from overlay.lab.lab import LabState, load
+from overlay.lab.topology import EXTERNAL_HOST, POOL_CIDR
+
+PROBE_TABLE = "overlay-lab-probe"
+UNDERLAY_IF = "eth0"
+EXTERNAL = "external"
+PING_WAIT_S = 2
+DEFAULT_TIMEOUT = 600.0
+NODE_COUNTERS = ("vxlan", "ipip", "direct")
+
+
+@dataclass(frozen=True)
+class Probe:
+    src: str  # pod name
+    dst: str  # pod name, or EXTERNAL
+    answered: bool  # the ping got its reply
+    path: str  # local | direct | vxlan | ipip | nat | no-nat | unseen | skipped
+    expected: str
+
+    @property
+    def passed(self) -> bool:
+        return self.answered and self.path == self.expected
+
+    @property
+    def cell(self) -> str:
+        if self.path == "skipped":
+            return "SKIP"
+        if not self.answered:
+            return "FAIL"
+        return self.path if self.passed else f"{self.path}!"
+
+
+# ------------------------------------------------------------------------------ pure
+
+
+def node_probe_script() -> str:
+    """Counters on the node's underlay egress (postrouting: after encapsulation and NAT)."""
+    t = PROBE_TABLE
+    return (
+        f"table inet {t}\ndelete table inet {t}\n"  # replace, whether or not it existed
+        f"table inet {t} {{\n"
+        "  counter vxlan { }\n  counter ipip { }\n  counter direct { }\n"
+        "  chain egress {\n"
+        "    type filter hook postrouting priority 300; policy accept;\n"
+        f'    oifname "{UNDERLAY_IF}" udp dport 4789 counter name "vxlan"\n'
+        f'    oifname "{UNDERLAY_IF}" ip protocol 4 counter name "ipip"\n'
+        f'    oifname "{UNDERLAY_IF}" ip saddr {POOL_CIDR} ip daddr {POOL_CIDR} '
+        'counter name "direct"\n'
+        "  }\n}\n"
+    )
+
+
+def external_probe_script(node_addresses: Sequence[str]) -> str:
+    """Per node a counter of echo requests arriving from its underlay address, and one for
+    requests that still carry a pod address (NAT did not happen)."""
+    t = PROBE_TABLE
+    counters = "".join(f"  counter n{i} {{ }}\n" for i in range(len(node_addresses)))
+    rules = "".join(
+        f'    ip saddr {a} icmp type echo-request counter name "n{i}"\n'
+        for i, a in enumerate(node_addresses)
+    )
+    return (
+        f"table inet {t}\ndelete table inet {t}\n"
+        f"table inet {t} {{\n{counters}  counter pods {{ }}\n"
+        "  chain ingress {\n    type filter hook input priority 0; policy accept;\n"
+        f"{rules}"
+        f'    ip saddr {POOL_CIDR} icmp type echo-request counter name "pods"\n'
+        "  }\n}\n"
+    )
+
+
+def parse_counters(nft_json: str) -> dict[str, int]:
+    """Packet counts by counter name from `nft -j list counters table ...`."""
+    doc = json.loads(nft_json)
+    out: dict[str, int] = {}
+    for item in doc.get("nftables", []):
+        c = item.get("counter")
+        if isinstance(c, dict) and c.get("table") == PROBE_TABLE:
+            out[str(c["name"])] = int(c.get("packets", 0))
+    return out
+
+
+def delta(before: Mapping[str, int], after: Mapping[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after}
+
+
+def classify(same_node: bool, moved: Mapping[str, int]) -> str:
+    """The path of one request from the source node's egress counters."""
+    if same_node:
+        return "local"
+    for name in NODE_COUNTERS:  # encapsulation wins: an encapsulated packet is not direct
+        if moved.get(name, 0) > 0:
+            return name
+    return "unseen"
+
+
+def expected_path(
+    encap: str, mode: str, src_node: str, dst_node: str, subnets: Mapping[str, str]
+) -> str:
+    if src_node == dst_node:
+        return "local"
+    if mode == "cross-subnet" and subnets[src_node] == subnets[dst_node]:
+        return "direct"
+    return encap
+
+
+def render_matrix(pods: Sequence[str], probes: Sequence[Probe]) -> str:
+    """Rows: source pod; columns: destination pods then the external host."""
+    cells = {(p.src, p.dst): p.cell for p in probes}
+    cols = [*pods, EXTERNAL]
+    width = max([len(c) for c in cols] + [len(c) for c in cells.values()] + [4])
+    first = max([len(p) for p in pods] + [8])
+    lines = [" " * first + "  " + "  ".join(c.ljust(width) for c in cols)]
+    for src in pods:
+        row = [cells.get((src, dst), "-") for dst in cols]
+        lines.append(src.ljust(first) + "  " + "  ".join(c.ljust(width) for c in row))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def summary(probes: Sequence[Probe]) -> dict[str, object]:
+    failed = [p for p in probes if not p.passed]
+    return {
+        "ok": not failed,
+        "probes": [dict(asdict(p), passed=p.passed) for p in probes],
+        "failed": len(failed),
+        "total": len(probes),
+    }
+
+
+# ---------------------------------------------------------------------------- probing
+
+
+def _counters(ns: str) -> dict[str, int]:
+    return parse_counters(netns.run_in(ns, ["nft", "-j", "list", "counters", "table", "inet",
+                                            PROBE_TABLE]))  # fmt: skip
+
+
+def _ping(ns: str, address: str) -> bool:
+    argv = netns.exec_argv(ns, ["ping", "-n", "-q", "-c", "1", "-W", str(PING_WAIT_S), address])
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=PING_WAIT_S + 5, check=False)
+    except subprocess.TimeoutExpired:
+        return False
+    return res.returncode == 0
+
+
+def install_probes(state: LabState) -> None:
+    for n in state.nodes:
+        netns.nft(n.netns, node_probe_script())
+    addresses = [n.underlay_ip.split("/")[0] for n in state.nodes]
+    netns.nft(state.external_netns, external_probe_script(addresses))
+
+
+def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, list[Probe]]:
+    state = load(name)
+    install_probes(state)
+    opts = state.options
+    subnets = {n.name: n.subnet for n in state.nodes}
+    index = {n.name: i for i, n in enumerate(state.nodes)}
+    deadline = time.monotonic() + timeout
+    probes: list[Probe] = []
+    for src in state.pods:
+        node = state.node(src.node)
+        before = _counters(node.netns)
+        for dst in state.pods:
+            if dst.name == src.name:
+                continue
+            want = expected_path(opts["encap"], opts["mode"], src.node, dst.node, subnets)
+            if time.monotonic() > deadline or not dst.ip:
+                probes.append(Probe(src.name, dst.name, False, "skipped", want))
+                continue
+            answered = _ping(src.netns, dst.ip)
+            after = _counters(node.netns)
+            path = classify(src.node == dst.node, delta(before, after))
+            probes.append(Probe(src.name, dst.name, answered, path, want))
+            before = after
+        if time.monotonic() > deadline:
+            probes.append(Probe(src.name, EXTERNAL, False, "skipped", "nat"))
+            continue
+        ext_before = _counters(state.external_netns)
+        answered = _ping(src.netns, str(EXTERNAL_HOST))
+        moved = delta(ext_before, _counters(state.external_netns))
+        mine = moved.get(f"n{index[src.node]}", 0) > 0
+        path = "nat" if mine else "no-nat" if moved.get("pods", 0) > 0 else "unseen"
+        probes.append(Probe(src.name, EXTERNAL, answered, path, "nat"))
+    return state, probes

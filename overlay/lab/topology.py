@@ -1,0 +1,139 @@
+"""The lab's names and addresses, computed from its options. Pure: no I/O.
+
+Layout (K subnets, N nodes, P pods per node, lab name L):
+
+    L-router   one bridge per underlay subnet (192.168.<k>.1/24), forwarding between them,
+               and a link to the external host; it knows no pod routes.
+    L-ext      the "external" host 203.0.113.10, reached by pods only through NAT-outgoing.
+    L-node<i>  a node: eth0 192.168.<k>.<10+i>/24, default route via the router; runs
+               overlay-agent.
+    L-n<i>p<j> pod j of node i, made by the real CNI plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import netaddr
+
+POOL_CIDR = "10.244.0.0/16"
+EXTERNAL_NET = netaddr.IPNetwork("203.0.113.0/24")
+EXTERNAL_HOST = netaddr.IPAddress("203.0.113.10")
+ENCAPS = ("vxlan", "ipip")
+MODES = ("always", "cross-subnet")
+
+
+class TopologyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabOptions:
+    name: str = "lab"
+    nodes: int = 4
+    subnets: int = 2
+    encap: str = "vxlan"
+    mode: str = "cross-subnet"
+    pods_per_node: int = 2
+    datastore: str = "sqlite"  # sqlite | etcd
+
+    def validate(self) -> None:
+        if not (self.name.isascii() and self.name.replace("-", "").isalnum()) or not (
+            1 <= len(self.name) <= 8
+        ):
+            raise TopologyError(f"--name: {self.name!r} must be 1-8 letters, digits or '-'")
+        if not 1 <= self.subnets <= 50:
+            raise TopologyError(f"--subnets: {self.subnets} is outside 1..50")
+        if not self.subnets <= self.nodes <= 200:
+            raise TopologyError(f"--nodes: {self.nodes} must be between --subnets and 200")
+        if not 0 <= self.pods_per_node <= 50:
+            raise TopologyError(f"--pods-per-node: {self.pods_per_node} is outside 0..50")
+        if self.encap not in ENCAPS:
+            raise TopologyError(f"--encap: {self.encap!r} is not one of {', '.join(ENCAPS)}")
+        if self.mode not in MODES:
+            raise TopologyError(f"--mode: {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.datastore not in ("sqlite", "etcd"):
+            raise TopologyError(f"--datastore: {self.datastore!r} is not sqlite or etcd")
+
+
+@dataclass(frozen=True)
+class LabNode:
+    name: str  # the cluster node name
+    netns: str
+    subnet: str  # 192.168.<k>.0/24
+    underlay_ip: str  # with prefix
+    gateway: str
+    router_port: str  # the veth end in the router namespace
+
+
+@dataclass(frozen=True)
+class LabPod:
+    name: str
+    netns: str
+    node: str
+
+
+@dataclass(frozen=True)
+class Topology:
+    options: LabOptions
+    router_netns: str
+    external_netns: str
+    subnets: list[str]
+    nodes: list[LabNode]
+    pods: list[LabPod] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def node(self, name: str) -> LabNode:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+
+def subnet_of(index: int, opts: LabOptions) -> int:
+    """Nodes fill subnets in contiguous runs: with 4 nodes and 2 subnets, 1-2 | 3-4."""
+    return index * opts.subnets // opts.nodes + 1
+
+
+def build(opts: LabOptions) -> Topology:
+    opts.validate()
+    p = opts.name
+    subnets = [f"192.168.{k}.0/24" for k in range(1, opts.subnets + 1)]
+    nodes = []
+    for i in range(opts.nodes):
+        k = subnet_of(i, opts)
+        nodes.append(
+            LabNode(
+                name=f"{p}-node{i + 1}",
+                netns=f"{p}-node{i + 1}",
+                subnet=f"192.168.{k}.0/24",
+                underlay_ip=f"192.168.{k}.{10 + i + 1}/24",
+                gateway=f"192.168.{k}.1",
+                router_port=f"n{i + 1}",
+            )
+        )
+    pods = [
+        LabPod(name=f"{p}-n{i + 1}p{j + 1}", netns=f"{p}-n{i + 1}p{j + 1}", node=nodes[i].name)
+        for i in range(opts.nodes)
+        for j in range(opts.pods_per_node)
+    ]
+    return Topology(opts, f"{p}-router", f"{p}-ext", subnets, nodes, pods)
+
+
+def pool_manifest(opts: LabOptions) -> dict[str, Any]:
+    mode = "Always" if opts.mode == "always" else "CrossSubnet"
+    return {
+        "apiVersion": "projectcalico.org/v3",
+        "kind": "IPPool",
+        "metadata": {"name": "lab-pool"},
+        "spec": {
+            "cidr": POOL_CIDR,
+            "blockSize": 26,
+            "vxlanMode": mode if opts.encap == "vxlan" else "Never",
+            "ipipMode": mode if opts.encap == "ipip" else "Never",
+            "natOutgoing": True,
+        },
+    }

@@ -1,0 +1,123 @@
+"""`lab check`'s path classification, counters, matrix and readiness probe (pure)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from overlay.lab import check, httpwait, lab
+from overlay.lab.check import Probe
+
+SUBNETS = {"n1": "192.168.1.0/24", "n2": "192.168.1.0/24", "n3": "192.168.2.0/24"}
+
+
+@pytest.mark.parametrize(
+    ("moved", "path"),
+    [
+        ({"vxlan": 1, "ipip": 0, "direct": 0}, "vxlan"),
+        ({"vxlan": 0, "ipip": 2, "direct": 0}, "ipip"),
+        ({"vxlan": 0, "ipip": 0, "direct": 1}, "direct"),
+        ({"vxlan": 0, "ipip": 0, "direct": 0}, "unseen"),
+    ],
+)
+def test_path_is_what_moved_on_the_source_underlay(moved: dict[str, int], path: str) -> None:
+    assert check.classify(False, moved) == path
+    assert check.classify(True, moved) == "local"
+
+
+def test_expected_path_follows_the_pool_mode() -> None:
+    assert check.expected_path("vxlan", "cross-subnet", "n1", "n2", SUBNETS) == "direct"
+    assert check.expected_path("vxlan", "cross-subnet", "n1", "n3", SUBNETS) == "vxlan"
+    assert check.expected_path("ipip", "always", "n1", "n2", SUBNETS) == "ipip"
+    assert check.expected_path("vxlan", "always", "n1", "n1", SUBNETS) == "local"
+
+
+def test_counters_are_read_from_nft_json_and_diffed() -> None:
+    doc = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {"counter": {"family": "inet", "name": "vxlan", "table": check.PROBE_TABLE,
+                         "packets": 7, "bytes": 900}},
+            {"counter": {"family": "inet", "name": "ipip", "table": check.PROBE_TABLE,
+                         "packets": 0, "bytes": 0}},
+            {"counter": {"family": "inet", "name": "vxlan", "table": "someone-else",
+                         "packets": 99, "bytes": 1}},
+        ]
+    }  # fmt: skip
+    after = check.parse_counters(json.dumps(doc))
+    assert after == {"vxlan": 7, "ipip": 0}
+    assert check.delta({"vxlan": 6, "ipip": 0}, after) == {"vxlan": 1, "ipip": 0}
+
+
+def test_probe_scripts_count_the_underlay_and_each_node_source() -> None:
+    node = check.node_probe_script()
+    assert 'oifname "eth0" udp dport 4789 counter name "vxlan"' in node
+    assert 'ip protocol 4 counter name "ipip"' in node
+    assert node.startswith(f"table inet {check.PROBE_TABLE}\ndelete table")  # idempotent
+    ext = check.external_probe_script(["192.168.1.11", "192.168.2.12"])
+    assert 'ip saddr 192.168.2.12 icmp type echo-request counter name "n1"' in ext
+    assert "ip saddr 10.244.0.0/16" in ext
+
+
+def test_a_pair_passes_only_when_answered_on_the_expected_path() -> None:
+    assert Probe("a", "b", True, "vxlan", "vxlan").cell == "vxlan"
+    wrong = Probe("a", "b", True, "vxlan", "direct")
+    assert not wrong.passed and wrong.cell == "vxlan!"
+    lost = Probe("a", "b", False, "vxlan", "vxlan")
+    assert not lost.passed and lost.cell == "FAIL"
+    assert Probe("a", "b", False, "skipped", "vxlan").cell == "SKIP"
+
+
+def test_matrix_has_a_row_per_source_and_a_column_per_destination() -> None:
+    probes = [
+        Probe("p1", "p2", True, "vxlan", "vxlan"),
+        Probe("p2", "p1", False, "unseen", "vxlan"),
+        Probe("p1", check.EXTERNAL, True, "nat", "nat"),
+        Probe("p2", check.EXTERNAL, True, "no-nat", "nat"),
+    ]
+    lines = check.render_matrix(["p1", "p2"], probes).splitlines()
+    assert lines[0].split() == ["p1", "p2", "external"]
+    assert lines[1].split() == ["p1", "-", "vxlan", "nat"]
+    assert lines[2].split() == ["p2", "FAIL", "-", "no-nat!"]
+    result = check.summary(probes)
+    assert result["ok"] is False and result["failed"] == 2 and result["total"] == 4
+
+
+def _status(**over: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "datastore": {"synced": True},
+        "dataplane_synced": True,
+        "reconciler": {"dirty": False},
+        "peers": [{"node": "n2"}, {"node": "n3"}],
+    }
+    doc.update(over)
+    return doc
+
+
+def test_agent_is_ready_only_when_synced_with_nothing_pending() -> None:
+    assert httpwait.agent_ready(_status())
+    assert httpwait.agent_ready(_status(), 2)
+    assert not httpwait.agent_ready(_status(), 3)  # a peer not seen yet
+    assert not httpwait.agent_ready(_status(dataplane_synced=False))
+    assert not httpwait.agent_ready(_status(datastore={"synced": False}))
+    assert not httpwait.agent_ready(_status(reconciler={"dirty": True}))
+    assert not httpwait.agent_ready("starting")
+    assert httpwait.etcd_healthy({"health": "true"}) and not httpwait.etcd_healthy({})
+
+
+def test_waiting_gives_up_on_an_agent_that_keeps_failing() -> None:
+    assert httpwait.agent_hopeless(_status(reconciler={"consecutive_failures": 3}))
+    assert not httpwait.agent_hopeless(_status(reconciler={"consecutive_failures": 1}))
+    assert not httpwait.agent_hopeless({"error": "connection refused"})
+
+
+def test_a_stuck_agent_is_explained_in_one_line() -> None:
+    failing = _status(reconciler={"last_failed": ["set IpipDevice: errno 95 no ipip", "b", "c"]})
+    assert lab.describe_agent(json.dumps(failing)) == (
+        "failing: set IpipDevice: errno 95 no ipip; b"
+    )
+    unreachable = _status(datastore={"url": "etcd://x:1", "error": "refused"})
+    assert lab.describe_agent(json.dumps(unreachable)) == "datastore etcd://x:1: refused"
+    assert "peers=2" in lab.describe_agent(json.dumps(_status(dataplane_synced=False)))
+    assert lab.describe_agent('{"error": "no answer"}') == "no answer"

@@ -1,0 +1,164 @@
+"""The lab's names, addresses, CNI configuration and state file (pure: no root needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import netaddr
+import pytest
+
+from cni.spec import parse_conflist, plugin_config
+from ipam.model import IPPool
+from ipam.resources import from_manifest
+from overlay.cli_lab import render_status
+from overlay.lab import lab
+from overlay.lab.topology import LabOptions, TopologyError, build, pool_manifest
+
+
+def test_nodes_fill_subnets_in_runs_with_unique_addresses() -> None:
+    topo = build(LabOptions(name="x", nodes=5, subnets=2, pods_per_node=2))
+    assert [n.subnet for n in topo.nodes] == ["192.168.1.0/24"] * 3 + ["192.168.2.0/24"] * 2
+    addresses = [netaddr.IPNetwork(n.underlay_ip) for n in topo.nodes]
+    assert len({a.ip for a in addresses}) == 5
+    for node, addr in zip(topo.nodes, addresses, strict=True):
+        # The node address keeps its /24: cross-subnet decisions depend on the prefix.
+        assert addr.prefixlen == 24 and str(addr.cidr) == node.subnet
+        assert netaddr.IPAddress(node.gateway) == addr.network + 1
+    assert topo.router_netns == "x-router" and topo.external_netns == "x-ext"
+    assert [p.name for p in topo.pods][:3] == ["x-n1p1", "x-n1p2", "x-n2p1"]
+    assert len(topo.pods) == 10
+
+
+def test_largest_lab_stays_inside_its_subnets() -> None:
+    topo = build(LabOptions(name="big", nodes=200, subnets=50, pods_per_node=0))
+    for n in topo.nodes:
+        assert netaddr.IPAddress(n.underlay_ip.split("/")[0]) in netaddr.IPNetwork(n.subnet)
+    assert len({n.router_port for n in topo.nodes}) == 200
+    assert all(len(n.router_port) <= 15 for n in topo.nodes)  # IFNAMSIZ
+
+
+@pytest.mark.parametrize(
+    ("opts", "field"),
+    [
+        (LabOptions(name="much-too-long"), "--name"),
+        (LabOptions(name="a b"), "--name"),
+        (LabOptions(nodes=1, subnets=2), "--nodes"),
+        (LabOptions(encap="gre"), "--encap"),
+        (LabOptions(mode="never"), "--mode"),
+        (LabOptions(pods_per_node=-1), "--pods-per-node"),
+        (LabOptions(datastore="redis"), "--datastore"),
+    ],
+)
+def test_bad_options_name_the_flag(opts: LabOptions, field: str) -> None:
+    with pytest.raises(TopologyError, match=field):
+        build(opts)
+
+
+@pytest.mark.parametrize(
+    ("encap", "mode", "vxlan", "ipip"),
+    [
+        ("vxlan", "cross-subnet", "CrossSubnet", "Never"),
+        ("vxlan", "always", "Always", "Never"),
+        ("ipip", "cross-subnet", "Never", "CrossSubnet"),
+    ],
+)
+def test_pool_manifest_is_a_valid_pool_in_the_chosen_mode(
+    encap: str, mode: str, vxlan: str, ipip: str
+) -> None:
+    manifest = pool_manifest(LabOptions(encap=encap, mode=mode))
+    assert manifest["spec"]["vxlanMode"] == vxlan and manifest["spec"]["ipipMode"] == ipip
+    pool = from_manifest(manifest)  # the datastore accepts it
+    assert isinstance(pool, IPPool) and str(pool.cidr) == "10.244.0.0/16"
+
+
+def test_namespace_pattern_matches_only_this_lab() -> None:
+    pattern = lab.ns_pattern("a")
+    topo = build(LabOptions(name="a", nodes=12, subnets=2, pods_per_node=11))
+    names = [topo.router_netns, topo.external_netns]
+    names += [n.netns for n in topo.nodes] + [p.netns for p in topo.pods]
+    assert all(pattern.fullmatch(ns) for ns in names)
+    # Other labs whose names start with "a-", or with "a", are never taken for lab "a".
+    for other in ("a-n1p1", "a-node1", "ab", "a-b"):
+        t = build(LabOptions(name=other, nodes=2, subnets=1, pods_per_node=1))
+        theirs = [t.router_netns, t.external_netns, *(n.netns for n in t.nodes)]
+        theirs += [p.netns for p in t.pods]
+        assert not any(pattern.fullmatch(ns) for ns in theirs), other
+    assert not pattern.fullmatch("a-router2") and not pattern.fullmatch("xa-router")
+
+
+def test_namespaces_are_deleted_pods_first_router_last() -> None:
+    order = lab.ns_order({"l-router", "l-node2", "l-n1p1", "l-ext", "l-node10", "l-n2p3"}, "l")
+    assert order[:2] == ["l-n1p1", "l-n2p3"]
+    assert set(order[2:4]) == {"l-node2", "l-node10"}
+    assert order[4:] == ["l-ext", "l-router"]
+
+
+def test_node_conflist_is_accepted_by_the_cni_plugin() -> None:
+    conflist = lab.conflist("/run/overlay-lab/l/l-node1/cni.sock")
+    parsed = parse_conflist(json.dumps(conflist))
+    config = plugin_config(parsed, 0, {})
+    assert config["type"] == "overlay-cni"
+    assert config["agentSocket"] == "/run/overlay-lab/l/l-node1/cni.sock"
+    assert config["mtu"] == 0 and config["name"] == lab.CNI_NETWORK
+
+
+def test_datastore_urls_sqlite_in_lab_dir_and_etcd_on_the_first_gateway(tmp_path: Path) -> None:
+    opts = LabOptions(name="l", datastore="sqlite")
+    agent, seed = lab.datastore_urls(opts, build(opts), tmp_path)
+    assert agent == seed == f"sqlite://{tmp_path}/datastore.db"
+    opts = LabOptions(name="l", datastore="etcd")
+    agent, seed = lab.datastore_urls(opts, build(opts), tmp_path)
+    # Agents reach etcd over the underlay; the seeding runs in the router itself.
+    assert agent == "etcd://192.168.1.1:2379" and seed == "etcd://127.0.0.1:2379"
+
+
+def test_pod_ip_takes_the_ipv4_address_without_prefix() -> None:
+    result = {"ips": [{"address": "fd00::5/128"}, {"address": "10.244.3.7/32"}]}
+    assert lab.pod_ip(result) == "10.244.3.7"
+    with pytest.raises(lab.LabError, match="no IPv4"):
+        lab.pod_ip({"ips": []})
+
+
+def _state(tmp_path: Path) -> lab.LabState:
+    opts = LabOptions(name="s", nodes=2, subnets=2, pods_per_node=1)
+    state = lab._initial_state(opts, build(opts), tmp_path)
+    state.nodes[0].agent_pid = 2**22 + 1  # above pid_max: never alive
+    state.pods[0].ip = "10.244.0.1"
+    return state
+
+
+def test_state_round_trips_through_its_file(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    state.save()
+    loaded = lab.LabState.from_dict(json.loads((tmp_path / "state.json").read_text()))
+    assert loaded == state
+    assert loaded.node("s-node1").socket == f"{tmp_path}/s-node1/cni.sock"
+
+
+def test_status_document_has_the_promised_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lab, "LAB_ROOT", tmp_path)
+    (tmp_path / "s").mkdir()
+    state = _state(tmp_path / "s")
+    state.save()
+    doc = lab.status("s")
+    assert {"nodes", "pods", "router_netns", "external_netns", "datastore"} <= set(doc)
+    node = doc["nodes"][0]
+    assert {"name", "netns", "underlay_ip", "subnet", "cni_conflist"} <= set(node)
+    assert node["underlay_ip"] == "192.168.1.11" and node["agent_alive"] is False
+    assert doc["pods"][0] == {
+        "name": "s-n1p1",
+        "netns": "s-n1p1",
+        "node": "s-node1",
+        "ip": "10.244.0.1",
+    }
+    text = render_status(doc)
+    assert "INCOMPLETE" in text and "DEAD" in text and "10.244.0.1" in text
+
+
+def test_missing_lab_tells_how_to_make_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lab, "LAB_ROOT", tmp_path)
+    with pytest.raises(lab.LabError, match="lab up"):
+        lab.status("nope")
