@@ -5,8 +5,12 @@ update and delete compare mod_revision == the revision the caller read. etcd's s
 revision is the protocol's revision, so a watch resumes exactly where a listing ended.
 
 A write whose connection breaks (or whose attempt times out) after it was sent may have
-been applied; it is retried on the next endpoint and then loses its own compare (Conflict
-/ AlreadyExists). Callers already treat those as "re-read and decide", which covers it.
+been applied; it is retried on the next endpoint and then loses its own compare. Reporting
+that as a Conflict would make the caller redo work that is already done (an IPAM assign
+would hand out a second address and leak the first), so after such a retry the key is read
+back: if it holds exactly the value we wrote (or, for a delete, is gone), the write counts
+as ours. IPAM values carry per-write sequence numbers, so an identical value written by
+someone else in between is not a practical concern.
 """
 
 from __future__ import annotations
@@ -240,19 +244,28 @@ class EtcdDatastore:
         compare: dict[str, Any],
         success: dict[str, Any],
         failure: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], bool]:
+        """Run one transaction; also say whether it was retried after a failed attempt."""
         req: dict[str, Any] = {"compare": [compare], "success": [success]}
         if failure is not None:
             req["failure"] = [failure]
-        return self._call("/v3/kv/txn", req)
+        return self._client.call_tracked("/v3/kv/txn", req)
+
+    def _landed(self, key: str, value: str) -> int | None:
+        """After a retried write lost its compare: the revision of our own earlier attempt
+        if the key holds exactly what we wrote."""
+        kv = self.get(key)
+        return kv.mod_revision if kv is not None and kv.value == value else None
 
     def create(self, key: str, value: str) -> int:
         k = _b64(self._key(key))
-        resp = self._txn(
+        resp, retried = self._txn(
             {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0},
             {"request_put": {"key": k, "value": _b64(value.encode())}},
         )
         if not resp.get("succeeded"):
+            if retried and (rev := self._landed(key, value)) is not None:
+                return rev
             raise AlreadyExists(key)
         return self._header_revision(resp)
 
@@ -260,17 +273,19 @@ class EtcdDatastore:
         if revision <= 0:  # mod_revision 0 would match a missing key and create it
             raise Conflict(f"{key} (revision {revision})")
         k = _b64(self._key(key))
-        resp = self._txn(
+        resp, retried = self._txn(
             {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision},
             {"request_put": {"key": k, "value": _b64(value.encode())}},
         )
         if not resp.get("succeeded"):
+            if retried and (rev := self._landed(key, value)) is not None and rev > revision:
+                return rev
             raise Conflict(f"{key} (revision {revision})")
         return self._header_revision(resp)
 
     def delete(self, key: str, revision: int) -> None:
         k = _b64(self._key(key))
-        resp = self._txn(
+        resp, retried = self._txn(
             {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision},
             {"request_delete_range": {"key": k}},
             {"request_range": {"key": k, "keys_only": True}},
@@ -281,6 +296,8 @@ class EtcdDatastore:
                 raise NotFound(key)  # compared mod_revision 0 with a missing key
             return
         if not answer.get("response_range", {}).get("kvs"):
+            if retried:
+                return  # our earlier attempt deleted it
             raise NotFound(key)
         raise Conflict(f"{key} (revision {revision})")
 

@@ -174,8 +174,14 @@ class GatewayClient:
         raise GatewayError(code, message)
 
     def call(self, path: str, request: dict[str, Any]) -> dict[str, Any]:
+        return self.call_tracked(path, request)[0]
+
+    def call_tracked(self, path: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """POST `request` to `path`; on connection trouble try the next endpoints, in rounds
-        with a short backoff, until the timeout. Unavailable names every endpoint."""
+        with a short backoff, until the timeout. Unavailable names every endpoint.
+
+        Also says whether an earlier attempt failed: that attempt may have been applied
+        before its answer was lost, which a conditional write must then account for."""
         payload = json.dumps(request).encode()
         deadline = time.monotonic() + self.timeout
         errors: dict[str, str] = {}
@@ -195,7 +201,7 @@ class GatewayClient:
                     continue
                 if i != self._current:
                     self._current = i
-                return doc
+                return doc, bool(errors)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 detail = "; ".join(f"{ep}: {err}" for ep, err in errors.items())

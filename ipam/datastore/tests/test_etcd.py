@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ipam.datastore import (
+    KV,
     Compacted,
     Conflict,
     Event,
@@ -283,3 +284,49 @@ def test_harness_repicks_ports_taken_before_start_and_stops_idempotently(tmp_pat
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     cluster.stop()  # a second stop is a no-op
+
+
+class _LoseFirstAnswer:
+    """Wraps the gateway's single attempt: the first transaction is applied by etcd, then
+    its answer is 'lost' as if the connection broke, so the client retries it."""
+
+    def __init__(self, store: EtcdDatastore) -> None:
+        from ipam.datastore import etcd_gateway
+
+        self.client = store._client
+        self.real = self.client._once
+        self.down = etcd_gateway._EndpointDown
+        self.armed = False
+
+    def __call__(self, i: int, path: str, payload: bytes, timeout: float) -> dict[str, object]:
+        doc = self.real(i, path, payload, timeout)
+        if self.armed and path.endswith("/txn"):
+            self.armed = False
+            raise self.down("connection reset after the request was sent")
+        return doc
+
+
+@pytest.mark.etcd
+def test_write_applied_but_answer_lost_counts_as_ours(raw_store: EtcdDatastore) -> None:
+    lose = _LoseFirstAnswer(raw_store)
+    raw_store._client._once = lose  # type: ignore[method-assign]
+
+    lose.armed = True
+    rev = raw_store.create("/lost/a", "v1")  # applied, answer lost, retried: still ours
+    assert raw_store.get("/lost/a") == KV("/lost/a", "v1", rev)
+
+    lose.armed = True
+    rev2 = raw_store.update("/lost/a", "v2", rev)
+    assert rev2 > rev and raw_store.get("/lost/a") == KV("/lost/a", "v2", rev2)
+
+    lose.armed = True
+    raw_store.delete("/lost/a", rev2)
+    assert raw_store.get("/lost/a") is None
+
+    # A genuine conflict after a retry is still a conflict.
+    rev3 = raw_store.create("/lost/b", "mine")
+    other = raw_store.update("/lost/b", "theirs", rev3)
+    lose.armed = True
+    with pytest.raises(Conflict):
+        raw_store.update("/lost/b", "mine-again", rev3)
+    assert raw_store.get("/lost/b") == KV("/lost/b", "theirs", other)
