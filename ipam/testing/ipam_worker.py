@@ -1,7 +1,7 @@
 """One IPAM client process, for the real-process concurrency tests and the benchmark.
 
     python -m ipam.testing.ipam_worker --datastore URL --nodes n1,n2 --count 250 \
-        --handle-prefix w3 [--release]
+        --handle-prefix w3 [--release] [--held-view]
 
 Opens the datastore, prints `ready`, waits for one line on stdin (so that every worker
 starts at once), then runs `count` auto-assigns (node i % len(nodes)), then with --release
@@ -27,12 +27,40 @@ from typing import Any
 
 from ipam.allocator import IPAM
 from ipam.datastore import open_datastore
+from ipam.model import IPAMConfig, IPPool, IPReservation, Node
 from ipam.store import ResourceStore
+
+
+class HeldResources:
+    """Pools, config and reservations read once, as the agent's watch-fed view holds them
+    (the allocator otherwise re-reads and re-validates them on every call)."""
+
+    def __init__(self, store: ResourceStore) -> None:
+        self._store = store
+        self._pools = store.list_pools()
+        self._config = store.ipam_config()
+        self._reservations = store.list_reservations()
+
+    def list_pools(self) -> list[IPPool]:
+        return list(self._pools)
+
+    def ipam_config(self) -> IPAMConfig:
+        return self._config
+
+    def list_reservations(self) -> list[IPReservation]:
+        return list(self._reservations)
+
+    def get_node(self, name: str) -> Node | None:
+        return self._store.get_node(name)
+
+    def list_nodes(self) -> list[Node]:
+        return self._store.list_nodes()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ds = open_datastore(args.datastore)
-    ipam = IPAM(ds, ResourceStore(ds))
+    store = ResourceStore(ds)
+    ipam = IPAM(ds, HeldResources(store) if args.held_view else store)
     nodes = args.nodes.split(",")
     ipam.affine_blocks(nodes[0])  # connect and warm up before the start line
     print("ready", flush=True)
@@ -49,8 +77,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as e:  # recorded: the caller decides whether any is acceptable
             errors.append({"handle": handle, "op": "assign", "error": f"{type(e).__name__}: {e}"})
             continue
-        results.append({"handle": handle, "node": node, "ip": str(got.ipv4[0].ip),
-                        "assign_s": time.perf_counter() - t0, "release_s": None})  # fmt: skip
+        results.append(
+            {
+                "handle": handle,
+                "node": node,
+                "ip": str(got.ipv4[0].ip),
+                "assign_s": time.perf_counter() - t0,
+                "release_s": None,
+            }
+        )
     t_assigned = time.perf_counter()
     if args.release:
         for entry in results:
@@ -59,8 +94,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ipam.release_by_handle(entry["handle"])
                 entry["release_s"] = time.perf_counter() - t0
             except Exception as e:
-                errors.append({"handle": entry["handle"], "op": "release",
-                               "error": f"{type(e).__name__}: {e}"})  # fmt: skip
+                errors.append(
+                    {
+                        "handle": entry["handle"],
+                        "op": "release",
+                        "error": f"{type(e).__name__}: {e}",
+                    }
+                )
     times = {"start": t_start, "assigned": t_assigned, "end": time.perf_counter()}
     ds.close()
     return {"results": results, "errors": errors, "times": times}
@@ -81,6 +121,7 @@ def run_workers(
     specs: list[WorkerSpec],
     *,
     release: bool = False,
+    held_view: bool = False,
     timeout: float = 120.0,
     during: Callable[[], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[dict[str, float]]]:
@@ -91,11 +132,23 @@ def run_workers(
     procs: list[subprocess.Popen[str]] = []
     try:
         for spec in specs:
-            argv = [sys.executable, "-m", "ipam.testing.ipam_worker", "--datastore", url,
-                    "--nodes", ",".join(spec.nodes), "--count", str(spec.count),
-                    "--handle-prefix", spec.handle_prefix]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "ipam.testing.ipam_worker",
+                "--datastore",
+                url,
+                "--nodes",
+                ",".join(spec.nodes),
+                "--count",
+                str(spec.count),
+                "--handle-prefix",
+                spec.handle_prefix,
+            ]
             if release:
                 argv.append("--release")
+            if held_view:
+                argv.append("--held-view")
             pipe = subprocess.PIPE
             procs.append(
                 subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=pipe, text=True, env=env)
@@ -142,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--handle-prefix", required=True)
     p.add_argument("--release", action="store_true")
+    p.add_argument("--held-view", action="store_true", help="read pools/config once")
     out = run(p.parse_args(argv))
     print(json.dumps(out), flush=True)
     return 0
