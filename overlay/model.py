@@ -7,7 +7,9 @@ actual states are sets/dicts that plan() can diff.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 import netaddr
 
@@ -22,6 +24,31 @@ IPIP_OVERHEAD = 20
 # Route/nexthop protocol that marks an object as ours (Calico's exclusive protocol is 80 too).
 RT_PROTO = 80
 MAIN_TABLE = 254
+
+
+_T = TypeVar("_T")
+
+
+def _hash_once(cls: type[_T]) -> type[_T]:
+    """Cache the hash of a frozen dataclass. Desired and actual states are sets of up to
+    ~50k objects each, diffed on every pass; hashing their netaddr fields again each time
+    was a large share of a pass."""
+    key = operator.attrgetter(*(f.name for f in fields(cls)))  # type: ignore[arg-type]
+
+    def __hash__(self: Any) -> int:
+        d = self.__dict__
+        h = d.get("_hash")
+        if h is None:
+            h = d["_hash"] = hash(key(self))  # not a field: eq, repr and replace ignore it
+        return h  # type: ignore[no-any-return]
+
+    def __getstate__(self: Any) -> dict[str, Any]:
+        # String hashes differ between processes: never carry a cached one along.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    cls.__hash__ = __hash__  # type: ignore[assignment,method-assign]
+    cls.__getstate__ = __getstate__  # type: ignore[method-assign]
+    return cls
 
 
 class Path(enum.Enum):
@@ -54,6 +81,7 @@ class IpipDevice:
 Device = VxlanDevice | IpipDevice
 
 
+@_hash_once
 @dataclass(frozen=True)
 class Neighbour:
     """Permanent ARP entry: remote tunnel address -> remote VTEP MAC, on the VXLAN device."""
@@ -63,6 +91,7 @@ class Neighbour:
     mac: str
 
 
+@_hash_once
 @dataclass(frozen=True)
 class FdbEntry:
     """Permanent FDB entry: remote VTEP MAC -> remote underlay address, on the VXLAN device."""
@@ -72,6 +101,7 @@ class FdbEntry:
     dst: netaddr.IPAddress
 
 
+@_hash_once
 @dataclass(frozen=True)
 class NexthopKey:
     """A nexthop is identified by where it points; plan() maps keys to kernel ids."""
@@ -81,6 +111,7 @@ class NexthopKey:
     onlink: bool = True
 
 
+@_hash_once
 @dataclass(frozen=True)
 class Route:
     dst: netaddr.IPNetwork
@@ -98,6 +129,15 @@ class NatOutgoing:
 
     sources: frozenset[netaddr.IPNetwork]
     all_pools: frozenset[netaddr.IPNetwork]
+
+    def normalized(self) -> NatOutgoing | None:
+        """The form the kernel holds (IPv4 only, merged CIDRs; None when nothing to do),
+        so that desired and read-back states compare equal."""
+        sources = netaddr.cidr_merge([n for n in self.sources if n.version == 4])
+        if not sources:
+            return None
+        pools = netaddr.cidr_merge([n for n in self.all_pools | self.sources if n.version == 4])
+        return NatOutgoing(frozenset(sources), frozenset(pools))
 
 
 @dataclass(frozen=True)
@@ -137,6 +177,11 @@ class Nexthop:
     key: NexthopKey
 
 
+# An object of ours that the netlink monitor saw deleted, keyed like the kernel keys it:
+# ("route", table, dst network), ("neighbour", dev, ip), ("fdb", dev, mac).
+GoneKey = tuple[str, int | str, netaddr.IPNetwork | netaddr.IPAddress | str]
+
+
 class Action(enum.Enum):
     SET = "set"  # create or replace (devices: create, or recreate when incompatible)
     DELETE = "delete"
@@ -147,5 +192,5 @@ class Op:
     """One kernel change. For a Route with a nexthop key, `nhid` is the resolved kernel id."""
 
     action: Action
-    obj: VxlanDevice | IpipDevice | Neighbour | FdbEntry | Nexthop | Route
+    obj: VxlanDevice | IpipDevice | Neighbour | FdbEntry | Nexthop | Route | NatOutgoing
     nhid: int | None = None

@@ -117,6 +117,15 @@ def plan(
     sets += [Op(Action.SET, r, route_nhid(r)) for r in route_sets]
     deletes += [Op(Action.DELETE, r, actual.route_nhids.get(r)) for r in route_deletes]
 
+    # NAT-outgoing: one nftables table, replaced whole when it differs.
+    want_nat = desired.nat.normalized() if desired.nat is not None else None
+    have_nat = actual.nat.normalized() if actual.nat is not None else None
+    if want_nat != have_nat:
+        if want_nat is not None:
+            sets.append(Op(Action.SET, want_nat))
+        else:
+            deletes.append(Op(Action.DELETE, actual.nat))  # type: ignore[arg-type]
+
     # 6.-8.
     deletes += nh_deletes
     deletes += [Op(Action.DELETE, n) for n in neigh_deletes]

@@ -21,6 +21,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
+from overlay.kernel.nat import NatError, apply_nat, read_nat
 from overlay.kernel.reader import read_dataplane
 from overlay.model import (
     IPIP_DEVICE,
@@ -30,6 +31,7 @@ from overlay.model import (
     Dataplane,
     FdbEntry,
     IpipDevice,
+    NatOutgoing,
     Neighbour,
     Nexthop,
     Op,
@@ -138,7 +140,9 @@ class Kernel:
         return self.supports_nexthops()
 
     def read(self) -> Dataplane:
-        return read_dataplane(self._sock, self.ipr, self.device_names, self.supports_nexthops())
+        dp = read_dataplane(self._sock, self.ipr, self.device_names, self.supports_nexthops())
+        dp.nat = read_nat(self.netns)
+        return dp
 
     # --- apply -----------------------------------------------------------------------------
     def apply(self, ops: Sequence[Op]) -> ApplyResult:
@@ -152,10 +156,20 @@ class Kernel:
                 run = []
                 self._apply_device(op, result)
                 links = {name: i for i, name in self._sock.links().items()}
+            elif isinstance(op.obj, NatOutgoing):
+                self._apply_nat(op, result)
             else:
                 run.append(op)
         self._apply_batch(run, links, nexthops, result)
         return result
+
+    def _apply_nat(self, op: Op, result: ApplyResult) -> None:
+        assert isinstance(op.obj, NatOutgoing)
+        try:
+            apply_nat(op.obj if op.action is Action.SET else None, self.netns)
+            result.done += 1
+        except NatError as exc:
+            self._fail(op, errno.EIO, str(exc), result)
 
     def _apply_device(self, op: Op, result: ApplyResult) -> None:
         dev = op.obj

@@ -24,6 +24,7 @@ from overlay.model import (
     Device,
     FdbEntry,
     IpipDevice,
+    NatOutgoing,
     Neighbour,
     Nexthop,
     NexthopKey,
@@ -32,7 +33,7 @@ from overlay.model import (
     VxlanDevice,
 )
 
-KINDS = ("device", "neighbour", "fdb", "nexthop", "route")
+KINDS = ("device", "neighbour", "fdb", "nexthop", "route", "nat")
 
 
 @dataclass
@@ -59,6 +60,8 @@ def kind_of(obj: object) -> str:
         return "nexthop"
     if isinstance(obj, Route):
         return "route"
+    if isinstance(obj, NatOutgoing):
+        return "nat"
     raise TypeError(f"not a dataplane object: {obj!r}")
 
 
@@ -76,6 +79,7 @@ class FakeKernel:
         self.links = set(links)  # foreign devices that exist (underlay interface, ...)
         self.nexthops_supported = nexthops_supported
         self.devices: dict[str, Device] = {}
+        self.nat: NatOutgoing | None = None
         self.neighbours: dict[Hashable, _Entry] = {}
         self.fdb: dict[Hashable, _Entry] = {}
         self.nexthops: dict[int, _Entry] = {}
@@ -107,6 +111,7 @@ class FakeKernel:
             dp.routes.add(route)
             if e.nhid is not None:
                 dp.route_nhids[route] = e.nhid
+        dp.nat = self.nat
         return dp
 
     def apply(self, ops: list[Op]) -> FakeApplyResult:
@@ -229,6 +234,9 @@ class FakeKernel:
 
     def _apply_one(self, op: Op) -> None:
         obj = op.obj
+        if isinstance(obj, NatOutgoing):  # one table, replaced whole
+            self.nat = obj if op.action is Action.SET else None
+            return
         if op.action is Action.SET:
             self._set(obj, op.nhid)
         else:
