@@ -36,6 +36,12 @@ class GcIpam(Ipam, Protocol):
     def handles_for_node(self, node: str) -> Iterable[str]: ...
 
 
+class GcAttrsIpam(Ipam, Protocol):
+    """Optional for GC, preferred: handle -> the attributes ADD recorded (to find its veth)."""
+
+    def allocations_for_node(self, node: str) -> dict[str, dict[str, str]]: ...
+
+
 class PodLinkLike(Protocol):
     host_ifname: str
     pod_ifname: str
@@ -78,6 +84,11 @@ class KernelPlumbing:
 
         return pod.inspect_pod(netns, ifname, workload, addresses, mac)
 
+    def remove_host(self, workload: str) -> bool:
+        from cni import pod
+
+        return pod.teardown_host(workload)
+
 
 def handle_id(network: str, container_id: str) -> str:
     """Calico's IPAM handle: `<network name>.<container id>`."""
@@ -86,9 +97,11 @@ def handle_id(network: str, container_id: str) -> str:
 
 def workload_id(env: CniEnv) -> str:
     """`<namespace>.<pod>` for Kubernetes (stable across sandboxes), else the container id."""
-    if env.pod_namespace and env.pod_name:
-        return f"{env.pod_namespace}.{env.pod_name}"
-    return env.container_id
+    return _workload(env.pod_namespace, env.pod_name, env.container_id)
+
+
+def _workload(namespace: str, pod: str, container_id: str) -> str:
+    return f"{namespace}.{pod}" if namespace and pod else container_id
 
 
 def _cidr(addr: object) -> str:
@@ -114,12 +127,17 @@ class CniRequestHandler:
         mtu: Callable[[], int],
         plumbing: Plumbing | None = None,
         status: Callable[[], None] | None = None,
+        ipam_gateway: Callable[[str], tuple[str, str] | None] | None = None,
     ) -> None:
         self.ipam = ipam
         self.node = node
         self.mtu = mtu  # the pod MTU the agent derives from the underlay and the encapsulation
         self.plumbing: Plumbing = plumbing or KernelPlumbing()
         self.status = status  # raises CniError(50|51) when the node cannot serve ADD
+        # For overlay-ipam under ptp/bridge: address -> (address/subnet, gateway in it).
+        # ptp puts the gateway on the host veth and routes the subnet and default via it,
+        # so it must lie inside the subnet (as host-local's .1 does).
+        self.ipam_gateway = ipam_gateway
 
     def handle(
         self, verb: str, plugin: str, env: CniEnv, config: NetConf
@@ -161,7 +179,7 @@ class CniRequestHandler:
                 mtu = config.mtu or self.mtu()
                 try:
                     link = self.plumbing.setup(
-                        env.netns,
+                        env.netns_handle,
                         env.ifname,
                         workload_id(env),
                         addresses,
@@ -175,7 +193,7 @@ class CniRequestHandler:
                         spec.DATAPLANE_FAILURE, f"cannot plumb {env.ifname} in {env.netns}: {e}"
                     ) from e
                 undo.callback(
-                    self._quietly, "teardown", self.plumbing.teardown, env.netns, env.ifname
+                    self._quietly, "teardown", self.plumbing.teardown, env.netns_handle, env.ifname
                 )
                 result = self._cni_result(config, env, link)
             undo.pop_all()
@@ -224,7 +242,10 @@ class CniRequestHandler:
 
     def _ipam_result(self, config: NetConf, addresses: list[str]) -> dict[str, object]:
         # Delegated IPAM: no interfaces and no interface index (spec: abbreviated result).
-        ips: list[dict[str, object]] = [{"address": a} for a in addresses]
+        ips: list[dict[str, object]] = []
+        for a in addresses:
+            found = self.ipam_gateway(a) if self.ipam_gateway else None
+            ips.append({"address": found[0], "gateway": found[1]} if found else {"address": a})
         routes = _default_routes(addresses, via_gateway=False)
         return spec.build_result(config.cni_version, ips, None, routes, config.dns)
 
@@ -236,7 +257,7 @@ class CniRequestHandler:
         handle = handle_id(config.name, env.container_id)
         if plugin == "cni":
             try:
-                self.plumbing.teardown(env.netns, env.ifname)
+                self.plumbing.teardown(env.netns_handle, env.ifname)
             except CniError:
                 raise
             except Exception as e:
@@ -258,7 +279,7 @@ class CniRequestHandler:
             return  # the allocation's existence is the IPAM library's own consistency check
         addresses = spec.result_addresses(config.prev_result)
         problems = self.plumbing.inspect(
-            env.netns, env.ifname, workload_id(env), addresses, config.requested_mac
+            env.netns_handle, env.ifname, workload_id(env), addresses, config.requested_mac
         )
         if problems:
             raise CniError(
@@ -268,24 +289,31 @@ class CniRequestHandler:
             )
 
     def gc(self, config: NetConf) -> None:
-        """Release this node's allocations of this network that no valid attachment owns."""
+        """Release this node's allocations of this network that no valid attachment owns,
+        and remove their host veths (the pod side goes with them)."""
         if config.valid_attachments is None:
             # cnitool sends GC without the list; releasing everything would be a disaster.
             log.warning("cni gc without cni.dev/valid-attachments: nothing released")
             return
-        lister = getattr(self.ipam, "handles_for_node", None)
-        if lister is None:
+        owned = self._owned_handles()
+        if owned is None:
             log.warning("cni gc: the IPAM backend cannot list handles; nothing released")
             return
         prefix = f"{config.name}."
         valid = {handle_id(config.name, a.container_id) for a in config.valid_attachments}
+        stale = {h: a for h, a in owned.items() if h.startswith(prefix) and h not in valid}
+        # A veth name is per workload: never remove one a valid attachment still uses.
+        keep = {_workload_of(a) for h, a in owned.items() if h not in stale}
+        remove_host = getattr(self.plumbing, "remove_host", None)
         errors: list[str] = []
-        for handle in lister(self.node):
-            if not handle.startswith(prefix) or handle in valid:
-                continue
+        for handle, attrs in sorted(stale.items()):
+            workload = _workload_of(attrs)
             try:
+                # Interface first, as in DEL: the address must not outlive its host route.
+                if remove_host is not None and workload and workload not in keep:
+                    remove_host(workload)
                 self.ipam.release_by_handle(handle)
-                log.info("cni gc released handle=%s", handle)
+                log.info("cni gc released handle=%s workload=%s", handle, workload)
             except Exception as e:  # keep going: GC must not stop at the first failure
                 errors.append(f"{handle}: {e}")
         if errors:
@@ -294,6 +322,16 @@ class CniRequestHandler:
                 f"GC could not release {len(errors)} handle(s): {'; '.join(errors)}",
             )
 
+    def _owned_handles(self) -> dict[str, dict[str, str]] | None:
+        """This node's handles with their recorded attributes (empty when unknown)."""
+        with_attrs = getattr(self.ipam, "allocations_for_node", None)
+        if with_attrs is not None:
+            return dict(with_attrs(self.node))
+        lister = getattr(self.ipam, "handles_for_node", None)
+        if lister is None:
+            return None
+        return {h: {} for h in lister(self.node)}
+
     @staticmethod
     def _quietly(what: str, fn: Callable[..., object], *args: object) -> None:
         # Rollback must not mask the error that triggered it.
@@ -301,6 +339,12 @@ class CniRequestHandler:
             fn(*args)
         except Exception:
             log.exception("cni add rollback step failed step=%s args=%s", what, args)
+
+
+def _workload_of(attrs: dict[str, str]) -> str:
+    return _workload(
+        attrs.get("namespace", ""), attrs.get("pod", ""), attrs.get("container_id", "")
+    )
 
 
 def _default_routes(addresses: Sequence[str], via_gateway: bool = True) -> list[dict[str, object]]:

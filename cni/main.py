@@ -59,13 +59,21 @@ def run(
         env = spec.parse_env(environ)
         conf = spec.parse_config(plugin, data, verb)
         request = protocol.encode_request(verb, plugin, env.to_wire(), conf.raw)
+        fd = _open_netns(verb, env.netns) if plugin == "cni" else -1
         try:
-            result = (call or protocol.call)(conf.agent_socket, request, conf.timeout_s)
+            if call is not None:
+                result = call(conf.agent_socket, request, conf.timeout_s)
+            else:
+                fds = (fd,) if fd >= 0 else ()
+                result = protocol.call(conf.agent_socket, request, conf.timeout_s, fds)
         except CniError as e:
             if verb == "STATUS" and e.code == spec.TRY_AGAIN_LATER:
                 # For STATUS an absent agent means "cannot serve ADD now": code 50.
                 raise CniError(spec.NOT_AVAILABLE, e.msg, e.details) from e
             raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if result is not None:
             _emit(stdout, result)
         return 0
@@ -77,6 +85,24 @@ def run(
         err = spec.error_object(spec.INTERNAL, msg, "", version)
         _emit(stdout, err)
         return 1
+
+
+def _open_netns(verb: str, netns: str) -> int:
+    """The pod netns opened here, in the runtime's mount namespace, to send to the agent
+    (which may not see the runtime's bind mounts). -1 when there is none; a netns that
+    cannot be opened is an error except for DEL (best effort: it may be gone)."""
+    if not netns or verb not in ("ADD", "CHECK", "DEL"):
+        return -1
+    try:
+        return os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        if verb == "DEL":
+            return -1
+        raise CniError(
+            spec.INVALID_NETNS,
+            f"cannot open CNI_NETNS={netns}: {e.strerror}",
+            "the runtime must create the network namespace before ADD",
+        ) from e
 
 
 def _emit(stdout: Writer, obj: dict[str, object]) -> None:

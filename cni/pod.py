@@ -26,6 +26,7 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni.nsfd import is_netns
 from cni.spec import (
     DATAPLANE_FAILURE,
     GATEWAY_V4,
@@ -86,9 +87,14 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def open_netns(path: str) -> int:
     """An fd on the pod netns; a missing path is code 8 (invalid netns)."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise CniError(INVALID_NETNS, f"cannot open netns {path}: {e.strerror}") from e
+    if not is_netns(fd):
+        os.close(fd)
+        # Typically a bind mount made in another mount namespace: only the file is visible.
+        raise CniError(INVALID_NETNS, f"{path} is not a network namespace")
+    return fd
 
 
 def in_netns(fd: int, fn: Callable[[], T], timeout: float = 30.0) -> T:
@@ -309,6 +315,24 @@ def teardown_pod(netns: str, ifname: str) -> bool:
         raise
     finally:
         os.close(fd)
+
+
+def teardown_host(workload: str, veth_prefix: str = VETH_PREFIX) -> bool:
+    """Delete the workload's host veth (GC: the pod netns may be gone or stale). Only a
+    veth of that name is touched. Returns whether something was deleted."""
+    name = host_veth_name(workload, veth_prefix)
+    with IPRoute() as ipr:
+        idx = _lookup(ipr, name)
+        if idx is None or _link_kind(ipr.get_links(idx)[0]) != "veth":
+            return False
+        try:
+            ipr.link("del", index=idx)
+        except NetlinkError as e:
+            if e.code == errno.ENODEV:
+                return False
+            raise
+        log.info("host veth removed name=%s workload=%s", name, workload)
+        return True
 
 
 def _delete_pod_link(ifname: str) -> bool:

@@ -9,7 +9,9 @@ closes. json.dumps never emits a raw newline, so a line is a message (readable w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 
 from cni.spec import (
@@ -128,8 +130,29 @@ def unreachable(path: str, reason: str) -> CniError:
     )
 
 
-def call(path: str, request: bytes, timeout: float) -> dict[str, object] | None:
-    """Send one request and wait for the answer; agent trouble becomes code 11."""
+MAX_FDS = 1  # the pod's netns
+
+
+def read_request(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
+    """Like read_line, also collecting the file descriptors sent with the first bytes.
+    The caller owns (and must close) the descriptors, also when this raises."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
+    nl = data.find(b"\n")
+    if nl >= 0 or not data:
+        return (data[:nl] if nl >= 0 else data), fds
+    try:
+        return data + read_line(sock, limit - len(data)), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def call(
+    path: str, request: bytes, timeout: float, fds: tuple[int, ...] = ()
+) -> dict[str, object] | None:
+    """Send one request (with `fds` attached, e.g. the pod netns) and wait for the answer;
+    agent trouble becomes code 11."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
@@ -138,8 +161,17 @@ def call(path: str, request: bytes, timeout: float) -> dict[str, object] | None:
         except OSError as e:
             raise unreachable(path, e.strerror or str(e)) from e
         try:
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
+            if fds:
+                # The plugin's mount namespace may hold netns bind mounts the agent's does
+                # not (podman, runtimes in containers): hand over the open namespace itself.
+                sent = socket.send_fds(sock, [request], list(fds))
+                if sent < len(request):
+                    sock.sendall(request[sent:])
+            else:
+                sock.sendall(request)
+            # The agent may already have answered and closed (it reads up to the newline).
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
             line = read_line(sock)
         except TimeoutError as e:
             raise CniError(

@@ -14,6 +14,7 @@ import threading
 from typing import Protocol
 
 from cni import protocol, spec
+from cni.nsfd import is_netns
 from cni.spec import CniEnv, CniError, NetConf
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,15 @@ class CniHandler(Protocol):
     ) -> dict[str, object] | None: ...
 
 
-def dispatch(handler: CniHandler, line: bytes) -> bytes:
-    """Decode one request line, validate it again (the agent trusts no client), answer."""
+def dispatch(handler: CniHandler, line: bytes, fds: list[int] | None = None) -> bytes:
+    """Decode one request line, validate it again (the agent trusts no client), answer.
+
+    `fds`: descriptors the plugin sent; the first is the pod netns it opened for us."""
     try:
         request = protocol.decode_request(line)
         env = spec.parse_env(request.env)
+        if fds:
+            env.netns_handle = _netns_fd_path(fds[0], env.netns)
         if env.command != request.verb:
             raise CniError(
                 spec.INVALID_ENV,
@@ -46,6 +51,17 @@ def dispatch(handler: CniHandler, line: bytes) -> bytes:
         log.exception("cni request failed unexpectedly")
         msg = f"internal error in overlay-agent: {type(e).__name__}: {e}"
         return protocol.encode_error(CniError(spec.INTERNAL, msg, "see the overlay-agent log"))
+
+
+def _netns_fd_path(fd: int, netns: str) -> str:
+    """A path this process can open for the namespace behind `fd` (checked to be one)."""
+    if not is_netns(fd):
+        raise CniError(
+            spec.INVALID_NETNS,
+            f"CNI_NETNS={netns} is not a network namespace",
+            "pass the path of a network namespace, e.g. /var/run/netns/<name>",
+        )
+    return f"/proc/self/fd/{fd}"
 
 
 class CniServer:
@@ -112,13 +128,18 @@ class CniServer:
             with conn:
                 conn.settimeout(READ_TIMEOUT_S)
                 try:
-                    line = protocol.read_line(conn)
+                    line, fds = protocol.read_request(conn)
                 except (OSError, ValueError) as e:
                     log.warning("cni request unreadable error=%s", e)
                     return
-                if not line:
-                    return  # a liveness probe, or a plugin that gave up
-                answer = dispatch(self.handler, line)
+                try:
+                    if not line:
+                        return  # a liveness probe, or a plugin that gave up
+                    answer = dispatch(self.handler, line, fds)
+                finally:
+                    for fd in fds:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                 conn.settimeout(READ_TIMEOUT_S)
                 with contextlib.suppress(OSError):  # the plugin may have given up
                     conn.sendall(answer)

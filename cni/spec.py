@@ -131,7 +131,7 @@ def _type_name(value: object) -> str:
 class CniEnv:
     """The validated CNI_* variables of one call."""
 
-    __slots__ = ("args", "command", "container_id", "ifname", "netns", "path")
+    __slots__ = ("args", "command", "container_id", "ifname", "netns", "netns_handle", "path")
 
     def __init__(
         self,
@@ -148,6 +148,9 @@ class CniEnv:
         self.ifname = ifname
         self.args = dict(args or {})
         self.path = path
+        # Where the agent opens the netns: a /proc/self/fd path when the plugin sent the
+        # open namespace, else CNI_NETNS itself. Results and messages use CNI_NETNS.
+        self.netns_handle = netns
 
     @property
     def pod_namespace(self) -> str:

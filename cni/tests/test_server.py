@@ -77,7 +77,7 @@ def config(path: str, version: str = "1.1.0") -> bytes:
 ENV = {
     "CNI_COMMAND": "ADD",
     "CNI_CONTAINERID": "c1",
-    "CNI_NETNS": "/var/run/netns/p1",
+    "CNI_NETNS": "/proc/self/ns/net",  # the plugin opens it and sends the fd
     "CNI_IFNAME": "eth0",
     "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p",
 }
