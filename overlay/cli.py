@@ -20,10 +20,11 @@ from ipam.errors import IPAMError
 from overlay.cli_context import CLIError, Context
 
 PROG = "overlayctl"
-# Modules with a `register(subparsers)`; `status` and `lab` join this list.
+# Modules with a `register(subparsers)`.
 COMMAND_MODULES = (
     "overlay.cli_resources",
     "overlay.cli_ipam",
+    "overlay.cli_status",
     "overlay.cli_lab",
     "overlay.cli_install",
 )

@@ -1,0 +1,100 @@
+"""`overlayctl status` and the agent's /metrics, run inside a lab node's namespace.
+
+Lab: node1, node2 on 192.168.1.0/24, node3 on 192.168.2.0/24, cross-subnet mode, so node1
+has one direct peer and one VXLAN peer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from netns_tests.lab_fixtures import Lab, poll, running_lab, snapshot
+from overlay.lab import lab as labmod
+from overlay.lab import netns
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
+
+
+@pytest.fixture(scope="module")
+def lab3() -> Iterator[Lab]:
+    with running_lab(nodes=3, subnets=2, mode="cross-subnet", pods_per_node=0) as lab:
+        yield lab
+
+
+def status_cmd(ns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = netns.exec_argv(ns, [labmod.bin_path("overlayctl"), "status", *args])
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_status_lists_each_peer_with_its_path_and_why(lab3: Lab) -> None:
+    res = status_cmd(lab3.node(1).netns)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line for line in res.stdout.splitlines() if line.strip()}
+    direct, vxlan = rows[lab3.node(2).name], rows[lab3.node(3).name]
+    assert direct.split()[1:3] == [lab3.address(lab3.node(2)), "direct"], direct
+    assert "same subnet 192.168.1.0/24" in direct
+    assert vxlan.split()[1:3] == [lab3.address(lab3.node(3)), "vxlan"], vxlan
+    assert "different subnet" in vxlan
+    assert f"Node:        {lab3.node(1).name}" in res.stdout
+    assert "reachable" in res.stdout and "nexthop objects" in res.stdout
+
+
+def test_status_json_parses_and_matches_the_node(lab3: Lab) -> None:
+    res = status_cmd(lab3.node(3).netns, "-o", "json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["node"] == lab3.node(3).name and doc["agent"] == "up"
+    assert doc["datastore"]["reachable"] and doc["dataplane_synced"]
+    assert doc["underlay"] == {"interface": "eth0", "address": "192.168.2.13/24", "mtu": 1500}
+    assert doc["pod_mtu"] == 1450
+    paths = {p["node"]: p["path"] for p in doc["peers"]}
+    # node3 is alone on its subnet: both peers are across the router.
+    assert paths == {lab3.node(1).name: "vxlan", lab3.node(2).name: "vxlan"}
+
+
+def test_status_without_an_agent_says_so(lab3: Lab) -> None:
+    res = status_cmd(lab3.state.router_netns)
+    assert res.returncode != 0
+    assert "no overlay-agent answers on 127.0.0.1:9099" in res.stderr
+
+
+def test_metrics_count_syncs_and_drift_repairs(lab3: Lab) -> None:
+    node = lab3.node(1)
+    before = lab3.metrics(node)
+    expected = {
+        "overlay_agent_up",
+        "overlay_syncs_total",
+        "overlay_sync_duration_seconds",
+        "overlay_kernel_ops_total",
+        "overlay_drift_repairs_total",
+        "overlay_errors_total",
+    }
+    assert expected <= set(before), sorted(before)
+    assert before["overlay_peers"] == 2 and before["overlay_routes"] == 3  # 2 remote + blackhole
+    assert before["overlay_syncs_total"] >= 1 and before["overlay_kernel_ops_total"] > 0
+
+    kernel = snapshot(node.netns)
+    block = next(dst for kind, dst, _gw, dev in kernel.routes if dev == "vxlan.calico")
+    netns.run(["ip", "-n", node.netns, "route", "del", block])
+    restored, _ = poll(lambda: snapshot(node.netns) == kernel, timeout=5.0)
+    assert restored
+
+    def counted() -> dict[str, float] | None:
+        m = lab3.metrics(node)
+        return (
+            m if m["overlay_drift_repairs_total"] > before["overlay_drift_repairs_total"] else None
+        )
+
+    after, _ = poll(counted, timeout=5.0, interval=0.1)
+    assert after, "overlay_drift_repairs_total did not increase after a repaired drift"
+    assert after["overlay_syncs_total"] > before["overlay_syncs_total"]
+    assert after["overlay_kernel_ops_total"] > before["overlay_kernel_ops_total"]
