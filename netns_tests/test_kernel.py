@@ -125,7 +125,8 @@ def test_foreign_objects_invisible_and_untouched(node: str, kernel: Kernel) -> N
     assert "10.200.0.1" in ip("-n", node, "neigh", "show", "dev", "veth0").stdout
 
 
-def test_batch_of_10k_peers_is_fast(kernel: Kernel) -> None:
+def test_batch_of_10k_peers_applies_and_reads_back(kernel: Kernel) -> None:
+    # Speed is measured against iproute2 in bench/bench_kernel.py; here only correctness.
     n = 10_000
     _apply_ok(kernel, [Op(Action.SET, vxlan_device())])
     ops = peer_ops(n)
@@ -142,8 +143,6 @@ def test_batch_of_10k_peers_is_fast(kernel: Kernel) -> None:
         f"{len(dp.neighbours)} neighbours + {len(dp.fdb)} fdb in {read_took:.2f} s"
     )
     assert (len(dp.routes), len(dp.nexthops), len(dp.neighbours), len(dp.fdb)) == (n, n, n, n)
-    assert took < 10.0, f"10k peers took {took:.1f} s"
-    assert read_took < 5.0
 
 
 def test_failure_of_one_object_does_not_stop_the_batch(kernel: Kernel) -> None:

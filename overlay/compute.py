@@ -123,6 +123,7 @@ class _Builder:
     vteps: dict[str, _Vtep]
     vtep_problems: dict[str, str]
     local_subnet: netaddr.IPNetwork  # built once: netaddr's .cidr is slow at 50k peers
+    underlays: dict[str, netaddr.IPAddress]  # node -> underlay IP, derived once per compute
     decisions: dict[tuple[str, str | None], _Decision] = field(default_factory=dict)
 
     def decide(self, node_name: str, pool: IPPool | None) -> _Decision:
@@ -148,7 +149,7 @@ class _Builder:
             return _Decision(None, None, "no Node resource for this node: no route")
         if peer.ipv4_address is None:
             return _Decision(None, None, "node has no IPv4 underlay address: skipped")
-        peer_ip = peer.ipv4_address.ip
+        peer_ip = self.underlays[node_name]
         local_subnet = self.local_subnet
         notes: list[str] = []
         if mode is EncapMode.CROSS_SUBNET:
@@ -194,7 +195,9 @@ def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
     return None
 
 
-def _find_vteps(view: ClusterView, me: LocalNode) -> tuple[dict[str, _Vtep], dict[str, str]]:
+def _find_vteps(
+    view: ClusterView, me: LocalNode, underlays: dict[str, netaddr.IPAddress]
+) -> tuple[dict[str, _Vtep], dict[str, str]]:
     """Peers' VTEPs, and why a peer has none. Duplicate tunnel IPs or MACs would make the
     kernel's neighbour/FDB entries flap between peers, so the later name (sorted) loses."""
     vteps: dict[str, _Vtep] = {}
@@ -225,7 +228,7 @@ def _find_vteps(view: ClusterView, me: LocalNode) -> tuple[dict[str, _Vtep], dic
             continue
         ip_owner[tunnel_ip] = name
         mac_owner[mac] = name
-        vteps[name] = _Vtep(tunnel_ip, mac, node.ipv4_address.ip)
+        vteps[name] = _Vtep(tunnel_ip, mac, underlays[name])
     return vteps, problems
 
 
@@ -264,7 +267,9 @@ def compute(view: ClusterView, me: LocalNode, cfg: DataplaneConfig | None = None
             address=me.ipip_tunnel_addr,
         )
 
-    vteps, vtep_problems = _find_vteps(view, me)
+    # netaddr's .ip builds a new object each call: derive each node's once.
+    underlays = {n: node.ipv4_address.ip for n, node in view.nodes.items() if node.ipv4_address}
+    vteps, vtep_problems = _find_vteps(view, me, underlays)
     b = _Builder(
         view=view,
         me=me,
@@ -273,6 +278,7 @@ def compute(view: ClusterView, me: LocalNode, cfg: DataplaneConfig | None = None
         vteps=vteps if VXLAN_DEVICE in devices else {},
         vtep_problems=vtep_problems,
         local_subnet=me.underlay.cidr,
+        underlays=underlays,
     )
 
     # (table, dst) -> (precedence, route): a borrowed /32 beats a block route for the same
@@ -313,7 +319,7 @@ def compute(view: ClusterView, me: LocalNode, cfg: DataplaneConfig | None = None
     peers = []
     for (node_name, _pool), decision in b.decisions.items():
         node = view.nodes.get(node_name)
-        underlay = node.ipv4_address.ip if node and node.ipv4_address else None
+        underlay = underlays.get(node_name) if node else None
         peers.append(PeerPath(node_name, decision.path, decision.reason, underlay))
     peers.sort(key=lambda p: (p.node, p.reason))
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from overlay.model import Action, Dataplane, IpipDevice, Op, VxlanDevice
+from overlay.model import Action, Dataplane, GoneKey, IpipDevice, Op, VxlanDevice
 from overlay.plan import plan, settled
 from overlay.view import ClusterView
 
@@ -81,7 +81,7 @@ class Reconciler:
         *,
         clock: Callable[[], float] = time.monotonic,
         resync_interval: float = 30.0,
-        coalesce: float = 0.05,
+        coalesce: float = 0.01,  # the watch and the monitor already batch their bursts
         backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
         nexthops_supported: bool | None = None,
@@ -111,6 +111,7 @@ class Reconciler:
         self._dirty = False
         self._need_read = True  # nothing known about the kernel yet
         self._drift_kicked = False
+        self._gone: list[GoneKey] = []  # deleted behind our back, known exactly: no re-read
         self._next_attempt = 0.0
         self._stats = ReconcilerStats()
         # Only touched by the writer:
@@ -128,14 +129,20 @@ class Reconciler:
             self._dirty = True
             self._cond.notify_all()
 
-    def kick(self, reason: str, *, drift: bool = True) -> None:
-        """Ask for a pass. `drift`: the kernel changed behind us, so re-read it first."""
-        log.debug("kick reason=%r drift=%s", reason, drift)
+    def kick(
+        self, reason: str, *, drift: bool = True, gone: Sequence[GoneKey] | None = None
+    ) -> None:
+        """Ask for a pass. `drift`: the kernel changed behind us, so re-read it first, unless
+        `gone` names exactly what was deleted: then forget those objects and skip the read."""
+        log.debug("kick reason=%r drift=%s gone=%d", reason, drift, len(gone or ()))
         with self._cond:
             self._dirty = True
             if drift:
-                self._need_read = True
                 self._drift_kicked = True
+                if gone is None:
+                    self._need_read = True
+                else:
+                    self._gone.extend(gone)
             self._cond.notify_all()
 
     def stats(self) -> ReconcilerStats:
@@ -191,6 +198,7 @@ class Reconciler:
                 return Outcome.IDLE
             read = self._need_read or resync_due or self._actual is None
             drift_check = self._drift_kicked or resync_due
+            gone, self._gone = self._gone, []
             self._dirty = self._need_read = self._drift_kicked = False
 
         ops: list[Op] = []
@@ -198,6 +206,8 @@ class Reconciler:
             if read:
                 self._actual = self._kernel.read()
                 self._last_read = self._clock()
+            elif gone and self._actual is not None:
+                forget(self._actual, gone)
             actual = self._actual
             assert actual is not None
             if self._computed is not None and self._computed[0] is view:
@@ -214,7 +224,7 @@ class Reconciler:
         failed = list(result.failed) if result is not None else []
         applied = _count(result.done) if result is not None else 0
         # Ops after a re-read with an unchanged view repaired something done behind our back.
-        drift = applied if drift_check and read and view is self._applied_view else 0
+        drift = applied if drift_check and (read or gone) and view is self._applied_view else 0
         if failed:
             return self._failed(
                 start, read, error=None, failed=failed, applied=applied, drift=drift
@@ -222,11 +232,14 @@ class Reconciler:
 
         self._actual = settled(desired, actual, nexthops_supported=self._nexthops_supported)
         self._applied_view = view
-        touched_devices = any(isinstance(op.obj, VxlanDevice | IpipDevice) for op in ops)
+        # Only the kernel layer knows whether it created, changed or recreated a device (and
+        # a recreate wipes what hung off it): after any device change, look once more.
+        recreated = any(
+            op.action is Action.SET and isinstance(op.obj, VxlanDevice | IpipDevice) for op in ops
+        )
         end = self._clock()
         with self._cond:
-            if touched_devices and any(op.action is Action.SET for op in ops):
-                # A device may have been recreated under its dependents: look again.
+            if recreated:
                 self._need_read = True
                 self._dirty = True
             s = self._stats
@@ -291,8 +304,26 @@ class Reconciler:
         return Outcome.FAILED
 
 
+def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> None:
+    """Drop from `actual` (in place) the objects the kernel reported deleted."""
+    routes = {(k[1], k[2]) for k in gone if k[0] == "route"}
+    neighbours = {(k[1], k[2]) for k in gone if k[0] == "neighbour"}
+    fdb = {(k[1], k[2]) for k in gone if k[0] == "fdb"}
+    if routes:
+        lost = [r for r in actual.routes if (r.table, r.dst) in routes]
+        actual.routes.difference_update(lost)
+        for r in lost:
+            actual.route_nhids.pop(r, None)
+    if neighbours:
+        actual.neighbours.difference_update(
+            [n for n in actual.neighbours if (n.dev, n.ip) in neighbours]
+        )
+    if fdb:
+        actual.fdb.difference_update([f for f in actual.fdb if (f.dev, f.mac) in fdb])
+
+
 def _count(done: Any) -> int:
     return len(done) if isinstance(done, Sized) else int(done)
 
 
-__all__ = ["KernelPort", "Outcome", "Reconciler", "ReconcilerStats"]
+__all__ = ["KernelPort", "Outcome", "Reconciler", "ReconcilerStats", "forget"]

@@ -99,11 +99,13 @@ class FakeKernel:
         dp.neighbours = {e.obj for e in self.neighbours.values() if not e.foreign}
         dp.fdb = {e.obj for e in self.fdb.values() if not e.foreign}
         for nhid, e in sorted(self.nexthops.items()):
-            if e.foreign:
+            # Like the real reader: a key's lowest id is ours; any other id (foreign, or a
+            # duplicate of ours made by someone else) is only reported as taken.
+            if e.foreign or e.obj in dp.nexthop_ids:
                 dp.foreign_nexthop_ids.add(nhid)
             else:
                 dp.nexthops.add(e.obj)
-                dp.nexthop_ids.setdefault(e.obj, nhid)
+                dp.nexthop_ids[e.obj] = nhid
         for e in self.routes.values():
             if e.foreign:
                 continue

@@ -20,7 +20,9 @@ LAYOUT = {
 }
 
 
-def node(name: str, *, underlay: str | None = "", vxlan: str | None = "", ipip: str | None = "") -> Node:
+def node(
+    name: str, *, underlay: str | None = "", vxlan: str | None = "", ipip: str | None = ""
+) -> Node:
     u, v, i, _ = LAYOUT[name]
     pick = lambda given, default: default if given == "" else given  # noqa: E731
     u, v, i = pick(underlay, u), pick(vxlan, v), pick(ipip, i)

@@ -50,14 +50,42 @@ def vxlan_ip(name: str) -> IPAddress:
 
 # (vxlan mode, ipip mode, peer) -> (path, nexthop, words the reason must contain)
 CASES = [
-    (NEVER, CROSS, "b", Path.DIRECT, ("eth0", "b"), ["same subnet 10.0.1.0/24", "p1 is CrossSubnet"]),
-    (CROSS, NEVER, "b", Path.DIRECT, ("eth0", "b"), ["same subnet 10.0.1.0/24", "p1 is CrossSubnet"]),
-    (CROSS, NEVER, "c", Path.VXLAN, (VXLAN_DEVICE, "c"), ["different subnet", "vxlanMode CrossSubnet"]),
+    (
+        NEVER,
+        CROSS,
+        "b",
+        Path.DIRECT,
+        ("eth0", "b"),
+        ["same subnet 10.0.1.0/24", "p1 is CrossSubnet"],
+    ),
+    (
+        CROSS,
+        NEVER,
+        "b",
+        Path.DIRECT,
+        ("eth0", "b"),
+        ["same subnet 10.0.1.0/24", "p1 is CrossSubnet"],
+    ),
+    (
+        CROSS,
+        NEVER,
+        "c",
+        Path.VXLAN,
+        (VXLAN_DEVICE, "c"),
+        ["different subnet", "vxlanMode CrossSubnet"],
+    ),
     (ALWAYS, NEVER, "b", Path.VXLAN, (VXLAN_DEVICE, "b"), ["vxlanMode Always"]),
     (ALWAYS, NEVER, "c", Path.VXLAN, (VXLAN_DEVICE, "c"), ["vxlanMode Always"]),
     (NEVER, ALWAYS, "b", Path.IPIP, (IPIP_DEVICE, "b"), ["ipipMode Always"]),
     (NEVER, ALWAYS, "c", Path.IPIP, (IPIP_DEVICE, "c"), ["ipipMode Always"]),
-    (NEVER, CROSS, "c", Path.IPIP, (IPIP_DEVICE, "c"), ["different subnet", "ipipMode CrossSubnet"]),
+    (
+        NEVER,
+        CROSS,
+        "c",
+        Path.IPIP,
+        (IPIP_DEVICE, "c"),
+        ["different subnet", "ipipMode CrossSubnet"],
+    ),
     # Stored as /32 although it sits in our subnet: tunnelled, and the reason says why.
     (CROSS, NEVER, "d", Path.VXLAN, (VXLAN_DEVICE, "d"), ["/32", "cross-subnet can't work"]),
     (NEVER, CROSS, "d", Path.IPIP, (IPIP_DEVICE, "d"), ["/32", "always be tunnelled"]),
@@ -246,7 +274,11 @@ def test_paths_are_per_pool() -> None:
 
 
 def test_duplicate_vtep_mac_is_refused_for_the_later_node() -> None:
-    nodes = [node("a"), node("b"), Node(**{**node("c").__dict__, "vxlan_tunnel_mac": vtep_mac("b")})]
+    nodes = [
+        node("a"),
+        node("b"),
+        Node(**{**node("c").__dict__, "vxlan_tunnel_mac": vtep_mac("b")}),
+    ]
     dp = desired(standard_view(pool(ALWAYS), nodes=nodes))
     assert peer(dp, "c").path is None
     assert "also used by b" in peer(dp, "c").reason
@@ -270,7 +302,11 @@ def test_vtep_mac_rule() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"vxlan_mtu": 10}, "vxlan_mtu"), ({"vxlan_vni": 0}, "vxlan_vni"), ({"ipip_mtu": 70000}, "ipip_mtu")],
+    [
+        ({"vxlan_mtu": 10}, "vxlan_mtu"),
+        ({"vxlan_vni": 0}, "vxlan_vni"),
+        ({"ipip_mtu": 70000}, "ipip_mtu"),
+    ],
 )
 def test_bad_config_names_the_field(kwargs, field) -> None:
     with pytest.raises(ValueError, match=field):
@@ -279,7 +315,8 @@ def test_bad_config_names_the_field(kwargs, field) -> None:
 
 def test_local_node_from_node_resource() -> None:
     local = local_node_from(node("a"), "eth0", 1500)
-    assert local == LocalNode("a", "eth0", IPNetwork("10.0.1.5/24"), IPAddress("10.244.0.1"),
-                              IPAddress("10.244.0.2"))
+    assert local == LocalNode(
+        "a", "eth0", IPNetwork("10.0.1.5/24"), IPAddress("10.244.0.1"), IPAddress("10.244.0.2")
+    )
     with pytest.raises(ValueError, match="ipv4_address"):
         local_node_from(node("a", underlay=None), "eth0")

@@ -6,6 +6,7 @@ harmless."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ from overlay.model import (
     Dataplane,
     FdbEntry,
     IpipDevice,
+    NatOutgoing,
     Neighbour,
     Nexthop,
     NexthopKey,
@@ -48,23 +50,28 @@ def underlays(draw: st.DrawFn) -> IPNetwork:
     return IPNetwork(f"10.0.{subnet}.{host}/{prefix}")
 
 
-tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 30))
+tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 60))
+
+
+def mostly(strategy: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+    """`strategy` three times in four, else None."""
+    return st.one_of(st.none(), strategy, strategy, strategy)
 
 
 @st.composite
 def nodes(draw: st.DrawFn, name: str) -> Node:
     return Node(
         name=name,
-        ipv4_address=draw(st.none() | underlays()),
-        ipv4_vxlan_tunnel_addr=draw(st.none() | tunnel_ips),
-        ipv4_ipip_tunnel_addr=draw(st.none() | tunnel_ips),
+        ipv4_address=draw(mostly(underlays())),
+        ipv4_vxlan_tunnel_addr=draw(mostly(tunnel_ips)),
+        ipv4_ipip_tunnel_addr=draw(mostly(tunnel_ips)),
         vxlan_tunnel_mac=draw(st.none() | st.none() | st.sampled_from(MACS)),
     )
 
 
 @st.composite
 def views(draw: st.DrawFn) -> ClusterView:
-    names = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=5))
+    names = draw(st.lists(st.sampled_from(NAMES), unique=True, min_size=1, max_size=5))
     node_list = [draw(nodes(n)) for n in names]
     pools = [
         IPPool(
@@ -77,11 +84,11 @@ def views(draw: st.DrawFn) -> ClusterView:
             disabled=draw(st.booleans()),
         )
         for i, cidr in enumerate(POOL_CIDRS)
-        if draw(st.booleans())
+        if i == 0 or draw(st.booleans())
     ]
-    owners = st.none() | st.sampled_from([*NAMES, "ghost"])
+    owners = st.one_of(st.none(), st.just("ghost"), *[st.sampled_from(names)] * 4)
     blocks = []
-    for cidr in draw(st.lists(st.sampled_from(BLOCKS), unique=True, max_size=6)):
+    for cidr in draw(st.lists(st.sampled_from(BLOCKS), unique=True, min_size=1, max_size=6)):
         borrowed = draw(
             st.dictionaries(
                 st.builds(lambda o, c=cidr: IPAddress(c.first + o), st.integers(0, 63)),
@@ -99,8 +106,8 @@ def locals_(draw: st.DrawFn) -> LocalNode:
         name="a",
         underlay_iface="eth0",
         underlay=draw(underlays()),
-        vxlan_tunnel_addr=draw(st.none() | tunnel_ips),
-        ipip_tunnel_addr=draw(st.none() | tunnel_ips),
+        vxlan_tunnel_addr=draw(mostly(tunnel_ips)),
+        ipip_tunnel_addr=draw(mostly(tunnel_ips)),
         mac=draw(st.none() | st.sampled_from(MACS)),
     )
 
@@ -123,7 +130,9 @@ def junk_ops() -> st.SearchStrategy[Op]:
     nh_keys = st.builds(NexthopKey, small_ips, our_devs, st.booleans())
     nhids = st.integers(NHID_BASE - 2, NHID_BASE + 6)
     dsts = st.builds(
-        lambda b, p: IPNetwork(f"{b.ip}/{p}").cidr, st.sampled_from(BLOCKS), st.sampled_from([26, 32])
+        lambda b, p: IPNetwork(f"{b.ip}/{p}").cidr,
+        st.sampled_from(BLOCKS),
+        st.sampled_from([26, 32]),
     )
     devices = st.one_of(
         st.builds(
@@ -146,8 +155,16 @@ def junk_ops() -> st.SearchStrategy[Op]:
     )
     return st.one_of(
         st.builds(Op, st.just(Action.SET), devices),
-        st.builds(Op, st.just(Action.SET), st.builds(Neighbour, st.just(VXLAN_DEVICE), small_ips, st.sampled_from(MACS))),
-        st.builds(Op, st.just(Action.SET), st.builds(FdbEntry, st.just(VXLAN_DEVICE), st.sampled_from(MACS), small_ips)),
+        st.builds(
+            Op,
+            st.just(Action.SET),
+            st.builds(Neighbour, st.just(VXLAN_DEVICE), small_ips, st.sampled_from(MACS)),
+        ),
+        st.builds(
+            Op,
+            st.just(Action.SET),
+            st.builds(FdbEntry, st.just(VXLAN_DEVICE), st.sampled_from(MACS), small_ips),
+        ),
         st.builds(Op, st.just(Action.SET), st.builds(Nexthop, nhids, nh_keys)),
         st.builds(Op, st.just(Action.SET), routes, st.none() | nhids),
     )
@@ -156,7 +173,7 @@ def junk_ops() -> st.SearchStrategy[Op]:
 foreign_objects = st.one_of(
     st.builds(
         lambda i, g: Nexthop(i, NexthopKey(IPAddress(f"192.168.0.{g}"), "eth0")),
-        st.integers(NHID_BASE, NHID_BASE + 4),
+        st.integers(NHID_BASE, NHID_BASE + 8),
         st.integers(1, 9),
     ),
     st.builds(lambda i: Route(IPNetwork(f"192.168.{i}.0/24"), blackhole=True), st.integers(0, 9)),
@@ -171,9 +188,17 @@ def kernels(draw: st.DrawFn) -> FakeKernel:
     for obj in draw(st.lists(foreign_objects, max_size=5)):
         kernel.add_foreign(obj)
     # A realistic history: an earlier cluster state fully applied, then junk on top.
-    previous = draw(desired_states())
-    kernel.apply(plan(previous, kernel.read(), nexthops_supported=supported))
+    previous = draw(st.none() | desired_states())
+    if previous is not None:
+        kernel.apply(plan(previous, kernel.read(), nexthops_supported=supported))
     kernel.apply(draw(st.lists(junk_ops(), max_size=12)))
+    # Two nexthop objects of ours for one gateway only arise from outside meddling; they
+    # take one pass each (test_plan covers it), so keep the one-pass property to the rest.
+    seen: set[NexthopKey] = set()
+    for nhid, entry in sorted(kernel.nexthops.items()):
+        if not entry.foreign and entry.obj in seen:
+            kernel.external_delete(Nexthop(nhid, entry.obj))
+        seen.add(entry.obj)
     return kernel
 
 
@@ -183,6 +208,7 @@ def assert_converged(kernel: FakeKernel, want: Dataplane, supported: bool) -> Da
     assert got.neighbours == want.neighbours
     assert got.fdb == want.fdb
     assert got.routes == want.routes
+    assert (got.nat and got.nat.normalized()) == (want.nat and want.nat.normalized())
     if supported:
         assert set(got.nexthop_ids) == wanted_nexthops(want)
         for r in want.routes:
@@ -193,7 +219,7 @@ def assert_converged(kernel: FakeKernel, want: Dataplane, supported: bool) -> Da
     return got
 
 
-PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPS
@@ -226,7 +252,7 @@ def assert_only_differences_touched(want: Dataplane, actual: Dataplane, ops: lis
         and op.obj.name in actual.devices
         and may_recreate(op.obj, actual.devices[op.obj.name])
     }
-    have = {
+    have: dict[type, set[Any]] = {
         VxlanDevice: set(actual.devices.values()),
         IpipDevice: set(actual.devices.values()),
         Neighbour: actual.neighbours,
@@ -235,6 +261,9 @@ def assert_only_differences_touched(want: Dataplane, actual: Dataplane, ops: lis
     }
     for op in ops:
         obj = op.obj
+        if isinstance(obj, NatOutgoing):  # one whole table: touched only when it differs
+            assert (want.nat and want.nat.normalized()) != (actual.nat and actual.nat.normalized())
+            continue
         if op.action is Action.DELETE:
             if isinstance(obj, Nexthop):
                 assert actual.nexthop_ids.get(obj.key) == obj.id
@@ -291,3 +320,23 @@ def test_compute_output_is_well_formed(view: ClusterView, local: LocalNode) -> N
         assert dev in (None, "eth0", *dp.devices)
     assert dp.nexthops == {r.nexthop for r in dp.routes if r.nexthop}
     assert compute(view, local) == dp
+
+
+@PROPS
+@given(local=locals_(), cfg=configs, first=views(), second=views(), supported=st.booleans())
+def test_cluster_change_on_one_node_is_exact(
+    local: LocalNode, cfg: DataplaneConfig, first: ClusterView, second: ClusterView, supported: bool
+) -> None:
+    """The everyday case: same node, the cluster changed. Every op hits a real difference:
+    no delete misses its object (nothing replaced and then deleted), no set repeats one."""
+    kernel = FakeKernel(nexthops_supported=supported)
+    kernel.apply(plan(compute(first, local, cfg), kernel.read(), nexthops_supported=supported))
+    want = compute(second, local, cfg)
+    actual = kernel.read()
+    ops = plan(want, actual, nexthops_supported=supported)
+
+    assert kernel.apply(ops).failed == []
+
+    assert kernel.missing_deletes == 0
+    assert_converged(kernel, want, supported)
+    assert_only_differences_touched(want, actual, ops)

@@ -58,10 +58,10 @@ def test_first_plan_order_is_devices_l2_nexthops_routes() -> None:
         ("set", "Nexthop"),
         ("set", "Route"),
     ]
-    route_ops = [op for op in ops if isinstance(op.obj, Route)]
     nh_ids = {op.obj.key: op.obj.id for op in ops if isinstance(op.obj, Nexthop)}
-    for op in route_ops:
-        assert op.nhid == (nh_ids[op.obj.nexthop] if op.obj.nexthop else None)
+    for op in ops:
+        if isinstance(op.obj, Route):
+            assert op.nhid == (nh_ids[op.obj.nexthop] if op.obj.nexthop else None)
 
 
 def test_teardown_order_is_routes_nexthops_l2_devices() -> None:
@@ -132,13 +132,14 @@ def test_route_pointing_at_another_nhid_is_reset() -> None:
     kernel = FakeKernel()
     converge(kernel, want)
     route = next(r for r in want.routes if r.nexthop)
+    assert route.nexthop is not None
     # Someone added a duplicate nexthop object for the same gateway and moved our route.
     dup = NHID_BASE + 100
     kernel.apply([Op(Action.SET, Nexthop(dup, route.nexthop)), Op(Action.SET, route, dup)])
     actual = kernel.read()
-    assert actual.route_nhids[route] == dup != actual.nexthop_ids[route.nexthop]
-    ops = plan(want, actual)
-    assert ops == [Op(Action.SET, route, actual.nexthop_ids[route.nexthop])]
+    ours = actual.nexthop_ids[route.nexthop]
+    assert actual.route_nhids[route] == dup != ours
+    assert plan(want, actual) == [Op(Action.SET, route, ours)]
 
 
 def test_stale_neighbour_with_new_mac_is_replaced_in_place() -> None:
@@ -198,3 +199,19 @@ def test_only_actual_objects_are_deleted() -> None:
     ops = plan(Dataplane(), actual)
     assert {op.obj for op in ops} == actual.fdb | actual.routes
     assert all(op.action is Action.DELETE for op in ops)
+
+
+def test_duplicate_nexthop_made_by_someone_else_goes_within_two_passes() -> None:
+    kernel = FakeKernel()
+    want = desired(standard_view(pool(ALWAYS)))
+    converge(kernel, want)
+    key = next(iter(want.nexthops))
+    kernel.apply([Op(Action.SET, Nexthop(NHID_BASE + 50, key))])  # ours by protocol, a twin
+    # Pass 1 keeps the lowest id; the twin is reported as taken, so it is never reused.
+    assert plan(want, kernel.read()) == []
+    assert NHID_BASE + 50 in kernel.read().foreign_nexthop_ids
+    # Once the cluster drops that gateway, both go, one per pass.
+    smaller = Dataplane(devices=want.devices)
+    converge(kernel, smaller)
+    converge(kernel, smaller)
+    assert kernel.read() == Dataplane(devices=want.devices)

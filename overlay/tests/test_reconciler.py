@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+from netaddr import IPNetwork
+
+from ipam.model import EncapMode
+from overlay.compute import DataplaneConfig, compute
+from overlay.model import VXLAN_DEVICE, Action, Dataplane, Route, VxlanDevice
+from overlay.plan import plan
+from overlay.reconciler import Outcome, Reconciler
+from overlay.tests.fake_kernel import FakeKernel
+from overlay.tests.scenarios import me, node, pool, standard_view
+from overlay.view import ClusterView
+
+ALWAYS, CROSS = EncapMode.ALWAYS, EncapMode.CROSS_SUBNET
+COMPUTE = partial(compute, me=me(), cfg=DataplaneConfig())
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(kernel: FakeKernel | None = None, **kw: float) -> tuple[Reconciler, FakeKernel, FakeClock]:
+    kernel = kernel or FakeKernel()
+    clock = FakeClock()
+    rec = Reconciler(kernel, COMPUTE, clock=clock, **kw)  # type: ignore[arg-type]
+    return rec, kernel, clock
+
+
+def converged(kernel: FakeKernel, view: ClusterView) -> bool:
+    return plan(COMPUTE(view), kernel.read()) == []
+
+
+def first_sync(rec: Reconciler, view: ClusterView) -> None:
+    """The first view: one pass programs everything, a second confirms the new devices."""
+    rec.update_view(view)
+    assert rec.run_once() is Outcome.SYNCED
+    assert rec.stats().dirty
+    assert rec.run_once() is Outcome.SYNCED
+    assert rec.stats().last_ops == 0
+
+
+def test_nothing_is_read_or_applied_before_the_first_view() -> None:
+    kernel = FakeKernel()
+    stale = Route(IPNetwork("10.244.9.0/26"), blackhole=True)
+    kernel.apply(plan(Dataplane(routes={stale}), Dataplane()))
+    rec, kernel, _ = make(kernel)
+    rec.kick("route deleted")
+    assert rec.run_once() is Outcome.NO_VIEW
+    assert (kernel.reads, kernel.apply_calls) == (0, 1)
+    assert stale in kernel.read().routes  # a not-yet-synced agent must not wipe routes
+    assert not rec.stats().have_view
+
+
+def test_first_view_converges_then_idle_without_io() -> None:
+    rec, kernel, _ = make()
+    view = standard_view(pool(CROSS))
+    first_sync(rec, view)
+    assert converged(kernel, view)
+    reads, calls = kernel.reads, kernel.apply_calls
+    assert rec.run_once() is Outcome.IDLE
+    assert (kernel.reads, kernel.apply_calls) == (reads, calls)
+    s = rec.stats()
+    assert s.ops_applied > 0 and s.last_sync_time is not None and not s.dirty
+
+
+def test_view_update_applies_only_the_difference_without_rereading() -> None:
+    rec, kernel, _ = make()
+    first_sync(rec, standard_view(pool(ALWAYS)))
+    reads, logged = kernel.reads, len(kernel.log)
+    view2 = standard_view(pool(ALWAYS), nodes=[node(n) for n in "abc"])  # d left
+    rec.update_view(view2)
+    assert rec.run_once() is Outcome.SYNCED
+    assert kernel.reads == reads
+    new_ops = [op for op, _ in kernel.log[logged:]]
+    assert new_ops and all(op.action is Action.DELETE for op in new_ops)
+    assert converged(kernel, view2)
+
+
+def test_drift_kick_rereads_and_repairs() -> None:
+    rec, kernel, _ = make()
+    view = standard_view(pool(ALWAYS))
+    first_sync(rec, view)
+    victim = next(r for r in kernel.read().routes if r.nexthop)
+    kernel.external_delete(victim)
+    assert rec.run_once() is Outcome.IDLE  # nobody told us yet
+    rec.kick("route deleted")
+    assert rec.run_once() is Outcome.SYNCED
+    assert victim in kernel.read().routes
+    assert rec.stats().drift_repairs == 1
+
+
+def test_periodic_resync_repairs_without_a_kick() -> None:
+    rec, kernel, clock = make(resync_interval=30.0)
+    view = standard_view(pool(ALWAYS))
+    first_sync(rec, view)
+    kernel.external_delete(VXLAN_DEVICE)  # takes neighbours, FDB, nexthops, routes with it
+    clock.now += 29.0
+    assert rec.run_once() is Outcome.IDLE
+    clock.now += 1.0
+    assert rec.run_once() is Outcome.SYNCED
+    assert converged(kernel, view)
+    assert rec.stats().drift_repairs > 0
+
+
+def test_failure_keeps_dirty_and_backs_off_exponentially_with_a_bound() -> None:
+    rec, kernel, clock = make(backoff_initial=0.5, backoff_max=2.0)
+    view = standard_view(pool(ALWAYS))
+    rec.update_view(view)
+    delays = []
+    for _ in range(4):
+        kernel.fail_next("route", errno.ENOBUFS)
+        assert rec.run_once() is Outcome.FAILED
+        s = rec.stats()
+        assert s.dirty and s.next_attempt is not None
+        delays.append(s.next_attempt - clock.now)
+        calls = kernel.apply_calls
+        assert rec.run_once() is Outcome.BACKOFF  # not before the delay
+        assert kernel.apply_calls == calls
+        clock.now = s.next_attempt
+    assert delays == [0.5, 1.0, 2.0, 2.0]
+    s = rec.stats()
+    assert s.failures == 4 and s.consecutive_failures == 4
+    assert "errno 105" in s.last_failed[0]
+    reads = kernel.reads
+    assert rec.run_once() is Outcome.SYNCED
+    assert kernel.reads == reads + 1  # a failed pass means the kernel state is unknown
+    assert converged(kernel, view)
+    s = rec.stats()
+    assert s.consecutive_failures == 0 and s.next_attempt is None and not s.dirty
+
+
+def test_read_error_is_counted_and_retried() -> None:
+    rec, kernel, clock = make()
+    rec.update_view(standard_view(pool(ALWAYS)))
+    kernel.fail_next("read")
+    assert rec.run_once() is Outcome.FAILED
+    s = rec.stats()
+    assert s.errors == 1 and "injected failure" in (s.last_error or "")
+    clock.now += 1.0
+    assert rec.run_once() is Outcome.SYNCED
+
+
+def test_compute_error_is_counted_and_does_not_touch_the_kernel() -> None:
+    def broken(view: ClusterView) -> Dataplane:
+        raise ValueError("bad pool p9")
+
+    kernel = FakeKernel()
+    rec = Reconciler(kernel, broken, clock=FakeClock())
+    rec.update_view(standard_view(pool(ALWAYS)))
+    assert rec.run_once() is Outcome.FAILED
+    assert kernel.apply_calls == 0
+    assert rec.stats().last_error == "ValueError: bad pool p9"
+
+
+def test_device_change_is_followed_by_a_reread_pass() -> None:
+    rec, kernel, _ = make()
+    view = standard_view(pool(ALWAYS))
+    first_sync(rec, view)
+    # Someone changed our device's VNI: the next read sees it, the fix recreates it.
+    dev = kernel.devices[VXLAN_DEVICE]
+    assert isinstance(dev, VxlanDevice)
+    kernel.devices[VXLAN_DEVICE] = VxlanDevice(**{**dev.__dict__, "vni": 1})
+    rec.kick("link changed")
+    assert rec.run_once() is Outcome.SYNCED
+    assert rec.stats().dirty  # looks again: a recreated device may have lost its dependents
+    assert rec.run_once() is Outcome.SYNCED
+    assert converged(kernel, view)
+    assert rec.run_once() is Outcome.IDLE
+
+
+def test_restart_on_a_converged_kernel_applies_nothing() -> None:
+    kernel = FakeKernel()
+    view = standard_view(pool(CROSS))
+    first, _, _ = make(kernel)
+    first_sync(first, view)
+    calls = kernel.apply_calls
+    second, _, _ = make(kernel)  # a new agent process: no memory
+    second.update_view(view)
+    assert second.run_once() is Outcome.SYNCED
+    assert kernel.apply_calls == calls and second.stats().last_ops == 0
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.005)
+    return cond()
+
+
+def test_run_loop_reacts_to_updates_and_stops() -> None:
+    kernel = FakeKernel()
+    rec = Reconciler(kernel, COMPUTE, resync_interval=3600.0, coalesce=0.01)
+    stop = threading.Event()
+    thread = threading.Thread(target=rec.run, args=(stop,), kwargs={"max_wait": 0.05})
+    thread.start()
+    try:
+        view1 = standard_view(pool(ALWAYS))
+        rec.update_view(view1)
+        assert wait_for(lambda: rec.stats().passes >= 1 and converged(kernel, view1))
+        passes = rec.stats().passes
+        view2 = standard_view(pool(CROSS))
+        rec.update_view(view2)
+        assert wait_for(lambda: converged(kernel, view2))
+        # Idle: no busy loop, no passes without work.
+        time.sleep(0.2)
+        assert rec.stats().passes <= passes + 2
+    finally:
+        stop.set()
+        thread.join(timeout=5.0)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"resync_interval": 0}, {"backoff_initial": 5, "backoff_max": 1}]
+)
+def test_bad_settings_name_the_field(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        Reconciler(FakeKernel(), COMPUTE, **kwargs)  # type: ignore[arg-type]

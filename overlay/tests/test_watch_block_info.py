@@ -1,0 +1,70 @@
+"""The watch's fast block decoder must agree with the full Block decode it replaces."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import netaddr
+import pytest
+
+from ipam.block import Block
+from overlay.model import NexthopKey, Route
+from overlay.watch import block_info, block_info_from_json
+
+
+def _blocks() -> list[Block]:
+    empty = Block.new("10.1.0.0/26", affinity="host:a", sequence_number=1)
+    unowned = Block.new("10.1.0.64/26", sequence_number=1)
+    mixed = Block.new("10.1.0.128/26", affinity="host:a", sequence_number=1)
+    mixed.assign("10.1.0.129", "h1", {"node": "a"})  # hosted by the owner: no /32
+    mixed.assign("10.1.0.133", "h2", {"node": "b"})  # borrowed by b
+    mixed.assign("10.1.0.134", "h3", {})  # no node attribute
+    mixed.assign("10.1.0.135", "h4", {"node": "c"})
+    mixed.assign("10.1.0.136", "h5", {"node": "b"})
+    borrowed_unowned = Block.new("10.1.0.192/26", sequence_number=1)
+    borrowed_unowned.assign("10.1.0.200", "h6", {"node": "d"})
+    return [empty, unowned, mixed, borrowed_unowned]
+
+
+@pytest.mark.parametrize("block", _blocks(), ids=lambda b: str(b.cidr))
+def test_fast_decode_equals_full_decode(block: Block) -> None:
+    full = block_info(Block.from_json(block.to_json()))
+    fast = block_info_from_json(block.to_json())
+    assert fast == full
+    assert dict(fast.borrowed) == dict(full.borrowed)
+
+
+def test_fast_decode_finds_borrowed_addresses() -> None:
+    info = block_info_from_json(_blocks()[2].to_json())
+    assert info.node == "a"
+    assert dict(info.borrowed) == {
+        netaddr.IPAddress("10.1.0.133"): "b",
+        netaddr.IPAddress("10.1.0.135"): "c",
+        netaddr.IPAddress("10.1.0.136"): "b",
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"cidr": "not-a-cidr"}, "cidr"),
+        ({"allocations": [None] * 3}, "allocations"),
+        ({"allocations": [7] + [None] * 63, "attributes": []}, "attribute index"),
+    ],
+)
+def test_fast_decode_rejects_bad_records(change: dict[str, object], message: str) -> None:
+    raw = json.loads(Block.new("10.1.0.0/26", affinity="host:a").to_json())
+    raw.update(change)
+    with pytest.raises(ValueError, match=message):
+        block_info_from_json(json.dumps(raw))
+
+
+def test_cached_hash_matches_equality_and_is_not_carried_across_processes() -> None:
+    key = NexthopKey(netaddr.IPAddress("10.2.0.1"), "vxlan.calico")
+    a = Route(netaddr.IPNetwork("10.1.0.0/26"), nexthop=key)
+    b = Route(netaddr.IPNetwork("10.1.0.0/26"), nexthop=key)
+    assert hash(a) == hash(b) and a == b and len({a, b}) == 1
+    assert Route(netaddr.IPNetwork("10.1.0.64/26"), nexthop=key) not in {a}
+    # Pickled state holds the fields only: string hashes differ between processes.
+    assert "_hash" not in pickle.loads(pickle.dumps(a)).__dict__
