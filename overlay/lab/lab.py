@@ -302,7 +302,15 @@ def _make_router_and_external(topo: Topology) -> None:
 def _require_ipip(ns: str) -> None:
     """Fail in a second, not after the agents' timeout, on a kernel without IP-in-IP."""
     try:
-        netns.batch(ns, ["link add ovl-ipip-probe type ipip", "link del ovl-ipip-probe"])
+        # Addressed: a second wildcard ipip device clashes with the fallback tunl0 that
+        # loading the module puts in every namespace ("File exists").
+        netns.batch(
+            ns,
+            [
+                "link add ovl-ipip-probe type ipip local 192.0.2.1 remote 192.0.2.2",
+                "link del ovl-ipip-probe",
+            ],
+        )
     except NetnsError as e:
         raise LabError(
             f"--encap ipip: this kernel cannot make IP-in-IP devices ({e}); use --encap vxlan, "
