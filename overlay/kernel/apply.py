@@ -84,6 +84,8 @@ def describe(op: Op) -> str:
         return f"event=neighbour_{verb} dev={obj.dev} ip={obj.ip} mac={obj.mac}"
     if isinstance(obj, FdbEntry):
         return f"event=fdb_{verb} dev={obj.dev} mac={obj.mac} dst={obj.dst}"
+    if isinstance(obj, NatOutgoing):
+        return f"event=nat_{verb}"
     return f"event=device_{verb} dev={obj.name}"
 
 
