@@ -1,12 +1,15 @@
 """CNI ADD/DEL latency and 100-pod burst: overlay-cni against the reference ptp + host-local.
 
-    sudo .venv/bin/python bench/bench_cni.py [--runs 50] [--burst 100] [--json]
+    sudo .venv/bin/python bench/bench_cni.py [--runs 50] [--burst 100] [--rounds 2] [--json]
 
 Builds a one-node namespace cluster (router + node netns, a real overlay-agent, sqlite
 datastore), moves this process's main thread into the node netns, and execs both plugins
 the same way (subprocess, real config on stdin), each ADD into a fresh pod netns made
-beforehand (not timed). Targets (issue 4): ADD p50 <= 3x the reference; burst wall time
-<= 2x the reference. The root namespace is never configured.
+beforehand (not timed) and deleted only at the end: the kernel tears a netns down
+asynchronously under the global rtnl lock, which would slow whichever plugin runs next.
+The bursts run in ABBA order (--rounds) and their mean is reported. Targets (issue 4):
+ADD p50 <= 3x the reference; burst wall time <= 2x the reference. The root namespace is
+never configured.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cni.launcher import is_launcher
 from netns_tests.cni_fixtures import BIN, OVERLAY_CNI, REFERENCE_DIR, Cluster, cluster
 
 CLONE_NEWNET = 0x40000000
@@ -80,8 +84,6 @@ def sequential(c: Cluster, plugin: Plugin, runs: int, tag: str) -> dict[str, lis
         adds.append(plugin.exec("ADD", f"{tag}-s{i}", path))
     for i, (_, path) in enumerate(pods):
         dels.append(plugin.exec("DEL", f"{tag}-s{i}", path))
-    for name, _ in pods:
-        c.del_netns(name)
     return {"add": adds, "del": dels}
 
 
@@ -97,22 +99,25 @@ def burst(c: Cluster, plugin: Plugin, count: int, tag: str) -> dict[str, float]:
             list(pool.map(call, enumerate(pods)))
         return time.perf_counter() - t0
 
-    out = {"add": run_all("ADD"), "del": run_all("DEL")}
-    for name, _ in pods:
-        c.del_netns(name)
-    return out
+    return {"add": run_all("ADD"), "del": run_all("DEL")}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=50, help="sequential ADD/DEL pairs per plugin")
     ap.add_argument("--burst", type=int, default=100, help="concurrent ADDs on one node")
+    ap.add_argument("--rounds", type=int, default=2, help="bursts per plugin, in ABBA order")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON too")
     ap.add_argument("--plugin", default=OVERLAY_CNI, help="overlay-cni executable to measure")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_cni: needs root (network namespaces)", file=sys.stderr)
         return 2
+    if not is_launcher(args.plugin):
+        hint = "run scripts/setup.sh or `python -m cni.launcher .venv/bin`"
+        print(
+            f"bench_cni: warning: {args.plugin} is not the lean launcher; {hint}", file=sys.stderr
+        )
     with cluster((1,)) as c, tempfile.TemporaryDirectory(prefix="ovbench-hl-") as hl:
         node = c.nodes[0]
         ours = Plugin("overlay-cni", args.plugin, c.conf(node, "1.0.0"))
@@ -127,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         for p in (ours, ref):
             sequential(c, p, 3, f"warm-{p.name[:3]}")
         seq = {p.name: sequential(c, p, args.runs, p.name[:3]) for p in (ref, ours)}
-        bur = {p.name: burst(c, p, args.burst, p.name[:3]) for p in (ref, ours)}
+        rounds: dict[str, list[dict[str, float]]] = {ref.name: [], ours.name: []}
+        for r in range(args.rounds):
+            for p in (ref, ours) if r % 2 == 0 else (ours, ref):
+                rounds[p.name].append(burst(c, p, args.burst, f"{p.name[:3]}{r}"))
+        bur = {
+            name: {verb: statistics.fmean(x[verb] for x in runs) for verb in ("add", "del")}
+            for name, runs in rounds.items()
+        }
     report(seq, bur, ours.name, ref.name, args)
     return 0
 
@@ -152,9 +164,8 @@ def report(
             "ours_mean_ms": statistics.fmean(seq[ours][verb]) * ms,
         }
     for verb in ("add", "del"):
-        rows.append(
-            (f"{args.burst} concurrent {verb.upper()}s (s)", bur[ours][verb], bur[ref][verb])
-        )
+        label = f"{args.burst} concurrent {verb.upper()}s (s)"
+        rows.append((label, bur[ours][verb], bur[ref][verb]))
     print(f"{'measure':32} {ours:>12} {ref:>15} {'ratio':>7}")
     for label, a, b in rows:
         print(f"{label:32} {a:12.2f} {b:15.2f} {a / b:7.2f}")

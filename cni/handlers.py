@@ -19,7 +19,10 @@ log = logging.getLogger(__name__)
 
 
 class Ipam(Protocol):
-    """What the handler needs of ipam.allocator (addresses may be str/ipaddress/netaddr)."""
+    """What the handler needs of ipam.allocator (addresses may be str/ipaddress/netaddr).
+
+    When a config names pools (ipam.ipv4Pools / ipv6Pools: CIDRs or pool names),
+    auto_assign is called with a `pools=` keyword as well, one family per call."""
 
     def auto_assign(
         self, handle: str, node: str, num4: int, num6: int, attrs: dict[str, str]
@@ -210,7 +213,7 @@ class CniRequestHandler:
                 return [_cidr(ip) for ip in config.requested_ips]
             num4 = 1 if config.ipam.assign_ipv4 else 0
             num6 = 1 if config.ipam.assign_ipv6 else 0
-            v4, v6 = self.ipam.auto_assign(handle, self.node, num4, num6, attrs)
+            v4, v6 = self._auto_assign(handle, config, attrs, num4, num6)
         except CniError:
             raise
         except Exception as e:
@@ -226,6 +229,23 @@ class CniRequestHandler:
                 "`overlayctl ipam show`",
             )
         return [_cidr(a) for a in [*v4[:num4], *v6[:num6]]]
+
+    def _auto_assign(
+        self, handle: str, config: NetConf, attrs: dict[str, str], num4: int, num6: int
+    ) -> tuple[Sequence[Any], Sequence[Any]]:
+        pools4, pools6 = config.ipam.ipv4_pools, config.ipam.ipv6_pools
+        if not pools4 and not pools6:
+            return self.ipam.auto_assign(handle, self.node, num4, num6, attrs)
+        # One call per family: a family without a pool list uses the node's usual pools.
+        # A failure in the second call is undone by add()'s release of the whole handle.
+        assign: Callable[..., tuple[Sequence[Any], Sequence[Any]]] = self.ipam.auto_assign
+        v4: Sequence[Any] = []
+        v6: Sequence[Any] = []
+        if num4:
+            v4 = assign(handle, self.node, num4, 0, attrs, pools=list(pools4) or None)[0]
+        if num6:
+            v6 = assign(handle, self.node, 0, num6, attrs, pools=list(pools6) or None)[1]
+        return v4, v6
 
     def _cni_result(self, config: NetConf, env: CniEnv, link: PodLinkLike) -> dict[str, object]:
         # Calico's shape: [0] host veth (name only), [1] the pod side; ips point at [1].

@@ -5,8 +5,9 @@ and a /32 (/128) route to each pod address. Pod side: CNI_IFNAME with the addres
 /32 (/128), a scope-link route to 169.254.1.1 and the default route via it (IPv6: via the
 host veth's link-local address, the EUI-64 of ee:ee:ee:ee:ee:ee).
 
-"Host" means the netns of the calling thread; the pod netns is entered on a short-lived
-thread (setns(2) is per thread), so the caller's namespace never changes.
+"Host" means the netns of the calling thread. ADD and DEL reach the pod through a netlink
+socket made while the calling thread briefly visits the pod netns (cni.netlink.visit);
+CHECK's inspection runs on a short-lived thread that joins the pod netns.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TypeVar
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni import netlink
 from cni.nsfd import is_netns
 from cni.spec import (
     DATAPLANE_FAILURE,
@@ -169,52 +171,76 @@ def setup_pod(
     mac: str = "",
     veth_prefix: str = VETH_PREFIX,
 ) -> PodLink:
-    """Create and configure the pair; undo everything on failure."""
+    """Create and configure the pair; undo everything on failure.
+
+    Four netlink round trips on the hot path: create the pair (the pod end directly in the
+    pod netns, MACs and MTU set), configure the pod side in one batch, then bring the host
+    end up and add its routes in one batch. No thread and no pyroute2 object per call.
+    """
     ips = _narrow(addresses)
     host = host_veth_name(workload, veth_prefix)
+    # Chosen here rather than read back: a random locally administered MAC, as veth does.
+    pod_mac = mac.lower() if mac else netlink.random_mac()
     fd = open_netns(netns)
     try:
-        with IPRoute() as ipr, contextlib.ExitStack() as undo:
-            old = _lookup(ipr, host)
-            if old is not None:  # a leftover of an earlier sandbox of the same workload
-                log.info("deleting stale host veth name=%s", host)
-                ipr.link("del", index=old)
+        with netlink.Rtnl() as nl:
+            idx = _create_veth(nl, host, ifname, pod_mac, fd, mtu, netns)
             try:
-                ipr.link(
-                    "add",
-                    ifname=host,
-                    kind="veth",
-                    mtu=mtu,
-                    peer={"ifname": ifname, "net_ns_fd": fd, "mtu": mtu},
-                )
-            except NetlinkError as e:
-                if e.code == errno.EEXIST:
-                    raise CniError(
-                        DATAPLANE_FAILURE,
-                        f"interface {ifname} already exists in netns {netns}",
-                        "the runtime must DEL before it repeats ADD for a container",
-                    ) from e
-                raise CniError(DATAPLANE_FAILURE, f"cannot create veth {host}: {e}") from e
-            idx = _lookup(ipr, host)
-            assert idx is not None
-            undo.callback(_delete_link, ipr, idx)
-
-            _host_sysctls(host, ips)
-            ipr.link("set", index=idx, address=HOST_VETH_MAC)
-            ipr.link("set", index=idx, state="up")
-            pod_mac = in_netns(fd, lambda: _configure_pod(ifname, ips, mtu, mac))
-            for ip in ips:
-                _add_host_route(ipr, idx, host, ip)
-            undo.pop_all()
+                _host_sysctls(host, ips)
+                _configure_pod(fd, ifname, ips)
+                messages = [netlink.link_up(idx)]
+                messages += [netlink.route(str(ip.ip), ip.max_prefixlen, idx) for ip in ips]
+                errors = nl.batch(messages)
+                if errors[0] is not None:
+                    raise CniError(DATAPLANE_FAILURE, f"cannot bring {host} up: {errors[0]}")
+                for ip, error in zip(ips, errors[1:], strict=True):
+                    if error is not None:
+                        _host_route_conflict(idx, host, ip, error)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    nl.request(netlink.link_del(idx))
+                raise
         log.info("pod plumbed veth=%s ifname=%s netns=%s addrs=%s", host, ifname, netns, ips)
         return PodLink(host, ifname, pod_mac, mtu, [str(ip) for ip in ips])
     finally:
         os.close(fd)
 
 
-def _delete_link(ipr: IPRoute, index: int) -> None:
-    with contextlib.suppress(NetlinkError):
-        ipr.link("del", index=index)
+def _create_veth(
+    nl: netlink.Rtnl, host: str, ifname: str, pod_mac: str, fd: int, mtu: int, netns: str
+) -> int:
+    """The pair, with a leftover host end of an earlier sandbox replaced. Returns its index."""
+    message = netlink.veth(host, HOST_VETH_MAC, ifname, pod_mac, fd, mtu)
+    for attempt in (1, 2):
+        try:
+            nl.request(message)
+            break
+        except netlink.NetlinkError as e:
+            old = netlink.ifindex(host) if e.errno == errno.EEXIST else 0
+            if old and attempt == 1:  # a leftover of an earlier sandbox of the same workload
+                log.info("deleting stale host veth name=%s", host)
+                try:
+                    nl.request(netlink.link_del(old))
+                except netlink.NetlinkError as de:
+                    raise CniError(DATAPLANE_FAILURE, f"cannot delete stale {host}: {de}") from de
+                continue
+            if e.errno == errno.EEXIST:
+                raise CniError(
+                    DATAPLANE_FAILURE,
+                    f"interface {ifname} already exists in netns {netns}",
+                    "the runtime must DEL before it repeats ADD for a container",
+                ) from e
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise CniError(
+                    DATAPLANE_FAILURE, f"the kernel refused MAC {pod_mac} for {ifname}: {e}"
+                ) from e
+            raise CniError(
+                DATAPLANE_FAILURE, f"cannot create veth {host} with {ifname} in the pod: {e}"
+            ) from e
+    idx = netlink.ifindex(host)
+    if not idx:
+        raise CniError(DATAPLANE_FAILURE, f"veth {host} vanished right after its creation")
+    return idx
 
 
 def _host_sysctls(
@@ -237,49 +263,50 @@ def _host_sysctls(
 
 
 def _configure_pod(
-    ifname: str,
-    ips: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
-    mtu: int,
-    mac: str,
-) -> str:
-    """Runs inside the pod netns. Returns the pod interface's MAC."""
-    has6 = any(ip.version == 6 for ip in ips)
-    if has6:
-        for conf in ("all", "default", "lo"):
-            _sysctl(f"ipv6/conf/{conf}/disable_ipv6", "0")
-        _sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "0")
-        _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
-    with IPRoute() as ipr:
-        idx = _lookup(ipr, ifname)
-        if idx is None:
-            raise CniError(DATAPLANE_FAILURE, f"{ifname} did not appear in the pod netns")
-        lo = _lookup(ipr, "lo")
-        if lo is not None:
-            ipr.link("set", index=lo, state="up")
-        if mac:
-            ipr.link("set", index=idx, address=mac)
-        ipr.link("set", index=idx, mtu=mtu, state="up")
-        for ip in ips:
-            ipr.addr("add", index=idx, address=str(ip.ip), prefixlen=ip.network.prefixlen)
-        if any(ip.version == 4 for ip in ips):
-            ipr.route("add", dst=f"{GATEWAY_V4}/32", oif=idx, scope=SCOPE_LINK)
-            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=idx)
-        if has6:
-            ipr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=idx, family=socket.AF_INET6)
-        link = ipr.get_links(idx)[0]
-        return str(link.get("IFLA_ADDRESS"))
-
-
-def _add_host_route(
-    ipr: IPRoute, idx: int, host: str, ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface
+    fd: int, ifname: str, ips: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
 ) -> None:
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    """Addresses, routes and link state of the pod end, in one netlink batch."""
+    has6 = any(ip.version == 6 for ip in ips)
+
+    def inside() -> tuple[netlink.Rtnl, int, int]:
+        if has6:  # /proc/sys/net belongs to the netns of the thread that opens it
+            for conf in ("all", "default", "lo"):
+                _sysctl(f"ipv6/conf/{conf}/disable_ipv6", "0")
+            _sysctl(f"ipv6/conf/{ifname}/disable_ipv6", "0")
+            _sysctl(f"ipv6/conf/{ifname}/accept_dad", "0")
+        return netlink.Rtnl(), netlink.ifindex(ifname), netlink.ifindex("lo")
+
     try:
-        ipr.route("add", dst=str(ip), oif=idx, scope=SCOPE_LINK, family=family)
-    except NetlinkError as e:
-        if e.code != errno.EEXIST:
-            raise CniError(DATAPLANE_FAILURE, f"cannot add host route {ip} dev {host}: {e}") from e
-        # Someone (the agent, or a leftover) has it: fine only if it points at our veth.
+        nl, idx, lo = netlink.visit(fd, inside)
+    except netlink.NetnsError as e:
+        raise CniError(INVALID_NETNS, f"setns failed: {e.strerror}") from e
+    with nl:
+        if not idx:
+            raise CniError(DATAPLANE_FAILURE, f"{ifname} did not appear in the pod netns")
+        messages = [netlink.link_up(lo)] if lo else []
+        messages.append(netlink.link_up(idx))
+        messages += [netlink.address(idx, str(ip.ip), ip.max_prefixlen) for ip in ips]
+        if any(ip.version == 4 for ip in ips):
+            messages.append(netlink.route(GATEWAY_V4, 32, idx))
+            messages.append(netlink.route("0.0.0.0", 0, idx, GATEWAY_V4))
+        if has6:
+            messages.append(netlink.route("::", 0, idx, GATEWAY_V6))
+        for error in nl.batch(messages):
+            if error is not None:
+                raise CniError(DATAPLANE_FAILURE, f"cannot configure {ifname} in the pod: {error}")
+
+
+def _host_route_conflict(
+    idx: int,
+    host: str,
+    ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+    error: netlink.NetlinkError,
+) -> None:
+    """A host route add failed: fine only if the route exists and points at our veth."""
+    if error.errno != errno.EEXIST:
+        raise CniError(DATAPLANE_FAILURE, f"cannot add host route {ip} dev {host}: {error}")
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    with IPRoute() as ipr:  # rare: pyroute2 is fine here
         routes = ipr.route("get", dst=str(ip.ip), family=family)
         oif = routes[0].get("RTA_OIF") if routes else None
         if oif != idx:
@@ -288,7 +315,7 @@ def _add_host_route(
                 DATAPLANE_FAILURE,
                 f"host route {ip} already exists on interface {other}",
                 f"another workload or a leftover route uses {ip.ip}; check `ip route get {ip.ip}`",
-            ) from e
+            ) from error
 
 
 # --------------------------------------------------------------------------- teardown
@@ -308,11 +335,27 @@ def teardown_pod(netns: str, ifname: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        return in_netns(fd, lambda: _delete_pod_link(ifname))
-    except CniError as e:
-        if e.code == INVALID_NETNS:  # e.g. an unmounted bind-mount point: the netns is gone
+        try:
+            nl, idx = netlink.visit(fd, lambda: (netlink.Rtnl(), netlink.ifindex(ifname)))
+        except netlink.NetnsError:  # e.g. an unmounted bind-mount point: the netns is gone
             return False
-        raise
+        with nl:
+            attrs = nl.get_link(idx) if idx else None
+            if attrs is None:
+                return False
+            kind = netlink.link_kind(attrs)
+            if kind != "veth":
+                raise CniError(
+                    DATAPLANE_FAILURE,
+                    f"{ifname} in the pod is a {kind or '?'} device, not our veth",
+                )
+            try:
+                nl.request(netlink.link_del(idx))
+            except netlink.NetlinkError as e:
+                if e.errno == errno.ENODEV:
+                    return False
+                raise CniError(DATAPLANE_FAILURE, f"cannot delete {ifname} in the pod: {e}") from e
+            return True
     finally:
         os.close(fd)
 
@@ -332,25 +375,6 @@ def teardown_host(workload: str, veth_prefix: str = VETH_PREFIX) -> bool:
                 return False
             raise
         log.info("host veth removed name=%s workload=%s", name, workload)
-        return True
-
-
-def _delete_pod_link(ifname: str) -> bool:
-    with IPRoute() as ipr:
-        idx = _lookup(ipr, ifname)
-        if idx is None:
-            return False
-        kind = _link_kind(ipr.get_links(idx)[0])
-        if kind != "veth":
-            raise CniError(
-                DATAPLANE_FAILURE, f"{ifname} in the pod is a {kind} device, not our veth"
-            )
-        try:
-            ipr.link("del", index=idx)
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return False
-            raise
         return True
 
 

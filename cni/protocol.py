@@ -5,15 +5,18 @@ Response: {"result": {...} | null} or {"error": {"code": int, "msg": str, "detai
 
 One request per connection; the client half-closes after writing, the server answers and
 closes. json.dumps never emits a raw newline, so a line is a message (readable with socat).
+
+The exec'd plugin imports this module: it uses `_socket` (the `socket` module costs ~10 ms
+of start-up for its enums) and cni.jsonc; the agent's server side brings `socket` itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
+import _socket
+import posix  # not os: the plugin imports this module (see cni.main)
+import sys
 
+from cni import jsonc as json
 from cni.spec import (
     DECODE_FAILURE,
     INTERNAL,
@@ -41,7 +44,7 @@ class Request:
 
 
 def encode(obj: dict[str, object]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    return json.dumps(obj, compact=True).encode() + b"\n"
 
 
 def encode_request(verb: str, plugin: str, env: dict[str, str], config: dict[str, object]) -> bytes:
@@ -102,7 +105,7 @@ def decode_response(line: bytes) -> dict[str, object] | None:
     raise CniError(INTERNAL, "the agent's answer has neither a result nor an error object")
 
 
-def read_line(sock: socket.socket, limit: int = MAX_MESSAGE) -> bytes:
+def read_line(sock: _socket.socket, limit: int = MAX_MESSAGE) -> bytes:
     """Read up to the first newline (or EOF). Raises ValueError past `limit` bytes."""
     chunks: list[bytes] = []
     size = 0
@@ -133,10 +136,12 @@ def unreachable(path: str, reason: str) -> CniError:
 MAX_FDS = 1  # the pod's netns
 
 
-def read_request(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
+def read_request(sock: _socket.socket, limit: int = MAX_MESSAGE) -> tuple[bytes, list[int]]:
     """Like read_line, also collecting the file descriptors sent with the first bytes.
     The caller owns (and must close) the descriptors, also when this raises."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)
+    import socket
+
+    data, fds, _flags, _addr = socket.recv_fds(sock, 65536, MAX_FDS)  # type: ignore[arg-type]
     nl = data.find(b"\n")
     if nl >= 0 or not data:
         return (data[:nl] if nl >= 0 else data), fds
@@ -144,7 +149,7 @@ def read_request(sock: socket.socket, limit: int = MAX_MESSAGE) -> tuple[bytes, 
         return data + read_line(sock, limit - len(data)), fds
     except BaseException:
         for fd in fds:
-            os.close(fd)
+            posix.close(fd)
         raise
 
 
@@ -153,7 +158,7 @@ def call(
 ) -> dict[str, object] | None:
     """Send one request (with `fds` attached, e.g. the pod netns) and wait for the answer;
     agent trouble becomes code 11."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         try:
@@ -164,14 +169,18 @@ def call(
             if fds:
                 # The plugin's mount namespace may hold netns bind mounts the agent's does
                 # not (podman, runtimes in containers): hand over the open namespace itself.
-                sent = socket.send_fds(sock, [request], list(fds))
+                rights = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+                ancillary = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)]
+                sent = sock.sendmsg([request], ancillary)
                 if sent < len(request):
                     sock.sendall(request[sent:])
             else:
                 sock.sendall(request)
             # The agent may already have answered and closed (it reads up to the newline).
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
+            try:  # noqa: SIM105 (contextlib would cost the plugin its import)
+                sock.shutdown(_socket.SHUT_WR)
+            except OSError:
+                pass
             line = read_line(sock)
         except TimeoutError as e:
             raise CniError(

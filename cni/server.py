@@ -1,7 +1,10 @@
-"""Agent side of the CNI socket: a threaded Unix-socket server calling a handler.
+"""Agent side of the CNI socket: a Unix-socket server calling a handler.
 
-One thread per connection (the runtime may run ADDs for different pods in parallel); the
-handler is responsible for its own locking. Every failure becomes a spec error object.
+A fixed pool of worker threads all block in accept() and each serves the connection it
+accepted itself: one wake-up per request instead of an accept thread plus a new thread
+(under load every hand-off between threads costs a scheduling delay). The runtime may run
+ADDs for different pods in parallel; the handler is responsible for its own locking.
+Every failure becomes a spec error object.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Protocol
 
 from cni import protocol, spec
@@ -20,6 +24,8 @@ from cni.spec import CniEnv, CniError, NetConf
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 10.0  # a client that connects and sends nothing must not hold a thread
+WORKERS = 32  # requests served at once; more wait in the listen backlog
+BACKLOG = 256
 
 
 class CniHandler(Protocol):
@@ -67,21 +73,29 @@ def _netns_fd_path(fd: int, netns: str) -> str:
 class CniServer:
     """Serve `handler` on a Unix socket at `path` (mode 0600) until stop()."""
 
-    def __init__(self, path: str, handler: CniHandler) -> None:
+    def __init__(self, path: str, handler: CniHandler, workers: int = WORKERS) -> None:
+        if workers < 1:
+            raise ValueError(f"workers={workers}: expected at least 1")
         self.path = path
         self.handler = handler
+        self.workers = workers
         self._sock: socket.socket | None = None
-        self._acceptor: threading.Thread | None = None
-        self._workers: set[threading.Thread] = set()
+        self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._inode = -1
 
     def start(self) -> None:
         self._sock = self._bind()
-        self._acceptor = threading.Thread(target=self._accept_loop, name="cni-accept", daemon=True)
-        self._acceptor.start()
-        log.info("cni socket listening path=%s", self.path)
+        for _ in range(self.workers):
+            self._spawn()
+        log.info("cni socket listening path=%s workers=%d", self.path, self.workers)
+
+    def _spawn(self) -> None:
+        worker = threading.Thread(target=self._worker, name="cni-worker", daemon=True)
+        with self._lock:
+            self._threads.add(worker)
+        worker.start()
 
     def _bind(self) -> socket.socket:
         directory = os.path.dirname(self.path) or "."
@@ -101,7 +115,7 @@ class CniServer:
         try:
             sock.bind(tmp)
             os.chmod(tmp, 0o600)
-            sock.listen(128)
+            sock.listen(BACKLOG)
             os.replace(tmp, self.path)
         except BaseException:
             sock.close()
@@ -111,55 +125,67 @@ class CniServer:
         self._inode = os.stat(self.path).st_ino
         return sock
 
-    def _accept_loop(self) -> None:
-        assert self._sock is not None
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                break  # stop() shut the listening socket down
-            worker = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            with self._lock:
-                self._workers.add(worker)
-            worker.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def _worker(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        home = _netns_inode()
         try:
-            with conn:
-                conn.settimeout(READ_TIMEOUT_S)
+            while not self._stopping.is_set():
                 try:
-                    line, fds = protocol.read_request(conn)
-                except (OSError, ValueError) as e:
-                    log.warning("cni request unreadable error=%s", e)
+                    conn, _ = sock.accept()
+                except OSError as e:
+                    if self._stopping.is_set():
+                        break  # stop() shut the listening socket down
+                    log.warning("cni accept failed error=%s", e)
+                    self._stopping.wait(0.1)  # e.g. out of file descriptors: back off
+                    continue
+                try:
+                    self._serve(conn)
+                except Exception:  # keep the worker: one bad request must not shrink the pool
+                    log.exception("cni request failed outside the handler")
+                if _netns_inode() != home:
+                    # The plumbing visits pod namespaces on this thread; one that could not
+                    # come back must not serve again. A fresh worker takes its place.
+                    log.error("cni worker left in a foreign netns; replacing it")
+                    if not self._stopping.is_set():
+                        self._spawn()
                     return
-                try:
-                    if not line:
-                        return  # a liveness probe, or a plugin that gave up
-                    answer = dispatch(self.handler, line, fds)
-                finally:
-                    for fd in fds:
-                        with contextlib.suppress(OSError):
-                            os.close(fd)
-                conn.settimeout(READ_TIMEOUT_S)
-                with contextlib.suppress(OSError):  # the plugin may have given up
-                    conn.sendall(answer)
         finally:
             with self._lock:
-                self._workers.discard(threading.current_thread())
+                self._threads.discard(threading.current_thread())
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(READ_TIMEOUT_S)
+            try:
+                line, fds = protocol.read_request(conn)
+            except (OSError, ValueError) as e:
+                log.warning("cni request unreadable error=%s", e)
+                return
+            try:
+                if not line:
+                    return  # a liveness probe, or a plugin that gave up
+                answer = dispatch(self.handler, line, fds)
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            with contextlib.suppress(OSError):  # the plugin may have given up
+                conn.sendall(answer)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, wait up to `timeout` for requests in flight, remove the socket."""
         self._stopping.set()
         if self._sock is not None:
             with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
-            self._sock.close()
-        if self._acceptor is not None:
-            self._acceptor.join(timeout)
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes every accept()
         with self._lock:
-            workers = list(self._workers)
+            workers = list(self._threads)
+        deadline = time.monotonic() + timeout
         for worker in workers:
-            worker.join(timeout)
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if self._sock is not None:
+            self._sock.close()
         # Remove the file only if it is still ours (a new agent may have replaced it).
         with contextlib.suppress(FileNotFoundError):
             if self._sock is not None and os.stat(self.path).st_ino == self._inode:
@@ -184,3 +210,8 @@ def _is_live(path: str) -> bool:
         return False
     finally:
         probe.close()
+
+
+def _netns_inode() -> int:
+    """The network namespace of the calling thread (its nsfs inode)."""
+    return os.stat("/proc/thread-self/ns/net").st_ino

@@ -1,14 +1,13 @@
 """CNI spec 1.1.0 as pure code: versions, error codes, env and config validation, result shapes.
 
 No I/O. The exec'd plugins import this module on every call, so it imports only what the
-interpreter has already loaded at start-up (no dataclasses, typing or third-party packages).
+interpreter has already loaded at start-up (no json, re, ipaddress, dataclasses, typing or
+third-party packages; ipaddress is imported only when a config requests addresses).
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import re
+from cni import jsonc as json
 
 CURRENT_VERSION = "1.1.0"
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -41,8 +40,22 @@ GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::ecee:eeff:feee:eeee"  # EUI-64 link-local of ee:ee:ee:ee:ee:ee
 HOST_VETH_MAC = "ee:ee:ee:ee:ee:ee"
 
-_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.\-]*")
-_MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+_ALNUM = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_NAME_CHARS = _ALNUM | frozenset("_.-")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def is_name(text: str) -> bool:
+    """A network name or container id: a letter or digit, then letters, digits, _ . -"""
+    return bool(text) and text[0] in _ALNUM and all(c in _NAME_CHARS for c in text)
+
+
+def is_mac(text: str) -> bool:
+    """Six colon-separated pairs of hex digits."""
+    parts = text.split(":")
+    return len(parts) == 6 and all(len(p) == 2 and p[0] in _HEX and p[1] in _HEX for p in parts)
+
+
 _CNI_ARGS_KNOWN = (
     "K8S_POD_NAMESPACE",
     "K8S_POD_NAME",
@@ -217,7 +230,7 @@ def validate_ifname(ifname: str) -> None:
 def validate_container_id(container_id: str) -> None:
     if not container_id:
         raise CniError(INVALID_ENV, "CNI_CONTAINERID is empty")
-    if not _NAME_RE.fullmatch(container_id):
+    if not is_name(container_id):
         raise CniError(
             INVALID_ENV,
             f"CNI_CONTAINERID={container_id!r} is not a valid container id",
@@ -406,6 +419,8 @@ def _parse_str_list(value: object, field: str) -> tuple[str, ...]:
 
 
 def _parse_ip_list(value: object, field: str) -> tuple[str, ...]:
+    import ipaddress
+
     items = _parse_str_list(value, field)
     for i, item in enumerate(items):
         try:
@@ -419,7 +434,7 @@ def _parse_ip_list(value: object, field: str) -> tuple[str, ...]:
 
 
 def _parse_mac(value: object, field: str) -> str:
-    if not isinstance(value, str) or not _MAC_RE.fullmatch(value):
+    if not isinstance(value, str) or not is_mac(value):
         raise _bad(field, value, "expected a MAC address like 0a:58:0a:f4:00:05")
     if int(value[:2], 16) & 1:
         raise _bad(field, value, "a multicast MAC cannot be an interface address")
@@ -441,7 +456,7 @@ def _parse_header(obj: dict[str, object]) -> tuple[str, str, str]:
         raise CniError(INVALID_CONFIG, "the network configuration has no name")
     name = _want(obj, "name", str)
     assert isinstance(name, str)
-    if not _NAME_RE.fullmatch(name):
+    if not is_name(name):
         raise _bad("name", name, "must start with a letter or digit; then letters, digits, _ . -")
     kind = obj.get("type", "")
     if not isinstance(kind, str) or not kind or "/" in kind:
@@ -539,7 +554,7 @@ def _parse_common(conf: NetConf, obj: dict[str, object]) -> None:
     if "dns" in obj:
         conf.dns = _parse_dns(obj["dns"])
     conf.valid_attachments = _parse_attachments(obj)
-    families = {ipaddress.ip_interface(ip).version for ip in conf.requested_ips}
+    families = {6 if ":" in ip else 4 for ip in conf.requested_ips}  # validated addresses
     if len(families) != len(conf.requested_ips):
         raise _bad("runtimeConfig.ips", list(conf.requested_ips), "at most one address per family")
 

@@ -2,19 +2,47 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import netaddr
 
+from cni.spec import INVALID_CONFIG, CniError
 from ipam.allocator import IPAM
+from ipam.store import ResourceStore
 
 
 class CniIpam:
-    """Adapts ipam.allocator.IPAM to cni.handlers.Ipam/GcIpam (plain tuples, str addresses)."""
+    """Adapts ipam.allocator.IPAM to cni.handlers.Ipam/GcIpam (plain tuples, str addresses).
 
-    def __init__(self, ipam: IPAM) -> None:
+    `store` resolves pool names in a config's ipam.ipv4Pools/ipv6Pools (as Calico allows
+    names or CIDRs there); without it only CIDRs are accepted.
+
+    Writes are serialised inside the agent: concurrent ADDs and DELs of one node hit the
+    same affine block, and letting them race would turn most compare-and-swap writes into
+    retries (each a re-read and re-decode). Other processes are still handled by the CAS."""
+
+    def __init__(self, ipam: IPAM, store: ResourceStore | None = None) -> None:
         self._ipam = ipam
+        self._store = store
+        self._lock = threading.Lock()
+
+    def _pool_cidr(self, entry: str) -> netaddr.IPNetwork:
+        if "/" in entry:
+            try:
+                return netaddr.IPNetwork(entry)
+            except (netaddr.AddrFormatError, ValueError) as e:
+                msg = f"ipam pool {entry!r} is not a valid CIDR: {e}"
+                raise CniError(INVALID_CONFIG, msg) from None
+        pool = self._store.get_pool(entry) if self._store is not None else None
+        if pool is None:
+            raise CniError(
+                INVALID_CONFIG,
+                f"ipam pool {entry!r} is neither a CIDR nor the name of an IP pool",
+                "list the pools with `overlayctl get ippools`",
+            )
+        return pool.cidr
 
     def auto_assign(
         self,
@@ -25,18 +53,21 @@ class CniIpam:
         attrs: dict[str, str],
         pools: Sequence[str] | None = None,
     ) -> tuple[Sequence[Any], Sequence[Any]]:
-        wanted = [netaddr.IPNetwork(p) for p in pools] if pools else None
-        result = self._ipam.auto_assign(
-            handle, node, num4=num4, num6=num6, attrs=attrs, pools=wanted
-        )
+        wanted = [self._pool_cidr(p) for p in pools] if pools else None
+        with self._lock:
+            result = self._ipam.auto_assign(
+                handle, node, num4=num4, num6=num6, attrs=attrs, pools=wanted
+            )
         # With the block's prefix: a delegating plugin (ptp) needs a subnet, not a /32.
         return [str(n) for n in result.ipv4], [str(n) for n in result.ipv6]
 
     def assign_ip(self, ip: str, handle: str, node: str, attrs: dict[str, str]) -> None:
-        self._ipam.assign_ip(ip, handle, node, attrs)
+        with self._lock:
+            self._ipam.assign_ip(ip, handle, node, attrs)
 
     def release_by_handle(self, handle: str) -> None:
-        self._ipam.release_by_handle(handle)
+        with self._lock:
+            self._ipam.release_by_handle(handle)
 
     def handles_for_node(self, node: str) -> Iterable[str]:
         """Handles holding addresses recorded for `node` (GC walks them; it is rare)."""

@@ -61,7 +61,8 @@ class InstallOptions:
     node_name: str | None = None
     ip_autodetection: str | None = None
     network_name: str = DEFAULT_NETWORK
-    # Where this environment's console scripts live: the launchers exec them from here.
+    # Where this environment's scripts live: its python runs the CNI launchers, and the
+    # systemd unit starts overlay-agent from here.
     scripts_dir: Path = field(default_factory=lambda: Path(sys.prefix) / "bin")
     force: bool = False  # overwrite files that are in the way and are not ours
 
@@ -124,13 +125,17 @@ class FileSpec:
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_launcher(target: Path) -> str:
-    """A CNI binary: the runtime execs it from the CNI bin dir; it execs our console script."""
-    return (
-        "#!/bin/sh\n"
-        "# Installed by `overlayctl install`; removed by `overlayctl uninstall`.\n"
-        f'exec {target} "$@"\n'
-    )
+def render_launcher(scripts_dir: Path, plugin: str) -> str:
+    """A CNI binary: the lean launcher of cni.launcher (python -I -S, only our package on
+    sys.path), run by this environment's interpreter. The runtime execs it for every ADD and
+    DEL, so it does not go through a shell nor pip's console script."""
+    from cni import launcher
+
+    python = scripts_dir / "python"
+    try:
+        return launcher.render(plugin, str(python if python.exists() else sys.executable))
+    except ValueError as e:
+        raise InstallError(f"cannot write the {plugin} launcher: {e}") from None
 
 
 def render_conflist(network_name: str, chained: Sequence[str] = ()) -> str:
@@ -194,7 +199,7 @@ def plan_files(opts: InstallOptions, chained: Sequence[str] = ()) -> dict[str, F
     """Every file install writes: absolute path on the target host -> content and mode."""
     files = {
         f"{opts.cni_bin_dir.rstrip('/')}/{name}": FileSpec(
-            render_launcher(opts.scripts_dir / name), 0o755
+            render_launcher(opts.scripts_dir, name), 0o755
         )
         for name in PLUGINS
     }

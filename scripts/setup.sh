@@ -40,4 +40,9 @@ if [ ! -e "$stamp" ]; then
     .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
     rm -f .venv/.installed-* && touch "$stamp"
 fi
+# The CNI plugins are exec'd per ADD/DEL: replace pip's console scripts overlay-cni and
+# overlay-ipam with the lean launchers (python -I -S; see cni/launcher.py), and byte-compile
+# the package so no exec pays for compiling (runtimes may run with PYTHONDONTWRITEBYTECODE).
+.venv/bin/python -m cni.launcher .venv/bin
+.venv/bin/python -m compileall -q cni
 echo "setup: ready (.venv)"

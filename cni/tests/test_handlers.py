@@ -127,6 +127,62 @@ def test_add_assigns_plumbs_and_returns_calico_shaped_result() -> None:
     assert result["dns"] == {"nameservers": ["10.0.0.10"]}
 
 
+class PoolIpam(FakeIpam):
+    """Records the pools= keyword of each auto_assign call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, list[str] | None]] = []
+
+    def auto_assign(  # type: ignore[override]
+        self,
+        handle: str,
+        node: str,
+        num4: int,
+        num6: int,
+        attrs: dict[str, str],
+        pools: list[str] | None = None,
+    ) -> tuple[Sequence[Any], Sequence[Any]]:
+        self.calls.append((num4, num6, pools))
+        v4, v6 = self.give[0][:num4], self.give[1][:num6]
+        self.held.setdefault(handle, []).extend([*map(str, v4), *map(str, v6)])
+        return v4, v6
+
+
+def test_add_takes_addresses_from_the_configured_pools_per_family() -> None:
+    ipam = PoolIpam()
+    h = CniRequestHandler(ipam, "node-1", lambda: 1450, FakePlumbing())
+    c = conf(ipam={"type": "overlay-ipam", "assignIPv6": True, "ipv4Pools": ["10.66.0.0/16"]})
+    result = h.handle("ADD", "cni", env(), c)
+    # IPv4 from the named pool only; IPv6, which names none, from the node's usual pools.
+    assert ipam.calls == [(1, 0, ["10.66.0.0/16"]), (0, 1, None)]
+    assert result is not None
+    ips: Any = result["ips"]
+    assert [ip["address"] for ip in ips] == ["10.65.0.5/32", "fd00:65::5/128"]
+    # Without pool lists the IPAM is asked once, without the keyword (older backends).
+    plain = PoolIpam()
+    CniRequestHandler(plain, "node-1", lambda: 1450, FakePlumbing()).handle(
+        "ADD", "cni", env(cid="c2"), conf()
+    )
+    assert plain.calls == [(1, 0, None)]
+
+
+def test_add_pool_failure_in_second_family_releases_the_first() -> None:
+    class Failing6(PoolIpam):
+        def auto_assign(self, *a: Any, **kw: Any) -> tuple[Sequence[Any], Sequence[Any]]:  # type: ignore[override]
+            if a[3]:  # num6
+                raise RuntimeError("requested pool fd00:66::/64 is not a configured IP pool")
+            return super().auto_assign(*a, **kw)
+
+    ipam = Failing6()
+    h = CniRequestHandler(ipam, "node-1", lambda: 1450, FakePlumbing())
+    c = conf(ipam={"type": "overlay-ipam", "assignIPv6": True, "ipv6Pools": ["fd00:66::/64"]})
+    with pytest.raises(CniError) as err:
+        h.handle("ADD", "cni", env(), c)
+    assert err.value.code == spec.IPAM_FAILURE and "fd00:66::/64" in err.value.msg
+    assert ipam.released == ["net1.c1"] and "net1.c1" not in ipam.held
+
+
 def test_add_with_requested_ip_and_mac_and_mtu() -> None:
     h, ipam, plumbing = make()
     c = conf(mtu=1400, runtimeConfig={"ips": ["10.65.0.9"], "mac": "0a:58:0a:41:00:09"})

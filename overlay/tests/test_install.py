@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cni import launcher as cni_launcher
 from cni.spec import parse_conflist
 from overlay import install
 from overlay.cli import main
@@ -84,7 +85,9 @@ def test_install_writes_plugins_conflist_agent_config_and_unit(
     for name in ("overlay-cni", "overlay-ipam"):
         launcher = root / "opt/cni/bin" / name
         assert os.access(launcher, os.X_OK)
-        assert f'exec {SCRIPTS / name} "$@"' in launcher.read_text()
+        # The lean launcher, run by this environment's interpreter (no shell, no site).
+        assert launcher.read_text() == cni_launcher.render(name, str(SCRIPTS / "python"))
+        assert cni_launcher.is_launcher(launcher)
 
     conflist = root / "etc/cni/net.d/10-overlay.conflist"
     doc = parse_conflist(conflist.read_text())
