@@ -256,8 +256,9 @@ class Agent:
             # Pools changed (tunnel addresses may be needed or freed) or our Node was
             # deleted/overwritten: register again before computing.
             try:
+                # Not `return`: a pool change that leaves our Node as it was (CrossSubnet ->
+                # Always) writes nothing, so no further view would ever bring it to the kernel.
                 self.register(store, ipam)
-                return  # our own write comes back as the next view
             except DatastoreError as exc:
                 log.warning("event=register_failed error=%s", exc)
         if self.reconciler is not None:
@@ -296,11 +297,17 @@ class Agent:
         threads = [
             threading.Thread(target=self.watcher.run, args=(self.stop_event,), daemon=True),
         ]
-        monitor = Monitor(lambda reason: self.reconciler.kick(reason) if self.reconciler else None)
+        monitor = Monitor(
+            lambda reason: self.reconciler.kick(reason) if self.reconciler else None,
+            # Exact deletions are repaired without re-reading the whole kernel.
+            on_gone=lambda reason, gone: (
+                self.reconciler.kick(reason, gone=gone) if self.reconciler else None
+            ),
+        )
         http = StatusServer(self.cfg.metrics_addr, self.status, self.metrics)
         Path(self.cfg.socket).parent.mkdir(parents=True, exist_ok=True)
         handler = CniRequestHandler(
-            CniIpam(ipam),
+            CniIpam(ipam, store),
             self.cfg.node_name,
             mtu=lambda: self.pod_mtu,
             status=self._cni_status,

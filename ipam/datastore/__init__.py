@@ -1,8 +1,8 @@
 """Cluster datastore: one protocol, three backends chosen by URL.
 
-    sqlite:///var/lib/overlay/overlay.db     embedded default (one machine, many processes)
-    etcd://h1:2379,h2:2379?cacert=..&cert=..&key=..   distributed
-    memory://                                 in-process, for tests
+sqlite:///var/lib/overlay/overlay.db     embedded default (one machine, many processes)
+etcd://h1:2379,h2:2379?cacert=..&cert=..&key=..   distributed
+memory://                                 in-process, for tests
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 It only kicks (with a short reason); the reconciler re-reads the kernel and re-plans. Events
 are coalesced: one callback per burst of messages. Our own changes may kick too; a re-read
 then finds nothing to do, which is cheap and safe.
+
+With `on_gone`, a burst made only of deletions of our routes, neighbours or FDB entries is
+reported as the exact kernel keys that went away instead: the reconciler then forgets those
+and re-adds them without re-reading 50k objects (a 10k-peer re-read costs ~0.5 s of CPU).
+Anything less precise (device changes, foreign replacements, lost events) still kicks.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 
+import netaddr
+
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket, in_netns, open_rtnl
-from overlay.model import IPIP_DEVICE, MAIN_TABLE, RT_PROTO, VXLAN_DEVICE
+from overlay.model import IPIP_DEVICE, MAIN_TABLE, RT_PROTO, VXLAN_DEVICE, GoneKey
 
 log = logging.getLogger("overlay.kernel")
 
@@ -40,8 +47,10 @@ class Monitor:
         callback: Callable[[str], None],
         netns: str | None = None,
         device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE),
+        on_gone: Callable[[str, list[GoneKey]], None] | None = None,
     ) -> None:
         self.callback = callback
+        self.on_gone = on_gone
         self.netns = netns
         self.names = frozenset(device_names)
         self._index: dict[int, str] = {}  # ifindex -> our device name
@@ -89,6 +98,8 @@ class Monitor:
                 continue
             reason = ""
             count = 0
+            gone: list[GoneKey] = []
+            precise = True  # every reason of this burst came with its exact key
             for _ in range(MAX_DRAIN):
                 try:
                     n = sock.recv_into(buf)
@@ -98,69 +109,95 @@ class Monitor:
                     if exc.errno == errno.ENOBUFS:  # events were lost: must re-read everything
                         reason = reason or "monitor_overflow"
                         count += 1
+                        precise = False
                         continue
                     if self._stop.is_set():
                         return
                     raise
                 for msg_type, flags, _seq, payload in nlmsg.iter_messages(bytes(buf[:n])):
-                    why = self._reason(msg_type, flags, payload)
+                    why, key = self._classify(msg_type, flags, payload)
                     if why:
                         reason = reason or why
                         count += 1
+                        if key is None:
+                            precise = False
+                        else:
+                            gone.append(key)
             if reason:
                 log.debug("event=kernel_kick reason=%r events=%d", reason, count)
+                text = reason if count == 1 else f"{reason} (+{count - 1} more)"
                 try:
-                    self.callback(reason if count == 1 else f"{reason} (+{count - 1} more)")
+                    if precise and self.on_gone is not None:
+                        self.on_gone(text, gone)
+                    else:
+                        self.callback(text)
                 except Exception:
                     log.exception("event=monitor_callback_failed")
 
     def _reason(self, msg_type: int, flags: int, payload: memoryview) -> str:
+        return self._classify(msg_type, flags, payload)[0]
+
+    def _classify(
+        self, msg_type: int, flags: int, payload: memoryview
+    ) -> tuple[str, GoneKey | None]:
+        """(reason to kick or "", the exact key of a deleted object of ours if known)."""
         try:
-            if msg_type in (nlmsg.RTM_NEWLINK, nlmsg.RTM_DELLINK):
-                index, name, _f = nlmsg.decode_link(payload)
-                if name not in self.names and index not in self._index:
-                    return ""
-                if msg_type == nlmsg.RTM_DELLINK:
-                    self._index.pop(index, None)
-                    return f"device_deleted dev={name}"
-                if self._index.get(index) != name:
-                    self._index = {i: n for i, n in self._index.items() if n != name}
-                    if name in self.names:
-                        self._index[index] = name
-                return f"device_changed dev={name}"
-            if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
-                r = nlmsg.decode_route(payload)
-                dst = f"{_addr(r.dst)}/{r.dst_len}"
-                if msg_type == nlmsg.RTM_DELROUTE and r.protocol == RT_PROTO:
-                    return f"route_deleted dst={dst}"
-                if (
-                    msg_type == nlmsg.RTM_NEWROUTE
-                    and flags & nlmsg.NLM_F_REPLACE
-                    and r.protocol != RT_PROTO
-                    and r.table == MAIN_TABLE
-                ):
-                    return f"route_replaced dst={dst} proto={r.protocol}"
-                return ""
-            if msg_type in (nlmsg.RTM_DELNEIGH, nlmsg.RTM_NEWNEIGH):
-                nb = nlmsg.decode_neighbour(payload)
-                if nb.ifindex not in self._index:
-                    return ""
-                what = "fdb" if nb.family == nlmsg.AF_BRIDGE else "neighbour"
-                key = nlmsg.format_mac(nb.lladdr) if what == "fdb" else _addr(nb.dst)
+            return self._classify_unchecked(msg_type, flags, payload)
+        except (IndexError, ValueError, KeyError, struct.error):
+            return "", None  # truncated/odd message: not ours to judge
+
+    def _classify_unchecked(
+        self, msg_type: int, flags: int, payload: memoryview
+    ) -> tuple[str, GoneKey | None]:
+        if msg_type in (nlmsg.RTM_NEWLINK, nlmsg.RTM_DELLINK):
+            index, name, _f = nlmsg.decode_link(payload)
+            if name not in self.names and index not in self._index:
+                return "", None
+            if msg_type == nlmsg.RTM_DELLINK:
+                self._index.pop(index, None)
+                return f"device_deleted dev={name}", None
+            if self._index.get(index) != name:
+                self._index = {i: n for i, n in self._index.items() if n != name}
+                if name in self.names:
+                    self._index[index] = name
+            return f"device_changed dev={name}", None
+        if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
+            r = nlmsg.decode_route(payload)
+            dst = f"{_addr(r.dst)}/{r.dst_len}"
+            if msg_type == nlmsg.RTM_DELROUTE and r.protocol == RT_PROTO:
+                net = netaddr.IPNetwork((int.from_bytes(r.dst, "big"), r.dst_len), _version(r.dst))
+                return f"route_deleted dst={dst}", ("route", r.table, net)
+            if (
+                msg_type == nlmsg.RTM_NEWROUTE
+                and flags & nlmsg.NLM_F_REPLACE
+                and r.protocol != RT_PROTO
+                and r.table == MAIN_TABLE
+            ):
+                return f"route_replaced dst={dst} proto={r.protocol}", None
+            return "", None
+        if msg_type in (nlmsg.RTM_DELNEIGH, nlmsg.RTM_NEWNEIGH):
+            nb = nlmsg.decode_neighbour(payload)
+            if nb.ifindex not in self._index:
+                return "", None
+            dev = self._index[nb.ifindex]
+            if nb.family == nlmsg.AF_BRIDGE:
+                mac = nlmsg.format_mac(nb.lladdr)
                 if msg_type == nlmsg.RTM_DELNEIGH:
-                    return f"{what}_deleted dev={self._index[nb.ifindex]} key={key}"
-                if not nb.state & nlmsg.NUD_PERMANENT and what == "neighbour":
-                    return f"neighbour_changed dev={self._index[nb.ifindex]} key={key}"
-                return ""
-            if msg_type == nlmsg.RTM_DELNEXTHOP:
-                nh = nlmsg.decode_nexthop(payload)
-                if nh.protocol == RT_PROTO:
-                    return f"nexthop_deleted id={nh.id}"
-        except (
-            IndexError,
-            ValueError,
-            KeyError,
-            struct.error,
-        ):  # truncated/odd message: not ours to judge
-            return ""
-        return ""
+                    return f"fdb_deleted dev={dev} key={mac}", ("fdb", dev, mac)
+                return "", None
+            if msg_type == nlmsg.RTM_DELNEIGH:
+                ip = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
+                return f"neighbour_deleted dev={dev} key={ip}", ("neighbour", dev, ip)
+            if not nb.state & nlmsg.NUD_PERMANENT:
+                return f"neighbour_changed dev={dev} key={_addr(nb.dst)}", None
+            return "", None
+        if msg_type == nlmsg.RTM_DELNEXTHOP:
+            # No key: the kernel drops the routes using a deleted nexthop without telling.
+            nh = nlmsg.decode_nexthop(payload)
+            if nh.protocol == RT_PROTO:
+                return f"nexthop_deleted id={nh.id}", None
+        return "", None
+
+
+def _version(raw: bytes) -> int:
+    return 4 if len(raw) == 4 else 6

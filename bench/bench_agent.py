@@ -1,0 +1,703 @@
+"""The agent end to end: cold convergence, one-peer latency, drift repair, idle CPU, scaling.
+
+Each node is a scratch network namespace holding one veth pair (`eth0`, 192.0.2.1/24); the
+cluster is synthetic: N peer Nodes with underlay addresses in OTHER subnets (so every peer is
+tunnelled, also in CrossSubnet mode), a VXLAN tunnel address and one /26 block each, written
+straight into a datastore. A real `overlay-agent` then runs inside the namespace.
+
+Measured against, in the same run and in fresh namespaces:
+  iproute2 nhid    : `bridge -batch` (FDB) + `ip -batch` (neighbours, nexthops, nhid routes)
+                     of the identical objects
+  iproute2 classic : the same, but each route with its own onlink gateway and no nexthop
+                     objects (how Calico and Flannel program them)
+
+Usage (root): .venv/bin/python bench/bench_agent.py [--peers 1000,10000,20000,50000]
+              [--quick] [--samples 40] [--latency-peers 10000] [--no-etcd] [--mode ...]
+Only namespaces and processes this script makes are touched; all are removed on exit,
+also on Ctrl-C or failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import contextlib
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import netaddr  # noqa: E402
+
+from ipam.block import Block, nth_block  # noqa: E402
+from ipam.datastore import Datastore, open_datastore  # noqa: E402
+from ipam.model import EncapMode, IPPool, Node  # noqa: E402
+from ipam.records import block_key  # noqa: E402
+from ipam.store import ResourceStore, encode, resource_key  # noqa: E402
+from overlay.kernel import nlmsg  # noqa: E402
+from overlay.kernel.batch import RtnlSocket, open_rtnl  # noqa: E402
+from overlay.model import MAIN_TABLE, RT_PROTO, VXLAN_DEVICE  # noqa: E402
+from overlay.view import vtep_mac  # noqa: E402
+
+AGENT = str(ROOT / ".venv" / "bin" / "overlay-agent")
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+NODE = "n0"
+NODE_IP = "192.0.2.1/24"
+POOL = IPPool(
+    name="bench-pool",
+    cidr=netaddr.IPNetwork("10.0.0.0/8"),
+    block_size=26,
+    vxlan_mode=EncapMode.CROSS_SUBNET,
+)
+PEER_UNDERLAY_BASE = int(netaddr.IPAddress("100.64.0.0"))
+PREFIX = f"ovb{os.getpid()}"
+_made_ns: list[str] = []
+_made_procs: list[subprocess.Popen[bytes]] = []
+
+
+# --- processes and namespaces, always cleaned up ---------------------------------------------
+
+
+def sh(*args: str, check: bool = True, timeout: float = 900) -> str:
+    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:6])}...: exit {res.returncode}: {res.stderr}")
+    return res.stdout
+
+
+def make_netns(tag: str) -> str:
+    """A namespace with lo and a veth pair eth0/eth0p up; eth0 has NODE_IP."""
+    ns = f"{PREFIX}-{tag}"
+    sh("ip", "netns", "add", ns)
+    _made_ns.append(ns)
+    sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    sh("ip", "-n", ns, "addr", "add", NODE_IP, "dev", "eth0")
+    for dev in ("lo", "eth0", "eth0p"):
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+    # The agent's autodetection wants eth0 operationally up (veth carrier comes async).
+    deadline = time.monotonic() + 5
+    while "state UP" not in sh("ip", "-n", ns, "link", "show", "eth0"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{ns}: eth0 did not come up")
+        time.sleep(0.01)
+    return ns
+
+
+def del_netns(ns: str) -> None:
+    sh("ip", "netns", "del", ns, check=False)
+    if ns in _made_ns:
+        _made_ns.remove(ns)
+
+
+def stop_proc(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    if proc in _made_procs:
+        _made_procs.remove(proc)
+
+
+def cleanup() -> None:
+    for proc in list(_made_procs):
+        stop_proc(proc)
+    for ns in list(_made_ns):
+        del_netns(ns)
+
+
+# --- the synthetic cluster ----------
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    underlay: netaddr.IPNetwork
+    block: netaddr.IPNetwork
+    mac: str
+
+    @property
+    def tunnel(self) -> netaddr.IPAddress:
+        return self.block.network
+
+
+def peer(i: int, pool: IPPool = POOL) -> Peer:
+    """Peer i owns block i+1 of the pool (block 0 is left for the node under test)."""
+    name = f"peer-{i:06d}"
+    underlay = netaddr.IPNetwork((PEER_UNDERLAY_BASE + i, 16))
+    return Peer(name, underlay, nth_block(pool, i + 1), vtep_mac(name))
+
+
+def peer_records(p: Peer) -> list[tuple[str, str]]:
+    """(key, value) of the peer's Node and its block (tunnel address allocated in it)."""
+    node = Node(name=p.name, ipv4_address=p.underlay, ipv4_vxlan_tunnel_addr=p.tunnel)
+    block = Block.new(p.block, affinity=f"host:{p.name}", sequence_number=1)
+    block.assign(
+        p.tunnel,
+        f"vxlan-tunnel-addr-{p.name}",
+        {"node": p.name, "type": "vxlanTunnelAddress"},
+    )
+    return [(resource_key("Node", p.name), encode(node)), (block_key(p.block), block.to_json())]
+
+
+def fill(ds: Datastore, peers: list[Peer], mode: EncapMode, threads: int = 1) -> None:
+    ResourceStore(ds).apply(
+        IPPool(POOL.name, POOL.cidr, POOL.block_size, vxlan_mode=mode, nat_outgoing=False)
+    )
+    records = [kv for p in peers for kv in peer_records(p)]
+    if threads == 1:
+        for key, value in records:
+            ds.create(key, value)
+        return
+    errors: list[BaseException] = []
+
+    def work(part: list[tuple[str, str]]) -> None:
+        try:
+            for key, value in part:
+                ds.create(key, value)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work, args=(records[i::threads],)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+# --- observing the kernel ----------
+
+
+def count_routes(sock: RtnlSocket) -> int:
+    """Our routes in the main table (the kernel filters by protocol; we only count)."""
+    n = 0
+    for _t, _payload in sock.dump(nlmsg.dump_routes(socket.AF_INET, MAIN_TABLE, RT_PROTO)):
+        n += 1
+    return n
+
+
+def count_objects(ns: str) -> dict[str, int]:
+    """Neighbour / FDB / nexthop / route counts of ours, from iproute2 (a check, untimed)."""
+
+    def lines(*args: str) -> int:
+        return sh("ip", "-n", ns, *args).count("\n")
+
+    fdb = sh("bridge", "-n", ns, "fdb", "show", "dev", VXLAN_DEVICE).splitlines()
+    return {
+        "neigh": lines("neigh", "show", "dev", VXLAN_DEVICE, "nud", "permanent"),
+        "fdb": sum(1 for line in fdb if " dst " in line and not line.startswith("00:00:00")),
+        "nexthop": lines("nexthop", "show", "protocol", str(RT_PROTO)),
+        "route": lines("route", "show", "proto", str(RT_PROTO)),
+    }
+
+
+class RouteWatch:
+    """A netlink monitor socket in the namespace: timestamps of route adds/deletes per dst."""
+
+    def __init__(self, ns: str | None) -> None:
+        self.sock = open_rtnl(ns, nlmsg.RTMGRP_IPV4_ROUTE)
+        self.buf = bytearray(1 << 20)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def drain(self) -> None:
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while self.sock.recv_into(self.buf):
+                pass
+        self.sock.setblocking(True)
+
+    def wait(self, dst: netaddr.IPNetwork, added: bool, timeout: float) -> float | None:
+        """monotonic time when a route to `dst` of ours was added (or deleted); None on timeout."""
+        want_type = nlmsg.RTM_NEWROUTE if added else nlmsg.RTM_DELROUTE
+        want_dst = int(dst.network).to_bytes(4, "big")
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([self.sock], [], [], left)
+            if not ready:
+                continue
+            n = self.sock.recv_into(self.buf)
+            now = time.monotonic()
+            for msg_type, _flags, _seq, payload in nlmsg.iter_messages(bytes(self.buf[:n])):
+                if msg_type != want_type:
+                    continue
+                r = nlmsg.decode_route(payload)
+                if r.dst == want_dst and r.dst_len == dst.prefixlen and r.protocol == RT_PROTO:
+                    return now
+        return None
+
+
+# --- the agent ----------
+
+
+@dataclass
+class AgentRun:
+    proc: subprocess.Popen[bytes]
+    dir: Path
+    started: float  # monotonic, just before the process was spawned
+    started_wall: float = 0.0  # the same instant on the wall clock (the log's timestamps)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def proc_status(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) // 1024  # MiB
+        return out
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def phases(self) -> str:
+        """Spawn -> agent_started (interpreter, imports, registration), then the first
+        reconcile pass (datastore listing and decode before it; compute, plan, apply in it)."""
+        started = first_pass = None
+        with contextlib.suppress(OSError):
+            for line in (self.dir / "agent.log").read_text().splitlines():
+                if started is None and "event=agent_started" in line:
+                    started = _log_time(line) - self.started_wall
+                elif first_pass is None and " synced ops=" in line:
+                    end = _log_time(line) - self.started_wall
+                    took = float(line.rsplit("duration=", 1)[1].rstrip("s"))
+                    first_pass = (end - took, took)
+        if started is None or first_pass is None:
+            return ""
+        return (
+            f"up+registered {started:.2f}s, view ready {first_pass[0]:.2f}s, "
+            f"first pass (read+compute+plan+apply) {first_pass[1]:.2f}s"
+        )
+
+    def log_tail(self, lines: int = 15) -> str:
+        out = []
+        for name in ("agent.stderr", "agent.log"):
+            with contextlib.suppress(OSError):
+                out += (self.dir / name).read_text().splitlines()[-lines:]
+        return "\n".join(out) or "(no log)"
+
+
+def _log_time(line: str) -> float:
+    """The ts=...Z of one agent log line, as a Unix time."""
+    ts = line.split(" ", 1)[0].removeprefix("ts=").rstrip("Z")
+    whole, _, frac = ts.partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
+
+
+def start_agent(ns: str | None, url: str, workdir: Path, extra: tuple[str, ...] = ()) -> AgentRun:
+    state = workdir / NODE
+    state.mkdir(parents=True, exist_ok=True)
+    argv = [
+        AGENT,
+        "--node-name", NODE,
+        "--datastore", url,
+        "--state-dir", str(state),
+        "--socket", str(state / "cni.sock"),
+        "--ip-autodetection", "interface=eth0",
+        "--metrics-addr", "127.0.0.1:0",
+        "--log-file", str(workdir / "agent.log"),
+        *extra,
+    ]  # fmt: skip
+    if ns is not None:
+        argv = ["ip", "netns", "exec", ns, *argv]  # ip execs the agent: same PID
+    started, started_wall = time.monotonic(), time.time()
+    with open(workdir / "agent.stderr", "wb") as err:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+        )
+    _made_procs.append(proc)
+    return AgentRun(proc, workdir, started, started_wall)
+
+
+def wait_routes(run: AgentRun, ns: str | None, want: int, timeout: float) -> float:
+    """Seconds from agent spawn until `want` routes of ours are in the kernel."""
+    deadline = time.monotonic() + timeout
+    with RtnlSocket(ns) as sock:
+        while time.monotonic() < deadline:
+            if count_routes(sock) >= want:
+                return time.monotonic() - run.started
+            if run.proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {run.proc.returncode}:\n{run.log_tail()}")
+            time.sleep(0.02)
+    raise RuntimeError(f"agent did not program {want} routes in {timeout:.0f}s:\n{run.log_tail()}")
+
+
+def wait_idle(run: AgentRun, quiet: float = 1.5, timeout: float = 120.0) -> None:
+    """Until the agent's CPU time stops growing for `quiet` seconds (post-convergence work)."""
+    deadline = time.monotonic() + timeout
+    last, since = run.cpu_seconds(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = run.cpu_seconds()
+        if now - last > 0.02:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+
+
+# --- iproute2 anchors ----------
+
+
+def iproute2_program(peers: list[Peer], nexthops: bool) -> tuple[float, float]:
+    """(wall s, CPU s) of bridge -batch + ip -batch of the same objects in a fresh namespace."""
+    ns = make_netns("ip2")
+    try:
+        sh("ip", "-n", ns, "link", "add", VXLAN_DEVICE, "type", "vxlan", "id", "4096",
+           "dstport", "4789", "local", "192.0.2.1", "dev", "eth0", "nolearning")  # fmt: skip
+        sh("ip", "-n", ns, "link", "set", VXLAN_DEVICE, "up")
+        fdb = [f"fdb replace {p.mac} dev {VXLAN_DEVICE} dst {p.underlay.ip} self permanent"
+               for p in peers]  # fmt: skip
+        ip = [f"neigh replace {p.tunnel} lladdr {p.mac} dev {VXLAN_DEVICE} nud permanent"
+              for p in peers]  # fmt: skip
+        if nexthops:
+            ip += [f"nexthop replace id {i + 1} via {p.tunnel} dev {VXLAN_DEVICE} onlink "
+                   f"proto {RT_PROTO}" for i, p in enumerate(peers)]  # fmt: skip
+            ip += [f"route replace {p.block} nhid {i + 1} proto {RT_PROTO}"
+                   for i, p in enumerate(peers)]  # fmt: skip
+        else:
+            ip += [f"route replace {p.block} via {p.tunnel} dev {VXLAN_DEVICE} onlink "
+                   f"proto {RT_PROTO}" for p in peers]  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            fdb_file, ip_file = Path(tmp, "fdb"), Path(tmp, "ip")
+            fdb_file.write_text("\n".join(fdb) + "\n")
+            ip_file.write_text("\n".join(ip) + "\n")
+            cpu0 = _children_cpu()
+            start = time.perf_counter()
+            sh("bridge", "-n", ns, "-batch", str(fdb_file))
+            sh("ip", "-n", ns, "-batch", str(ip_file))
+            took = time.perf_counter() - start
+            cpu = _children_cpu() - cpu0
+        got = count_objects(ns)
+        assert got["route"] == len(peers), got
+        return took, cpu
+
+    finally:
+        del_netns(ns)
+
+
+def _children_cpu() -> float:
+    """user + system CPU of reaped children: the kernel's netlink work runs in the sender's
+    context, so this counts the kernel's share too, and a loaded machine does not inflate it."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+# --- the measurements ----------
+
+
+@dataclass
+class ColdResult:
+    peers: int
+    ours: float
+    rss: dict[str, int]
+    objects: dict[str, int]
+    drift: list[float] = field(default_factory=list)
+    idle_cpu: float | None = None  # percent of one core
+    cpu: float = 0.0  # agent CPU seconds (user + system) until converged
+    ip_nhid: float | None = None
+    ip_classic: float | None = None
+    ip_nhid_cpu: float = 0.0
+    ip_classic_cpu: float = 0.0
+    load: tuple[float, float] = (0.0, 0.0)  # 1-min load average before / after
+    phases: str = ""  # where the cold start went, from the agent's log
+
+
+def cold_run(
+    n: int, mode: EncapMode, *, drift_samples: int, idle_seconds: float, timeout: float
+) -> ColdResult:
+    peers = [peer(i) for i in range(n)]
+    with tempfile.TemporaryDirectory(prefix="ovb-") as tmp:
+        workdir = Path(tmp)
+        ds = open_datastore(f"sqlite:///{workdir}/o.db")
+        try:
+            fill(ds, peers, mode)
+        finally:
+            ds.close()
+        ns = make_netns(f"c{n}")
+        try:
+            run = start_agent(ns, f"sqlite:///{workdir}/o.db", workdir)
+            # Every peer's block plus the blackhole for our own block.
+            ours = wait_routes(run, ns, n + 1, timeout)
+            cpu = run.cpu_seconds()
+            wait_idle(run)
+            result = ColdResult(n, ours, run.proc_status(), count_objects(ns), cpu=cpu)
+            result.phases = run.phases()
+            if drift_samples:
+                result.drift = drift_repair(ns, peers, drift_samples)
+                wait_idle(run)
+            if idle_seconds:
+                cpu0, t0 = run.cpu_seconds(), time.monotonic()
+                time.sleep(idle_seconds)
+                result.idle_cpu = 100 * (run.cpu_seconds() - cpu0) / (time.monotonic() - t0)
+            stop_proc(run.proc)
+        finally:
+            del_netns(ns)
+    return result
+
+
+def drift_repair(ns: str, peers: list[Peer], samples: int) -> list[float]:
+    """Delete one of our routes by hand; seconds until the agent has it back."""
+    out: list[float] = []
+    watch = RouteWatch(ns)
+    try:
+        for k in range(samples):
+            p = peers[(k * 7919) % len(peers)]
+            watch.drain()
+            sh("ip", "-n", ns, "route", "del", str(p.block), "proto", str(RT_PROTO))
+            gone = watch.wait(p.block, added=False, timeout=5)
+            back = watch.wait(p.block, added=True, timeout=10)
+            if gone is None or back is None:
+                raise RuntimeError(f"drift: route {p.block} not repaired within 10 s")
+            out.append(back - gone)
+            time.sleep(0.3)  # let the post-repair re-read finish: samples stay independent
+    finally:
+        watch.close()
+    return out
+
+
+def latency_run(
+    ns: str | None, url: str, workdir: Path, n: int, samples: int, mode: EncapMode, timeout: float
+) -> dict[str, list[float]]:
+    """One peer added then removed, `samples` times: datastore write -> route in/out."""
+    ds = open_datastore(url)
+    try:
+        peers = [peer(i) for i in range(n)]
+        fill(ds, peers, mode, threads=1 if url.startswith("sqlite") else 8)
+        run = start_agent(ns, url, workdir)
+        wait_routes(run, ns, n + 1, timeout)
+        wait_idle(run)
+        watch = RouteWatch(ns)
+        add: list[float] = []
+        remove: list[float] = []
+        try:
+            for k in range(samples):
+                p = peer(n + k)
+                records = peer_records(p)
+                watch.drain()
+                start = time.monotonic()
+                revs = [ds.create(key, value) for key, value in records]
+                got = watch.wait(p.block, added=True, timeout=30)
+                if got is None:
+                    raise RuntimeError(
+                        f"peer {p.name}: route {p.block} not programmed in 30 s:\n" + run.log_tail()
+                    )
+                add.append(got - start)
+                time.sleep(0.2)
+                watch.drain()
+                start = time.monotonic()
+                for (key, _v), rev in reversed(list(zip(records, revs, strict=True))):
+                    ds.delete(key, rev)
+                got = watch.wait(p.block, added=False, timeout=30)
+                if got is None:
+                    raise RuntimeError(
+                        f"peer {p.name}: route {p.block} not removed in 30 s:\n" + run.log_tail()
+                    )
+                remove.append(got - start)
+                time.sleep(0.2)
+        finally:
+            watch.close()
+            stop_proc(run.proc)
+        return {"add": add, "remove": remove}
+    finally:
+        ds.close()
+
+
+def etcd_child(args: argparse.Namespace) -> None:
+    """Runs INSIDE the node namespace (spawned by `ip netns exec`): a 3-member etcd on its
+    loopback, the agent, and the latency samples; prints them as JSON."""
+    from ipam.testing.etcd import EtcdCluster
+
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with tempfile.TemporaryDirectory(prefix="ovb-etcd-") as tmp:
+        cluster = EtcdCluster(Path(tmp) / "etcd", members=3)
+        try:
+            cluster.start(timeout=60)
+            out = latency_run(
+                None, cluster.url, Path(tmp), args.latency_peers, args.samples,
+                EncapMode(args.mode), args.timeout,
+            )  # fmt: skip
+        finally:
+            cleanup()
+            cluster.stop()
+    print(json.dumps(out))
+
+
+def etcd_latency(args: argparse.Namespace) -> dict[str, list[float]]:
+    ns = make_netns("etcd")
+    try:
+        argv = [PYTHON, __file__, "--etcd-child", "--latency-peers", str(args.latency_peers),
+                "--samples", str(args.samples), "--mode", args.mode,
+                "--timeout", str(args.timeout)]  # fmt: skip
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        _made_procs.append(proc)
+        try:
+            out, err = proc.communicate(timeout=args.timeout * 4 + 600)
+        finally:
+            stop_proc(proc, timeout=30)
+        if proc.returncode != 0:
+            raise RuntimeError(f"etcd child failed ({proc.returncode}):\n{err.decode()[-3000:]}")
+        return json.loads(out.decode().strip().splitlines()[-1])
+    finally:
+        del_netns(ns)
+
+
+# --- report ----------
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+def fmt_lat(values: list[float]) -> str:
+    ms = [v * 1000 for v in values]
+    return (
+        f"p50 {statistics.median(ms):6.1f} ms  p99 {pct(ms, 99):6.1f} ms  "
+        f"max {max(ms):6.1f} ms  (n={len(ms)})"
+    )
+
+
+def report(cold: list[ColdResult], latency: dict[str, dict[str, list[float]]]) -> str:
+    lines = [
+        "Cold convergence (agent spawn -> all routes in the kernel) vs iproute2 batch",
+        f"{'peers':>7} {'agent s':>8} {'ip nhid s':>10} {'ip classic s':>13} "
+        f"{'agent/nhid':>11} {'classic/agent':>14} {'RSS MiB':>8} {'HWM MiB':>8}",
+    ]
+    for r in cold:
+        nhid = f"{r.ip_nhid:10.2f}" if r.ip_nhid is not None else f"{'-':>10}"
+        classic = f"{r.ip_classic:13.2f}" if r.ip_classic is not None else f"{'-':>13}"
+        ratio = f"{r.ours / r.ip_nhid:10.2f}x" if r.ip_nhid else f"{'-':>11}"
+        vs = f"{r.ip_classic / r.ours:13.2f}x" if r.ip_classic else f"{'-':>14}"
+        lines.append(
+            f"{r.peers:>7} {r.ours:8.2f} {nhid} {classic} {ratio} {vs} "
+            f"{r.rss.get('VmRSS', 0):8d} {r.rss.get('VmHWM', 0):8d}"
+        )
+    if cold:
+        lines += [
+            "CPU seconds (user+system, kernel work included; immune to other load)",
+            f"{'peers':>7} {'agent':>8} {'ip nhid':>10} {'ip classic':>13} "
+            f"{'agent/nhid':>11} {'classic/agent':>14} {'load avg':>12}",
+        ]
+    for r in cold:
+        ratio = f"{r.cpu / r.ip_nhid_cpu:10.2f}x" if r.ip_nhid_cpu else f"{'-':>11}"
+        vs = f"{r.ip_classic_cpu / r.cpu:13.2f}x" if r.ip_classic_cpu else f"{'-':>14}"
+        lines.append(
+            f"{r.peers:>7} {r.cpu:8.2f} {r.ip_nhid_cpu:10.2f} {r.ip_classic_cpu:13.2f} "
+            f"{ratio} {vs} {r.load[0]:5.1f}->{r.load[1]:<5.1f}"
+        )
+    for r in cold:
+        lines.append(f"objects at {r.peers}: {r.objects}")
+        if r.phases:
+            lines.append(f"agent phases at {r.peers}: {r.phases}")
+        if r.drift:
+            lines.append(f"drift repair at {r.peers} peers: {fmt_lat(r.drift)}")
+        if r.idle_cpu is not None:
+            lines.append(f"idle CPU at {r.peers} peers: {r.idle_cpu:.2f}% of one core")
+    for store, lat in latency.items():
+        lines.append(f"one peer added   ({store}): {fmt_lat(lat['add'])}")
+        lines.append(f"one peer removed ({store}): {fmt_lat(lat['remove'])}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peers", default="10000", help="comma-separated peer counts")
+    p.add_argument("--quick", action="store_true", help="1000 peers, few samples, short idle")
+    p.add_argument("--samples", type=int, default=40, help="latency / drift samples")
+    p.add_argument("--latency-peers", type=int, default=10000, help="peers held while sampling")
+    p.add_argument("--detail-peers", type=int, default=10000,
+                   help="the peer count at which drift and idle CPU are measured")  # fmt: skip
+    p.add_argument("--idle-seconds", type=float, default=20.0)
+    p.add_argument("--mode", choices=[m.value for m in EncapMode if m is not EncapMode.NEVER],
+                   default=EncapMode.CROSS_SUBNET.value)  # fmt: skip
+    p.add_argument("--no-etcd", action="store_true")
+    p.add_argument("--no-latency", action="store_true")
+    p.add_argument("--no-iproute2", action="store_true")
+    p.add_argument("--timeout", type=float, default=300.0, help="per convergence, seconds")
+    p.add_argument("--etcd-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.peers, args.samples, args.latency_peers = "1000", 10, 1000
+        args.detail_peers, args.idle_seconds = 1000, 5.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.etcd_child:
+        etcd_child(args)
+        return 0
+    if os.geteuid() != 0:
+        print("bench_agent: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    mode = EncapMode(args.mode)
+    counts = [int(x) for x in args.peers.split(",")]
+    cold: list[ColdResult] = []
+    latency: dict[str, dict[str, list[float]]] = {}
+    try:
+        for n in counts:
+            detail = n == args.detail_peers
+            load0 = os.getloadavg()[0]
+            r = cold_run(
+                n, mode, drift_samples=args.samples if detail else 0,
+                idle_seconds=args.idle_seconds if detail else 0, timeout=args.timeout,
+            )  # fmt: skip
+            if not args.no_iproute2:
+                peers = [peer(i) for i in range(n)]
+                r.ip_nhid, r.ip_nhid_cpu = iproute2_program(peers, nexthops=True)
+                r.ip_classic, r.ip_classic_cpu = iproute2_program(peers, nexthops=False)
+            r.load = (load0, os.getloadavg()[0])
+            cold.append(r)
+            print(report([r], {}), flush=True)
+        if not args.no_latency:
+            with tempfile.TemporaryDirectory(prefix="ovb-") as tmp:
+                ns = make_netns("lat")
+                try:
+                    latency["sqlite"] = latency_run(
+                        ns, f"sqlite:///{tmp}/o.db", Path(tmp), args.latency_peers,
+                        args.samples, mode, args.timeout,
+                    )  # fmt: skip
+                finally:
+                    del_netns(ns)
+            if not args.no_etcd:
+                latency["etcd x3"] = etcd_latency(args)
+    except KeyboardInterrupt:
+        print("interrupted: cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        cleanup()
+    print()
+    print(f"mode={mode.value} machine: {os.cpu_count()} CPUs, {os.uname().release}")
+    print(report(cold, latency))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
