@@ -161,7 +161,7 @@ def render_agent_env(datastore: str, node_name: str | None, ip_autodetection: st
         f"OVERLAY_DATASTORE={datastore}\n"
         f"{node}\n"
         "# Further agent flags, split on spaces, e.g. --ip-autodetection=cidr=10.0.0.0/8\n"
-        "# --mtu=1400 --log-format=json --metrics-addr=127.0.0.1:9099 --resync-interval=30\n"
+        "# --mtu=1400 --log-format=json --metrics-addr=127.0.0.1:9099 --resync-interval=90\n"
         f"OVERLAY_AGENT_ARGS={args}\n"
     )
 
