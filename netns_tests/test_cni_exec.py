@@ -20,6 +20,7 @@ from netns_tests.cni_fixtures import (
     Node,
     cluster,
     sh,
+    wait_for,
 )
 
 pytestmark = [
@@ -220,6 +221,26 @@ def test_agent_down_gives_try_again_and_status_not_available() -> None:
         assert_error(status, 50, node.socket)
         assert c.allocations() == {}
         assert pod_state(c, ns)["link"] is None
+
+
+def test_status_reports_exhausted_pools_then_recovers() -> None:
+    with cluster((1,)) as c:
+        node = c.nodes[0]
+        tiny = c.dir / "tiny.yaml"
+        tiny.write_text(
+            "apiVersion: projectcalico.org/v3\nkind: IPPool\nmetadata: {name: tiny}\n"
+            "spec: {cidr: 10.250.0.0/30, blockSize: 30}\n"
+        )
+        assert c.overlayctl("delete", "ippool", "default-ipv4").returncode == 0
+        assert c.overlayctl("apply", "-f", str(tiny)).returncode == 0
+        for i in range(4):
+            got = c.overlayctl("ipam", "assign", "--node", node.name, "--handle", f"fill{i}")
+            assert got.returncode == 0, got.stderr
+        # The agent caches its answer for a few seconds: poll until it sees the change.
+        assert wait_for(lambda: c.exec_plugin(node, c.conf(node), "STATUS").rc != 0, 15.0)
+        assert_error(c.exec_plugin(node, c.conf(node), "STATUS"), 50, "exhausted", "tiny")
+        assert c.overlayctl("ipam", "release", "--handle", "fill0").returncode == 0
+        assert wait_for(lambda: c.exec_plugin(node, c.conf(node), "STATUS").rc == 0, 15.0)
 
 
 # --------------------------------------------------------------------------- bad input

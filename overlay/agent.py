@@ -28,6 +28,7 @@ from ipam.datastore import Datastore, DatastoreError, open_datastore, resolve_ur
 from ipam.model import IPPool, Node
 from ipam.store import ResourceStore
 from overlay import autodetect, nodes
+from overlay.cni_service import exhaustion
 from overlay.compute import DataplaneConfig, LocalNode, compute, local_node_from
 from overlay.model import Dataplane
 from overlay.reconciler import Reconciler
@@ -40,6 +41,7 @@ log = logging.getLogger("overlay.agent")
 DEFAULT_STATE_DIR = "/var/lib/overlay"
 DEFAULT_SOCKET = "/var/run/overlay/cni.sock"
 DEFAULT_METRICS = "127.0.0.1:9099"
+STATUS_CACHE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,9 @@ class Agent:
         self._underlay: autodetect.Underlay | None = None
         self._underlay_mtu = 1500
         self.reconciler: Reconciler | None = None
+        self._ipam: IPAM | None = None
+        self._store: ResourceStore | None = None
+        self._exhausted_at: tuple[float, str | None] | None = None
         self.watcher: ClusterWatcher | None = None
 
     # --- start-up ---------------------------------------------------------------------------
@@ -282,8 +287,8 @@ class Agent:
 
         self._detect_underlay()
         ds = self.ds = open_datastore(self.cfg.datastore)
-        store = ResourceStore(ds)
-        ipam = IPAM(ds, store)
+        store = self._store = ResourceStore(ds)
+        ipam = self._ipam = IPAM(ds, store)
         self._retry(lambda: self.register(store, ipam), "register node")
         if self.stop_event.is_set():
             return 0
@@ -361,6 +366,20 @@ class Agent:
             raise CniError(50, "overlay-agent has not read the datastore yet")
         if self.watcher.last_error:
             raise CniError(50, f"datastore unreachable: {self.watcher.last_error}")
+        # Runtimes poll STATUS: reuse an answer for a few seconds (a full block listing).
+        now = time.monotonic()
+        if self._exhausted_at is None or now - self._exhausted_at[0] > STATUS_CACHE_SECONDS:
+            assert self._ipam is not None and self._store is not None
+            store = self._store
+            node = store.get_node(self.cfg.node_name)
+            why = exhaustion(
+                self._ipam.utilization(), store.list_pools(), node.labels if node else {}
+            )
+            self._exhausted_at = (now, why)
+        if self._exhausted_at[1] is not None:
+            raise CniError(
+                50, f"node {self.cfg.node_name} cannot get addresses: {self._exhausted_at[1]}"
+            )
 
     def _retry(self, fn: Any, what: str, backoff_max: float = 10.0) -> None:
         delay = 0.2

@@ -9,7 +9,8 @@ from typing import Any
 import netaddr
 
 from cni.spec import INVALID_CONFIG, CniError
-from ipam.allocator import IPAM
+from ipam.allocator import IPAM, Utilization
+from ipam.model import IPPool
 from ipam.store import ResourceStore
 
 
@@ -84,3 +85,21 @@ class CniIpam:
                 if attr.handle_id and attr.secondary.get("node") == node:
                     found[attr.handle_id] = dict(attr.secondary)
         return found
+
+
+def exhaustion(usage: Utilization, pools: Iterable[IPPool], labels: dict[str, str]) -> str | None:
+    """Why this node can get no IPv4 address at all (None when it can): every enabled
+    IPv4 pool that selects the node has no assignable address left. Pure."""
+    from ipam.selector import parse_selector
+
+    mine = {
+        p.name
+        for p in pools
+        if p.version == 4 and not p.disabled and parse_selector(p.node_selector).matches(labels)
+    }
+    if not mine:
+        return "no enabled IPv4 pool selects this node"
+    usable = [u for u in usage.pools if u.name in mine]
+    if any(u.free > 0 for u in usable):
+        return None
+    return "IPv4 pools exhausted: " + ", ".join(f"{u.name} ({u.cidr})" for u in usable)

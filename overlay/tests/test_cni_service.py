@@ -44,3 +44,26 @@ def test_unknown_pool_name_is_a_config_error_naming_it(adapter: CniIpam) -> None
         adapter.auto_assign("net.a", "n1", 1, 0, {}, pools=["10.66.0.0/99"])
     assert err.value.code == INVALID_CONFIG and "10.66.0.0/99" in err.value.msg
     assert adapter.allocations_for_node("n1") == {}  # nothing was assigned
+
+
+def test_exhaustion_only_when_every_pool_for_the_node_is_full() -> None:
+    import netaddr
+
+    from ipam.allocator import PoolUsage, Utilization
+    from ipam.model import IPPool
+    from overlay.cni_service import exhaustion
+
+    def pool(name: str, cidr: str, **kw: object) -> IPPool:
+        return IPPool(name, netaddr.IPNetwork(cidr), 30, **kw)  # type: ignore[arg-type]
+
+    def usage(name: str, cidr: str, free: int) -> PoolUsage:
+        return PoolUsage(name, netaddr.IPNetwork(cidr), False, 4, 4 - free, 0, free, [])
+
+    pools = [pool("a", "10.1.0.0/30"), pool("b", "10.2.0.0/30", node_selector="zone == 'x'")]
+    full = Utilization([usage("a", "10.1.0.0/30", 0), usage("b", "10.2.0.0/30", 3)], [])
+    # Node outside zone x: only pool a applies, and it is full.
+    assert "a (10.1.0.0/30)" in (exhaustion(full, pools, {}) or "")
+    # In zone x pool b still has room.
+    assert exhaustion(full, pools, {"zone": "x"}) is None
+    disabled = [pool("a", "10.1.0.0/30", disabled=True)]
+    assert exhaustion(full, disabled, {}) == "no enabled IPv4 pool selects this node"
