@@ -256,9 +256,7 @@ class Agent:
         self._pools = pools
         key = _pool_key(pools)
         mine = view.nodes.get(self.cfg.node_name)
-        lost = mine is None or (
-            self.node is not None and repr(mine) != repr(self.node) and self._identity_lost(mine)
-        )
+        lost = mine is None or (self.node is not None and self._identity_lost(mine))
         if key != self._pools_seen or lost:
             # Pools changed (tunnel addresses may be needed or freed) or our Node was
             # deleted/overwritten: register again before computing.
