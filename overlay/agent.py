@@ -29,7 +29,7 @@ from ipam.model import IPPool, Node
 from ipam.store import ResourceStore
 from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
-from overlay.compute import DataplaneConfig, LocalNode, compute, local_node_from
+from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, compute, local_node_from
 from overlay.model import Dataplane
 from overlay.reconciler import Reconciler
 from overlay.status_http import StatusServer
@@ -98,6 +98,7 @@ class Agent:
         self.pod_mtu = 1450
         self.nexthops = True
         self._desired: Dataplane | None = None
+        self._compute_cache = ComputeCache()  # per-peer pieces reused between views
         self._pools_seen: str | None = None
         self._pools: list[IPPool] = []
         self._underlay: autodetect.Underlay | None = None
@@ -152,7 +153,7 @@ class Agent:
 
     def _compute(self, view: ClusterView) -> Dataplane:
         assert self.local is not None
-        desired = compute(view, self.local, DataplaneConfig())
+        desired = compute(view, self.local, DataplaneConfig(), self._compute_cache)
         self._desired = desired
         return desired
 

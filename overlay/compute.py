@@ -124,13 +124,24 @@ class _Builder:
     vtep_problems: dict[str, str]
     local_subnet: netaddr.IPNetwork  # built once: netaddr's .cidr is slow at 50k peers
     underlays: dict[str, netaddr.IPAddress]  # node -> underlay IP, derived once per compute
+    memo: ComputeCache
     decisions: dict[tuple[str, str | None], _Decision] = field(default_factory=dict)
 
     def decide(self, node_name: str, pool: IPPool | None) -> _Decision:
         key = (node_name, pool.name if pool is not None else None)
-        if key not in self.decisions:
-            self.decisions[key] = self._decide(node_name, pool)
-        return self.decisions[key]
+        decision = self.decisions.get(key)
+        if decision is None:
+            node = self.view.nodes.get(node_name)
+            vtep = self.vteps.get(node_name)
+            problem = self.vtep_problems.get(node_name)
+            old = self.memo.old_decisions.get(key)
+            if old is not None and old[0] is node and old[1] is vtep and old[2] == problem:
+                decision = old[3]
+            else:
+                decision = self._decide(node_name, pool)
+            self.memo.decisions[key] = (node, vtep, problem, decision)
+            self.decisions[key] = decision
+        return decision
 
     def _decide(self, node_name: str, pool: IPPool | None) -> _Decision:
         if pool is None:
@@ -195,58 +206,193 @@ def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class _BlockPiece:
+    """What a block's routes depend on besides the decisions, derived once per BlockInfo."""
+
+    block: BlockInfo
+    sort_key: tuple[int, int, str]
+    pool: IPPool | None
+    hosts: tuple[str, ...]  # the peers whose decisions its routes use: owner, then borrowers
+    borrowed: tuple[netaddr.IPAddress, ...]  # the addresses that need a /32, sorted
+
+
+# A route offer: (precedence, (table, first address, prefix length), route). A borrowed /32
+# (precedence 1) beats a block (0) for the same prefix. Plain ints: cheap to hash.
+_Offer = tuple[int, tuple[int, int, int], Route]
+
+
+class ComputeCache:
+    """Per-peer pieces of the last compute(), reused for inputs that are the same objects.
+
+    The watch keeps the Node and BlockInfo objects of unchanged records from one view to the
+    next, so after one peer changes only that peer's pieces are rebuilt; the global steps
+    (VTEP dedup, route precedence) still run over all peers, on cached pieces. Reusing the
+    same Route/Neighbour/FdbEntry objects also lets plan()'s set differences match on
+    identity. Results never depend on it: compute(v, me, cfg, cache) == compute(v, me, cfg).
+    Not thread-safe: one cache per caller.
+    """
+
+    def __init__(self) -> None:
+        self.context: tuple[object, ...] | None = None
+        # name -> (node, underlay IP, VTEP candidate or why there is none)
+        self.nodes: dict[str, tuple[Node, netaddr.IPAddress | None, _Vtep | str]] = {}
+        # (node, pool name) -> (node, vtep, vtep problem, decision)
+        self.decisions: dict[tuple[str, str | None], tuple[object, object, object, _Decision]]
+        self.decisions = {}
+        self.old_decisions: dict[tuple[str, str | None], tuple[object, object, object, _Decision]]
+        self.old_decisions = {}
+        # id(block) -> (block, its sort key, its pool)
+        self.blocks: dict[int, _BlockPiece] = {}
+        # id(block) -> (block, decisions used, route offers)
+        self.offers: dict[int, tuple[BlockInfo, tuple[_Decision, ...], list[_Offer]]] = {}
+        self.new_offers: dict[int, tuple[BlockInfo, tuple[_Decision, ...], list[_Offer]]] = {}
+        self.ready: tuple[bool, bool] | None = None
+        self.l2: dict[int, tuple[_Vtep, Neighbour, FdbEntry]] = {}  # id(vtep) -> its entries
+        self.peers: dict[tuple[str, str | None], tuple[_Decision, object, PeerPath]] = {}
+
+    def start(self, context: tuple[object, ...]) -> None:
+        """Begin a compute(): drop everything when the context (this node, pools) changed."""
+        if context != self.context:
+            self.__init__()  # type: ignore[misc]
+            self.context = context
+        self.old_decisions, self.decisions = self.decisions, {}
+
+
+_NodePiece = tuple[Node, netaddr.IPAddress | None, "_Vtep | str"]
+
+
+def _node_piece(old: dict[str, _NodePiece], name: str, node: Node) -> _NodePiece:
+    """A node's underlay IP and VTEP candidate (or why it has none), cached per Node object."""
+    piece = old.get(name)
+    if piece is not None and piece[0] is node:
+        return piece
+    underlay = node.ipv4_address.ip if node.ipv4_address is not None else None
+    candidate: _Vtep | str
+    if node.ipv4_vxlan_tunnel_addr is None:
+        candidate = "node has no VXLAN tunnel address"
+    elif underlay is None:
+        candidate = "node has no IPv4 underlay address"
+    else:
+        mac = vtep_mac(name, node.vxlan_tunnel_mac)
+        candidate = _Vtep(node.ipv4_vxlan_tunnel_addr, mac, underlay)
+    return (node, underlay, candidate)
+
+
 def _find_vteps(
-    view: ClusterView, me: LocalNode, underlays: dict[str, netaddr.IPAddress]
-) -> tuple[dict[str, _Vtep], dict[str, str]]:
-    """Peers' VTEPs, and why a peer has none. Duplicate tunnel IPs or MACs would make the
-    kernel's neighbour/FDB entries flap between peers, so the later name (sorted) loses."""
+    view: ClusterView, me: LocalNode, memo: ComputeCache
+) -> tuple[dict[str, _Vtep], dict[str, str], dict[str, netaddr.IPAddress]]:
+    """Peers' VTEPs, why a peer has none, and every node's underlay IP. Duplicate tunnel IPs
+    or MACs would make the kernel's neighbour/FDB entries flap between peers, so the later
+    name (sorted) loses."""
     vteps: dict[str, _Vtep] = {}
     problems: dict[str, str] = {}
+    underlays: dict[str, netaddr.IPAddress] = {}
     ip_owner: dict[netaddr.IPAddress, str] = {}
     mac_owner: dict[str, str] = {me.vtep_mac: me.name}
     if me.vxlan_tunnel_addr is not None:
         ip_owner[me.vxlan_tunnel_addr] = me.name
+    old, memo.nodes = memo.nodes, {}
     for name in sorted(view.nodes):
-        node = view.nodes[name]
+        memo.nodes[name] = piece = _node_piece(old, name, view.nodes[name])
+        _, underlay, candidate = piece
+        if underlay is not None:
+            underlays[name] = underlay
         if name == me.name:
             continue
-        if node.ipv4_vxlan_tunnel_addr is None:
-            problems[name] = "node has no VXLAN tunnel address"
-            continue
-        if node.ipv4_address is None:
-            problems[name] = "node has no IPv4 underlay address"
-            continue
-        tunnel_ip = node.ipv4_vxlan_tunnel_addr
-        mac = view.vtep_mac(name)
-        if tunnel_ip in ip_owner:
-            problems[name] = (
-                f"VXLAN tunnel address {tunnel_ip} is also used by {ip_owner[tunnel_ip]}"
+        if isinstance(candidate, str):
+            problems[name] = candidate
+        elif candidate.tunnel_ip in ip_owner:
+            owner = ip_owner[candidate.tunnel_ip]
+            problems[name] = f"VXLAN tunnel address {candidate.tunnel_ip} is also used by {owner}"
+        elif candidate.mac in mac_owner:
+            problems[name] = f"VTEP MAC {candidate.mac} is also used by {mac_owner[candidate.mac]}"
+        else:
+            ip_owner[candidate.tunnel_ip] = name
+            mac_owner[candidate.mac] = name
+            vteps[name] = candidate
+    return vteps, problems, underlays
+
+
+def _offer(precedence: int, route: Route) -> _Offer:
+    return (precedence, (route.table, route.dst.first, route.dst.prefixlen), route)
+
+
+def _sorted_blocks(view: ClusterView, me: str, memo: ComputeCache) -> list[_BlockPiece]:
+    """IPv4 blocks in address order, with their pools and the peers they route to."""
+    old, memo.blocks = memo.blocks, {}
+    pieces = []
+    for block in view.blocks:
+        piece = old.get(id(block))
+        if piece is None or piece.block is not block:
+            if block.cidr.version != 4:
+                continue
+            owner = block.node
+            borrowed = [
+                (addr, host)
+                for addr, host in sorted(block.borrowed.items())
+                if host not in (me, owner) and addr in block.cidr
+            ]
+            piece = _BlockPiece(
+                block=block,
+                sort_key=(block.cidr.first, block.cidr.prefixlen, owner or ""),
+                pool=view.pool_for(block.cidr),
+                hosts=(*([owner] if owner not in (None, me) else []), *(h for _, h in borrowed)),
+                borrowed=tuple(addr for addr, _ in borrowed),
             )
-            continue
-        if mac in mac_owner:
-            problems[name] = f"VTEP MAC {mac} is also used by {mac_owner[mac]}"
-            continue
-        ip_owner[tunnel_ip] = name
-        mac_owner[mac] = name
-        vteps[name] = _Vtep(tunnel_ip, mac, underlays[name])
-    return vteps, problems
+        memo.blocks[id(block)] = piece
+        pieces.append(piece)
+    pieces.sort(key=lambda p: p.sort_key)
+    return pieces
 
 
-def _sorted_blocks(view: ClusterView) -> list[BlockInfo]:
-    v4 = [b for b in view.blocks if b.cidr.version == 4]
-    return sorted(v4, key=lambda b: (b.cidr.first, b.cidr.prefixlen, b.node or ""))
+def _block_offers(b: _Builder, piece: _BlockPiece) -> list[_Offer]:
+    """The routes a block asks for, rebuilt only when a decision they use changed."""
+    used = tuple(b.decide(h, piece.pool) for h in piece.hosts)
+    block = piece.block
+    old = b.memo.offers.get(id(block))
+    if old is not None and old[0] is block and old[1] == used:
+        b.memo.new_offers[id(block)] = old
+        return old[2]
+    offers: list[_Offer] = []
+    decisions = iter(used)
+    if block.node == b.me.name:
+        offers.append(_offer(0, Route(block.cidr, blackhole=True)))
+    elif block.node is not None:
+        decision = next(decisions)
+        if decision.nexthop is not None:
+            offers.append(_offer(0, Route(block.cidr, nexthop=decision.nexthop)))
+    for addr in piece.borrowed:
+        decision = next(decisions)
+        dst = netaddr.IPNetwork(f"{addr}/32")
+        if decision.vtep is not None and decision.vtep.tunnel_ip == addr:
+            # The peer's own VTEP address: resolved by the neighbour entry, no gateway.
+            offers.append(_offer(1, Route(dst, dev=VXLAN_DEVICE)))
+        elif decision.nexthop is not None:
+            offers.append(_offer(1, Route(dst, nexthop=decision.nexthop)))
+    b.memo.new_offers[id(block)] = (block, used, offers)
+    return offers
 
 
-def compute(view: ClusterView, me: LocalNode, cfg: DataplaneConfig | None = None) -> Dataplane:
-    """The desired dataplane of node `me`. Same input, same output; no I/O."""
+def compute(
+    view: ClusterView,
+    me: LocalNode,
+    cfg: DataplaneConfig | None = None,
+    cache: ComputeCache | None = None,
+) -> Dataplane:
+    """The desired dataplane of node `me`. Same input, same output; no I/O. `cache` only
+    saves work when called again with a view that shares objects with the last one."""
     cfg = cfg or DataplaneConfig()
-    blocks = _sorted_blocks(view)
-    block_pools = {b.cidr: view.pool_for(b.cidr) for b in blocks}
+    memo = cache if cache is not None else ComputeCache()
+    pools_in_view = tuple(view.pools)
+    # A different node or pool set changes every peer: start afresh (pools are few).
+    memo.start((repr(me), tuple(map(id, pools_in_view)), pools_in_view))
+    blocks = _sorted_blocks(view, me.name, memo)
     # Pools that matter: enabled ones (new pods may land in them any moment) and the ones
     # holding blocks (disabled pools keep routing their existing pods).
-    pools_in_use = [p for p in view.pools if p.version == 4 and not p.disabled]
-    pools_in_use += [p for p in block_pools.values() if p is not None]
-    encaps = {e[0] for e in map(_encap, pools_in_use) if e is not None}
+    pools_in_use = {id(p): p for p in view.pools if p.version == 4 and not p.disabled}
+    pools_in_use.update((id(b.pool), b.pool) for b in blocks if b.pool is not None)
+    encaps = {e[0] for e in map(_encap, pools_in_use.values()) if e is not None}
 
     devices: dict[str, Device] = {}
     if Path.VXLAN in encaps and me.vxlan_tunnel_addr is not None:
@@ -267,60 +413,63 @@ def compute(view: ClusterView, me: LocalNode, cfg: DataplaneConfig | None = None
             address=me.ipip_tunnel_addr,
         )
 
-    # netaddr's .ip builds a new object each call: derive each node's once.
-    underlays = {n: node.ipv4_address.ip for n, node in view.nodes.items() if node.ipv4_address}
-    vteps, vtep_problems = _find_vteps(view, me, underlays)
+    vteps, vtep_problems, underlays = _find_vteps(view, me, memo)
+    vxlan_ready = VXLAN_DEVICE in devices
     b = _Builder(
         view=view,
         me=me,
-        vxlan_ready=VXLAN_DEVICE in devices,
+        vxlan_ready=vxlan_ready,
         ipip_ready=IPIP_DEVICE in devices,
-        vteps=vteps if VXLAN_DEVICE in devices else {},
+        vteps=vteps if vxlan_ready else {},
         vtep_problems=vtep_problems,
         local_subnet=me.underlay.cidr,
         underlays=underlays,
+        memo=memo,
     )
+    # Tunnel readiness is part of every decision (it can change with a block's pool).
+    if memo.ready != (b.vxlan_ready, b.ipip_ready):
+        memo.ready = (b.vxlan_ready, b.ipip_ready)
+        memo.old_decisions = {}
 
     # (table, dst) -> (precedence, route): a borrowed /32 beats a block route for the same
     # prefix (a /32 block); among equals the first in sorted order wins.
-    chosen: dict[tuple[int, netaddr.IPNetwork], tuple[int, Route]] = {}
-
-    def offer(precedence: int, route: Route) -> None:
-        key = (route.table, route.dst)
-        if key not in chosen or chosen[key][0] < precedence:
-            chosen[key] = (precedence, route)
-
-    for block in blocks:
-        pool = block_pools[block.cidr]
-        if block.node == me.name:
-            offer(0, Route(block.cidr, blackhole=True))
-        elif block.node is not None:
-            decision = b.decide(block.node, pool)
-            if decision.nexthop is not None:
-                offer(0, Route(block.cidr, nexthop=decision.nexthop))
-        for addr, host in sorted(block.borrowed.items()):
-            if host in (me.name, block.node) or addr not in block.cidr:
-                continue
-            decision = b.decide(host, pool)
-            dst = netaddr.IPNetwork(f"{addr}/32")
-            if decision.vtep is not None and decision.vtep.tunnel_ip == addr:
-                # The peer's own VTEP address: resolved by the neighbour entry, no gateway.
-                offer(1, Route(dst, dev=VXLAN_DEVICE))
-            elif decision.nexthop is not None:
-                offer(1, Route(dst, nexthop=decision.nexthop))
+    chosen: dict[tuple[int, int, int], tuple[int, Route]] = {}
+    for piece in blocks:
+        for precedence, dst, route in _block_offers(b, piece):
+            if dst not in chosen or chosen[dst][0] < precedence:
+                chosen[dst] = (precedence, route)
+    memo.offers, memo.new_offers = memo.new_offers, {}
 
     routes = {route for _, route in chosen.values()}
     neighbours: set[Neighbour] = set()
     fdb: set[FdbEntry] = set()
+    old_l2, memo.l2 = memo.l2, {}
     for vtep in b.vteps.values():
-        neighbours.add(Neighbour(VXLAN_DEVICE, vtep.tunnel_ip, vtep.mac))
-        fdb.add(FdbEntry(VXLAN_DEVICE, vtep.mac, vtep.underlay))
+        pair = old_l2.get(id(vtep))
+        if pair is None or pair[0] is not vtep:
+            pair = (
+                vtep,
+                Neighbour(VXLAN_DEVICE, vtep.tunnel_ip, vtep.mac),
+                FdbEntry(VXLAN_DEVICE, vtep.mac, vtep.underlay),
+            )
+        memo.l2[id(vtep)] = pair
+        neighbours.add(pair[1])
+        fdb.add(pair[2])
 
     peers = []
-    for (node_name, _pool), decision in b.decisions.items():
-        node = view.nodes.get(node_name)
-        underlay = underlays.get(node_name) if node else None
-        peers.append(PeerPath(node_name, decision.path, decision.reason, underlay))
+    old_peers, memo.peers = memo.peers, {}
+    for key, decision in b.decisions.items():
+        node_name = key[0]
+        underlay = underlays.get(node_name) if node_name in view.nodes else None
+        entry = old_peers.get(key)
+        if entry is None or entry[0] is not decision or entry[1] != underlay:
+            entry = (
+                decision,
+                underlay,
+                PeerPath(node_name, decision.path, decision.reason, underlay),
+            )
+        memo.peers[key] = entry
+        peers.append(entry[2])
     peers.sort(key=lambda p: (p.node, p.reason))
 
     v4_pools = [p for p in view.pools if p.version == 4]

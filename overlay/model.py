@@ -178,7 +178,8 @@ class Nexthop:
 
 
 # An object of ours that the netlink monitor saw deleted, keyed like the kernel keys it:
-# ("route", table, dst network), ("neighbour", dev, ip), ("fdb", dev, mac).
+# ("route", table, dst network), ("neighbour", dev, ip), ("fdb", dev, mac),
+# ("nexthop", id, "") (the kernel drops the routes using it).
 GoneKey = tuple[str, int | str, netaddr.IPNetwork | netaddr.IPAddress | str]
 
 

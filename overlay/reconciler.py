@@ -207,7 +207,10 @@ class Reconciler:
                 self._actual = self._kernel.read()
                 self._last_read = self._clock()
             elif gone and self._actual is not None:
-                forget(self._actual, gone)
+                lost = forget(self._actual, gone)
+                if not lost and view is self._applied_view:
+                    # Only our own deletions echoed back by the monitor: nothing to do.
+                    return Outcome.IDLE
             actual = self._actual
             assert actual is not None
             if self._computed is not None and self._computed[0] is view:
@@ -304,22 +307,30 @@ class Reconciler:
         return Outcome.FAILED
 
 
-def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> None:
-    """Drop from `actual` (in place) the objects the kernel reported deleted."""
+def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
+    """Drop from `actual` (in place) the objects the kernel reported deleted; return how
+    many it still held (0: the deletions were ours, already accounted for)."""
     routes = {(k[1], k[2]) for k in gone if k[0] == "route"}
     neighbours = {(k[1], k[2]) for k in gone if k[0] == "neighbour"}
     fdb = {(k[1], k[2]) for k in gone if k[0] == "fdb"}
-    if routes:
-        lost = [r for r in actual.routes if (r.table, r.dst) in routes]
-        actual.routes.difference_update(lost)
-        for r in lost:
-            actual.route_nhids.pop(r, None)
-    if neighbours:
-        actual.neighbours.difference_update(
-            [n for n in actual.neighbours if (n.dev, n.ip) in neighbours]
-        )
-    if fdb:
-        actual.fdb.difference_update([f for f in actual.fdb if (f.dev, f.mac) in fdb])
+    nhids = {k[1] for k in gone if k[0] == "nexthop"}
+    lost_nh = [k for k, nhid in actual.nexthop_ids.items() if nhid in nhids] if nhids else []
+    for key in lost_nh:
+        del actual.nexthop_ids[key]
+        actual.nexthops.discard(key)
+    lost_routes = [
+        r
+        for r in (actual.routes if routes or nhids else ())
+        if (r.table, r.dst) in routes or actual.route_nhids.get(r) in nhids
+    ]
+    actual.routes.difference_update(lost_routes)
+    for r in lost_routes:
+        actual.route_nhids.pop(r, None)
+    lost_neigh = [n for n in actual.neighbours if (n.dev, n.ip) in neighbours] if neighbours else []
+    actual.neighbours.difference_update(lost_neigh)
+    lost_fdb = [f for f in actual.fdb if (f.dev, f.mac) in fdb] if fdb else []
+    actual.fdb.difference_update(lost_fdb)
+    return len(lost_nh) + len(lost_routes) + len(lost_neigh) + len(lost_fdb)
 
 
 def _count(done: Any) -> int:

@@ -192,10 +192,11 @@ class Monitor:
                 return f"neighbour_changed dev={dev} key={_addr(nb.dst)}", None
             return "", None
         if msg_type == nlmsg.RTM_DELNEXTHOP:
-            # No key: the kernel drops the routes using a deleted nexthop without telling.
+            # The kernel drops the routes using a deleted nexthop without telling: the
+            # reconciler forgets those with it (keyed by id).
             nh = nlmsg.decode_nexthop(payload)
             if nh.protocol == RT_PROTO:
-                return f"nexthop_deleted id={nh.id}", None
+                return f"nexthop_deleted id={nh.id}", ("nexthop", nh.id, "")
         return "", None
 
 

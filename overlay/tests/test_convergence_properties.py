@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from netaddr import IPAddress, IPNetwork
 
 from ipam.model import EncapMode, IPPool, Node
-from overlay.compute import DataplaneConfig, LocalNode, compute
+from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, compute
 from overlay.model import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
@@ -340,3 +340,38 @@ def test_cluster_change_on_one_node_is_exact(
     assert kernel.missing_deletes == 0
     assert_converged(kernel, want, supported)
     assert_only_differences_touched(want, actual, ops)
+
+
+@PROPS
+@given(
+    local=locals_(),
+    cfg=configs,
+    history=st.lists(views(), min_size=2, max_size=4),
+    keep=st.lists(st.booleans(), min_size=40, max_size=40),
+)
+def test_compute_with_a_cache_equals_compute_without(
+    local: LocalNode,
+    cfg: DataplaneConfig,
+    history: list[ClusterView],
+    keep: list[bool],
+) -> None:
+    """The agent keeps one ComputeCache across views. Later views reuse some Node and
+    BlockInfo objects of the previous one (as the watch does for unchanged records), so the
+    cache is hit, missed and invalidated; the result must always equal a fresh compute."""
+    cache = ComputeCache()
+    flips = iter(keep * 4)
+    previous: ClusterView | None = None
+    for view in history:
+        if previous is not None:
+            nodes = {
+                name: previous.nodes[name] if name in previous.nodes and next(flips) else node
+                for name, node in view.nodes.items()
+            }
+            old = [b for b in previous.blocks if next(flips)]
+            taken = {b.cidr for b in old}
+            # Same pools: a pool change starts the cache over, which would hide its reuse.
+            view = ClusterView(
+                nodes, previous.pools, [*old, *(b for b in view.blocks if b.cidr not in taken)]
+            )
+        assert compute(view, local, cfg, cache) == compute(view, local, cfg)
+        previous = view
