@@ -358,14 +358,21 @@ class JsonStream:
         """Messages that arrive within `timeout` ([] if none); StreamClosed at the end."""
         deadline = time.monotonic() + timeout
         while True:
-            if self._eof:
-                raise StreamClosed("the server ended the stream")
+            # Decode first: bytes that came in with the response head (the first messages,
+            # when events are already waiting) sit undecoded until then, and no further
+            # data may ever arrive to flush them.
+            try:
+                self._decode()
+            except ValueError as e:
+                raise StreamClosed(f"bad chunk encoding: {e}") from e
             try:
                 msgs = self._messages()
             except ValueError as e:
                 raise StreamClosed(f"bad JSON in the stream: {e}") from e
             if msgs:
                 return msgs
+            if self._eof:
+                raise StreamClosed("the server ended the stream")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
@@ -375,10 +382,6 @@ class JsonStream:
                 raise StreamClosed(_describe_exc(e)) from e
             if not got:
                 return []
-            try:
-                self._decode()
-            except ValueError as e:
-                raise StreamClosed(f"bad chunk encoding: {e}") from e
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

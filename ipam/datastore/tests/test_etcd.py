@@ -330,3 +330,28 @@ def test_write_applied_but_answer_lost_counts_as_ours(raw_store: EtcdDatastore) 
     with pytest.raises(Conflict):
         raw_store.update("/lost/b", "mine-again", rev3)
     assert raw_store.get("/lost/b") == KV("/lost/b", "theirs", other)
+
+
+def test_stream_delivers_messages_that_arrived_with_the_response_head() -> None:
+    """etcd may answer a watch with the head, the 'created' message and a first event in one
+    segment; nothing more may follow for a long time, so those must not wait for more data."""
+    import socket as socket_mod
+
+    from ipam.datastore.etcd_gateway import JsonStream
+
+    ours, theirs = socket_mod.socketpair()
+    try:
+        body = b'{"result":{"created":true}}\n{"result":{"events":[{"kv":{}}]}}\n'
+        theirs.sendall(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + f"{len(body):x}\r\n".encode()
+            + body
+            + b"\r\n"
+        )
+        stream = JsonStream(ours)
+        stream._read_head(time.monotonic() + 2.0)
+        got = stream.read(0.5)
+        assert got == [{"result": {"created": True}}, {"result": {"events": [{"kv": {}}]}}]
+    finally:
+        ours.close()
+        theirs.close()
