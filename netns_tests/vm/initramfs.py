@@ -55,6 +55,7 @@ MARK_WARNING = "OVERLAY-VM-WARNING:"
 # Kernel command-line keys; a dotted key is ignored by the kernel and not passed to init.
 CMDLINE_RUN_DIR = "overlay_vm.run"
 CMDLINE_TIMEOUT = "overlay_vm.timeout"
+CMDLINE_SHARE = "overlay_vm.share"  # a host dir under /tmp or /run to keep visible
 
 # Files the host writes / the VM writes inside a run directory.
 RUN_SCRIPT = "cmd.sh"
@@ -209,10 +210,12 @@ mount -t devtmpfs devtmpfs /dev
 
 RUN=
 LIMIT=0
+SHARE=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         {CMDLINE_RUN_DIR}=*) RUN="${{arg#*=}}" ;;
         {CMDLINE_TIMEOUT}=*) LIMIT="${{arg#*=}}" ;;
+        {CMDLINE_SHARE}=*) SHARE="${{arg#*=}}" ;;
     esac
 done
 [ -n "$RUN" ] || fail "no {CMDLINE_RUN_DIR}= on the kernel command line"
@@ -229,8 +232,16 @@ mount -t devtmpfs devtmpfs $R/dev || fail "mount devtmpfs"
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
+# A checkout under /tmp or /run (CI may clone there) would vanish under the fresh tmpfs:
+# hold it aside with a bind mount and put it back at its own path.
+if [ -n "$SHARE" ]; then
+    mkdir -p /share && mount -o bind "$R$SHARE" /share || fail "bind $SHARE"
+fi
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || fail "mount /tmp"
 mount -t tmpfs -o mode=0755 tmpfs $R/run || fail "mount /run"
+if [ -n "$SHARE" ]; then
+    mkdir -p "$R$SHARE" && mount -o bind /share "$R$SHARE" || fail "rebind $SHARE"
+fi
 
 # The kernel's module autoloader runs its helper in this (initramfs) root, not the
 # chroot: point it at a wrapper that runs the real modprobe inside the host root.

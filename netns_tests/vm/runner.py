@@ -41,8 +41,9 @@ RUNS_DIR = Path(os.environ.get("OVERLAY_VM_RUNS", "/var/tmp/overlay-vm"))
 
 _STATUS_RE = re.compile(re.escape(initramfs.MARK_STATUS) + r"(\d+)")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# Paths the VM does not see as the host has them.
-_HIDDEN_PREFIXES = ("/tmp", "/run", "/dev", "/proc", "/sys")
+# Paths the VM does not see as the host has them; a cwd under /tmp or /run is bound back.
+_HIDDEN_PREFIXES = ("/dev", "/proc", "/sys")
+_FRESH_PREFIXES = ("/tmp", "/run")
 
 
 class VMUnavailable(RuntimeError):
@@ -91,10 +92,18 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def qemu_argv(image: Path, initrd: Path, run_dir: Path, guest_timeout: int) -> list[str]:
+def _under(path: str, prefixes: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def qemu_argv(
+    image: Path, initrd: Path, run_dir: Path, guest_timeout: int, share: str | None = None
+) -> list[str]:
     """The qemu command line. TCG only: KVM guests hang at boot on these machines."""
+    extra = [f"{initramfs.CMDLINE_SHARE}={share}"] if share else []
     append = " ".join(
         [
+            *extra,
             "console=ttyS0",
             "quiet",
             "loglevel=3",
@@ -194,8 +203,9 @@ def run_in_vm(
     if timeout <= 0:
         raise ValueError(f"timeout: must be positive, got {timeout!r}")
     cwd = os.path.abspath(cwd)
-    if any(cwd == p or cwd.startswith(p + "/") for p in _HIDDEN_PREFIXES):
-        raise ValueError(f"cwd: {cwd!r} is not shared with the VM (its /tmp, /run are fresh)")
+    if _under(cwd, _HIDDEN_PREFIXES) or " " in cwd:
+        raise ValueError(f"cwd: {cwd!r} cannot be shared with the VM")
+    share = cwd if _under(cwd, _FRESH_PREFIXES) else None
     kernel = initramfs.find_kernel()
     assert kernel is not None  # checked by unavailable_reason()
     initrd = initramfs.build_initramfs(kernel)
@@ -206,17 +216,22 @@ def run_in_vm(
     run_dir.mkdir()
     try:
         (run_dir / initramfs.RUN_SCRIPT).write_text(render_run_script(argv, cwd, env))
-        return _boot(image, initrd, run_dir, timeout, stream)
+        return _boot(image, initrd, run_dir, timeout, stream, share)
     finally:
         if not keep_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _boot(
-    image: Path, initrd: Path, run_dir: Path, timeout: float, stream: TextIO | None
+    image: Path,
+    initrd: Path,
+    run_dir: Path,
+    timeout: float,
+    stream: TextIO | None,
+    share: str | None = None,
 ) -> VMResult:
     # The in-VM guard only matters if this process dies and qemu outlives it somehow.
-    argv = qemu_argv(image, initrd, run_dir, guest_timeout=max(1, int(timeout)))
+    argv = qemu_argv(image, initrd, run_dir, guest_timeout=max(1, int(timeout)), share=share)
     started = time.monotonic()
     console = _Console(stream, started)
     timed_out = False

@@ -72,8 +72,17 @@ def test_run_script_rejects_bad_input() -> None:
 def test_cwd_hidden_from_the_vm_is_refused() -> None:
     if runner.unavailable_reason() is not None:
         pytest.skip("micro-VM unavailable")
-    with pytest.raises(ValueError, match="/tmp/x"):
-        runner.run_in_vm(["true"], cwd="/tmp/x", env={}, timeout=5)
+    with pytest.raises(ValueError, match="/proc/x"):
+        runner.run_in_vm(["true"], cwd="/proc/x", env={}, timeout=5)
+
+
+def test_a_checkout_under_tmp_is_bound_back_into_the_vm() -> None:
+    # CI may clone under /tmp, which the VM mounts fresh: the runner asks init to keep it.
+    argv = runner.qemu_argv(Path("k"), Path("i"), Path("/var/tmp/r"), 5, share="/tmp/clone")
+    assert f"{initramfs.CMDLINE_SHARE}=/tmp/clone" in argv[argv.index("-append") + 1]
+    init = initramfs.render_init(["virtio"], ["veth"])
+    assert init.index('mount -o bind "$R$SHARE" /share') < init.index("tmpfs $R/tmp")
+    assert init.index("tmpfs $R/tmp") < init.index('mount -o bind /share "$R$SHARE"')
 
 
 def test_pvh_note_detection() -> None:
