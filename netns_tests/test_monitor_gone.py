@@ -42,15 +42,12 @@ def test_deletions_of_ours_come_with_their_keys(node: str) -> None:
         assert ("route", MAIN_TABLE, route.dst) in gone
         assert kicks == []
         got.clear()
-        # Deleting a permanent neighbour first shows it changing state: not exact, so a kick
-        # (full re-read) rather than a key.
+        # Deleting a permanent neighbour first shows it turning FAILED, then going: both
+        # come with the neighbour's key, not as a kick for a full re-read.
         ip("-n", node, "neigh", "del", str(nb.ip), "dev", VXLAN_DEVICE)
-        for _ in range(40):
-            if kicks or got.is_set():
-                break
-            got.wait(0.05)
-        assert kicks or ("neighbour", VXLAN_DEVICE, nb.ip) in gone
-        kicks.clear()
+        assert got.wait(2.0), f"no on_gone call; kicks={kicks}"
+        assert ("neighbour", VXLAN_DEVICE, nb.ip) in gone
+        assert kicks == []
         ip("-n", node, "link", "set", VXLAN_DEVICE, "mtu", "1400")
         # A device change has no exact key: it must kick for a full re-read instead.
         for _ in range(40):
@@ -58,3 +55,56 @@ def test_deletions_of_ours_come_with_their_keys(node: str) -> None:
                 break
             got.wait(0.05)
         assert kicks and "device_changed" in kicks[0]
+
+
+def test_our_own_removal_of_a_peer_needs_no_reread(node: str) -> None:
+    """The agent removing one peer (route, nexthop, FDB entry, neighbour) must come back as
+    exact keys only: a kick would make the reconciler re-read the whole kernel (~0.5 s at
+    10k peers) and hold up the next datastore change behind it."""
+    kicks: list[str] = []
+    gone: list[GoneKey] = []
+    lock = threading.Lock()
+
+    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
+        with lock:
+            gone.extend(keys)
+
+    nb, fdb, nh, route = peer(2)
+    want = {
+        ("route", MAIN_TABLE, route.dst),
+        ("nexthop", nh.id, ""),
+        ("fdb", VXLAN_DEVICE, fdb.mac),
+        ("neighbour", VXLAN_DEVICE, nb.ip),
+    }
+    with Monitor(kicks.append, netns=node, on_gone=on_gone):
+        with Kernel(netns=node, use_nexthops=True) as k:
+            result = k.apply(peer_ops(1, start=2, action=Action.DELETE))
+            assert not result.failed, result.failed
+        for _ in range(40):
+            with lock:
+                if want <= set(gone) or kicks:
+                    break
+            threading.Event().wait(0.05)
+        assert kicks == [], f"our own deletions kicked a full re-read: {kicks}"
+        with lock:
+            assert want <= set(gone), gone
+
+
+def test_a_neighbour_of_ours_turned_non_permanent_is_named(node: str) -> None:
+    """Someone turning one of our neighbours STALE: reported with its key, so the reconciler
+    forgets it and sets it back, without a full re-read."""
+    kicks: list[str] = []
+    gone: list[GoneKey] = []
+    got = threading.Event()
+
+    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
+        gone.extend(keys)
+        got.set()
+
+    nb, _fdb, _nh, _route = peer(0)
+    with Monitor(kicks.append, netns=node, on_gone=on_gone):
+        ip("-n", node, "neigh", "replace", str(nb.ip), "lladdr", nb.mac, "dev", VXLAN_DEVICE,
+           "nud", "stale")  # fmt: skip
+        assert got.wait(2.0), f"no on_gone call; kicks={kicks}"
+        assert ("neighbour", VXLAN_DEVICE, nb.ip) in gone
+        assert kicks == []

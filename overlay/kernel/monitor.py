@@ -2,11 +2,13 @@
 
 It only kicks (with a short reason); the reconciler re-reads the kernel and re-plans. Events
 are coalesced: one callback per burst of messages. Our own changes may kick too; a re-read
-then finds nothing to do, which is cheap and safe.
+then finds nothing to do, which is safe but not cheap at scale (see below).
 
-With `on_gone`, a burst made only of deletions of our routes, neighbours or FDB entries is
-reported as the exact kernel keys that went away instead: the reconciler then forgets those
-and re-adds them without re-reading 50k objects (a 10k-peer re-read costs ~0.5 s of CPU).
+With `on_gone`, a burst made only of deletions of our routes, neighbours or FDB entries (or
+neighbours turned non-permanent, which is also how the kernel announces a neighbour deletion)
+is reported as the exact kernel keys that went away instead: the reconciler then forgets
+those and re-adds them without re-reading 50k objects (a 10k-peer re-read costs ~0.5 s of
+CPU, and our own removal of one peer would otherwise cost one, delaying the next change).
 Anything less precise (device changes, foreign replacements, lost events) still kicks.
 """
 
@@ -185,12 +187,15 @@ class Monitor:
                 if msg_type == nlmsg.RTM_DELNEIGH:
                     return f"fdb_deleted dev={dev} key={mac}", ("fdb", dev, mac)
                 return "", None
+            if msg_type == nlmsg.RTM_NEWNEIGH and nb.state & nlmsg.NUD_PERMANENT:
+                return "", None  # how ours look (our own adds echo back this way)
+            ip = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
             if msg_type == nlmsg.RTM_DELNEIGH:
-                ip = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
                 return f"neighbour_deleted dev={dev} key={ip}", ("neighbour", dev, ip)
-            if not nb.state & nlmsg.NUD_PERMANENT:
-                return f"neighbour_changed dev={dev} key={_addr(nb.dst)}", None
-            return "", None
+            # Not permanent: also how the kernel starts deleting a permanent neighbour (it
+            # turns FAILED, then goes), ours included. Reported as gone: the reconciler
+            # re-sets it if it was ours and meant to stay, without re-reading everything.
+            return f"neighbour_changed dev={dev} key={ip}", ("neighbour", dev, ip)
         if msg_type == nlmsg.RTM_DELNEXTHOP:
             # The kernel drops the routes using a deleted nexthop without telling: the
             # reconciler forgets those with it (keyed by id).
