@@ -23,7 +23,6 @@ import ipaddress
 import json
 import os
 import socket
-import struct
 import subprocess
 import time
 import uuid
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from netns_tests.vm.ipip_smoke import packet_socket_in
+from netns_tests.vm.ipip_smoke import Frame, drain, packet_socket_in
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.lab import check, lab
@@ -45,7 +44,6 @@ pytestmark = [pytest.mark.ipip]
 UNDERLAY_IF = "eth0"
 IPPROTO_ICMP = 1
 IPPROTO_IPIP = 4
-PACKET_OUTGOING = 4
 REPAIR_BOUND_S = 1.0  # the product's promise: drift repaired within a second
 REPAIR_CAP_S = 10.0  # well below the agents' 90 s periodic resync
 CALIBRATION_ENV = "OVERLAY_HOST_CPU_CALIBRATION_S"
@@ -161,48 +159,6 @@ def agent_logs(state: lab.LabState, lines: int = 20) -> str:
 
 
 # ----------------------------------------------------------------------- the wire
-
-
-@dataclass(frozen=True)
-class Frame:
-    """One IPv4 frame on a node's underlay, decoded (inner fields only for IP-in-IP)."""
-
-    outgoing: bool
-    proto: int
-    src: str
-    dst: str
-    inner_src: str = ""
-    inner_dst: str = ""
-    inner_proto: int = 0
-
-
-def parse_frame(data: bytes, pkttype: int) -> Frame | None:
-    if len(data) < 34 or struct.unpack_from("!H", data, 12)[0] != 0x0800:
-        return None
-    outer = data[14:]
-    addr = ipaddress.IPv4Address
-    frame = Frame(pkttype == PACKET_OUTGOING, outer[9], str(addr(outer[12:16])),
-                  str(addr(outer[16:20])))  # fmt: skip
-    if frame.proto != IPPROTO_IPIP:
-        return frame
-    inner = outer[(outer[0] & 0x0F) * 4 :]
-    if len(inner) < 20 or inner[0] >> 4 != 4:
-        return frame
-    return Frame(frame.outgoing, frame.proto, frame.src, frame.dst,
-                 str(addr(inner[12:16])), str(addr(inner[16:20])), inner[9])  # fmt: skip
-
-
-def drain(sock: socket.socket, limit: int = 5000) -> list[Frame]:
-    frames = []
-    for _ in range(limit):
-        try:
-            data, address = sock.recvfrom(65535)
-        except BlockingIOError:
-            break
-        frame = parse_frame(data, address[2])
-        if frame is not None:
-            frames.append(frame)
-    return frames
 
 
 def check_with_capture(

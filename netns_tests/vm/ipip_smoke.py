@@ -104,49 +104,46 @@ def packet_socket_in(netns: str, ifname: str) -> socket.socket:
 
 
 @dataclass(frozen=True)
-class IpipFrame:
-    """One IP-in-IP frame seen on the underlay."""
+class Frame:
+    """One IPv4 frame on an underlay, decoded (the inner fields only for IP-in-IP)."""
 
     outgoing: bool
-    outer_src: str
-    outer_dst: str
-    inner_src: str
-    inner_dst: str
-    inner_proto: int
+    proto: int
+    src: str
+    dst: str
+    inner_src: str = ""
+    inner_dst: str = ""
+    inner_proto: int = 0
 
 
-def parse_ipip(frame: bytes, pkttype: int) -> IpipFrame | None:
-    """The outer and inner addresses of an Ethernet/IPv4/IPv4 frame, or None if it is not one."""
-    if len(frame) < 14 + 40 or struct.unpack_from("!H", frame, 12)[0] != 0x0800:
+def parse_frame(data: bytes, pkttype: int) -> Frame | None:
+    """An Ethernet/IPv4 frame decoded, with its inner header if it is IP-in-IP; else None."""
+    if len(data) < 34 or struct.unpack_from("!H", data, 12)[0] != 0x0800:
         return None
-    outer = frame[14:]
-    if outer[9] != _IPPROTO_IPIP:
-        return None
+    outer = data[14:]
+    addr = ipaddress.IPv4Address
+    frame = Frame(pkttype == _PACKET_OUTGOING, outer[9], str(addr(outer[12:16])),
+                  str(addr(outer[16:20])))  # fmt: skip
+    if frame.proto != _IPPROTO_IPIP:
+        return frame
     inner = outer[(outer[0] & 0x0F) * 4 :]
     if len(inner) < 20 or inner[0] >> 4 != 4:
-        return None
-    addr = ipaddress.IPv4Address
-    return IpipFrame(
-        outgoing=pkttype == _PACKET_OUTGOING,
-        outer_src=str(addr(outer[12:16])),
-        outer_dst=str(addr(outer[16:20])),
-        inner_src=str(addr(inner[12:16])),
-        inner_dst=str(addr(inner[16:20])),
-        inner_proto=inner[9],
-    )
+        return frame
+    return Frame(frame.outgoing, frame.proto, frame.src, frame.dst,
+                 str(addr(inner[12:16])), str(addr(inner[16:20])), inner[9])  # fmt: skip
 
 
-def drain(sock: socket.socket, limit: int = 2000) -> list[IpipFrame]:
-    """Every IP-in-IP frame already queued on sock (at most limit frames are read)."""
+def drain(sock: socket.socket, limit: int = 5000) -> list[Frame]:
+    """Every IPv4 frame already queued on sock (at most limit frames are read)."""
     frames = []
     for _ in range(limit):
         try:
             data, address = sock.recvfrom(65535)
         except BlockingIOError:
             break
-        parsed = parse_ipip(data, address[2])
-        if parsed is not None:
-            frames.append(parsed)
+        frame = parse_frame(data, address[2])
+        if frame is not None:
+            frames.append(frame)
     return frames
 
 
@@ -172,7 +169,7 @@ route add {peer_block} via {peer_underlay} dev tunl0 onlink
     )  # fmt: skip
 
 
-def run_smoke() -> list[IpipFrame]:
+def run_smoke() -> list[Frame]:
     """Build the two nodes, ping pod to pod over tunl0, return the frames seen on A's veth."""
     token = uuid.uuid4().hex[:8]
     ns_a, ns_b = f"ovipip-{token}-a", f"ovipip-{token}-b"
@@ -205,10 +202,10 @@ def run_smoke() -> list[IpipFrame]:
             return drain(sock)
 
 
-def check_frames(frames: list[IpipFrame]) -> str:
+def check_frames(frames: list[Frame]) -> str:
     """A summary if both directions were tunnelled between the right addresses, else raise."""
-    request = IpipFrame(True, UNDERLAY_A, UNDERLAY_B, POD_A, POD_B, _IPPROTO_ICMP)
-    reply = IpipFrame(False, UNDERLAY_B, UNDERLAY_A, POD_B, POD_A, _IPPROTO_ICMP)
+    request = Frame(True, _IPPROTO_IPIP, UNDERLAY_A, UNDERLAY_B, POD_A, POD_B, _IPPROTO_ICMP)
+    reply = Frame(False, _IPPROTO_IPIP, UNDERLAY_B, UNDERLAY_A, POD_B, POD_A, _IPPROTO_ICMP)
     sent, received = frames.count(request), frames.count(reply)
     summary = f"ipip frames on underlay: {sent} out {UNDERLAY_A}->{UNDERLAY_B}, {received} in"
     if sent < PINGS or received < PINGS:

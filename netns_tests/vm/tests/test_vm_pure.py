@@ -114,10 +114,10 @@ def test_ipip_frames_are_parsed_and_counted_per_direction() -> None:
     back = _ipip_frame(
         (ipip_smoke.UNDERLAY_B, ipip_smoke.UNDERLAY_A), (ipip_smoke.POD_B, ipip_smoke.POD_A)
     )
-    frames = [ipip_smoke.parse_ipip(out, 4), ipip_smoke.parse_ipip(back, 0)]
-    assert all(frames)
+    frames = [ipip_smoke.parse_frame(out, 4), ipip_smoke.parse_frame(back, 0)]
+    assert all(f is not None and f.inner_src for f in frames)
     good = [f for f in frames if f is not None] * ipip_smoke.PINGS
     assert "3 out" in ipip_smoke.check_frames(good)
     with pytest.raises(AssertionError):
         ipip_smoke.check_frames(good[:1])
-    assert ipip_smoke.parse_ipip(out.replace(b"\x08\x00", b"\x86\xdd", 1), 0) is None
+    assert ipip_smoke.parse_frame(out.replace(b"\x08\x00", b"\x86\xdd", 1), 0) is None
