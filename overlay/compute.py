@@ -25,7 +25,8 @@ Design notes (why it looks like this):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import bisect
+from dataclasses import dataclass
 
 import netaddr
 
@@ -112,35 +113,264 @@ class _Decision:
     vtep: _Vtep | None = None  # set when path is VXLAN
 
 
-@dataclass
-class _Builder:
-    """State of one compute() call; kept out of the signature so compute() stays a function."""
+@dataclass(frozen=True)
+class _NodePiece:
+    """What routing needs of one Node, derived once per Node object."""
 
-    view: ClusterView
-    me: LocalNode
-    vxlan_ready: bool
-    ipip_ready: bool
-    vteps: dict[str, _Vtep]
-    vtep_problems: dict[str, str]
-    local_subnet: netaddr.IPNetwork  # built once: netaddr's .cidr is slow at 50k peers
-    underlays: dict[str, netaddr.IPAddress]  # node -> underlay IP, derived once per compute
-    memo: ComputeCache
-    decisions: dict[tuple[str, str | None], _Decision] = field(default_factory=dict)
+    node: Node
+    underlay: netaddr.IPAddress | None
+    candidate: _Vtep | str  # the VTEP it asks for, or why it has none
 
-    def decide(self, node_name: str, pool: IPPool | None) -> _Decision:
-        key = (node_name, pool.name if pool is not None else None)
-        decision = self.decisions.get(key)
-        if decision is None:
-            node = self.view.nodes.get(node_name)
-            vtep = self.vteps.get(node_name)
-            problem = self.vtep_problems.get(node_name)
-            old = self.memo.old_decisions.get(key)
-            if old is not None and old[0] is node and old[1] is vtep and old[2] == problem:
-                decision = old[3]
+
+@dataclass(frozen=True)
+class _BlockPiece:
+    """What a block's routes depend on besides the decisions, derived once per BlockInfo."""
+
+    block: BlockInfo
+    sort_key: tuple[int, int, str]
+    pool: IPPool | None
+    hosts: tuple[str, ...]  # the peers whose decisions its routes use: owner, then borrowers
+    borrowed: tuple[netaddr.IPAddress, ...]  # the addresses that need a /32, sorted
+    routed: bool = True  # False: an IPv6 block (not handled yet), kept only to be recognised
+
+
+def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
+    if pool.vxlan_mode is not EncapMode.NEVER:
+        return Path.VXLAN, pool.vxlan_mode, "vxlanMode"
+    if pool.ipip_mode is not EncapMode.NEVER:
+        return Path.IPIP, pool.ipip_mode, "ipipMode"
+    return None
+
+
+def _node_piece(name: str, node: Node) -> _NodePiece:
+    underlay = node.ipv4_address.ip if node.ipv4_address is not None else None
+    candidate: _Vtep | str
+    if node.ipv4_vxlan_tunnel_addr is None:
+        candidate = "node has no VXLAN tunnel address"
+    elif underlay is None:
+        candidate = "node has no IPv4 underlay address"
+    else:
+        mac = vtep_mac(name, node.vxlan_tunnel_mac)
+        candidate = _Vtep(node.ipv4_vxlan_tunnel_addr, mac, underlay)
+    return _NodePiece(node, underlay, candidate)
+
+
+def _block_piece(view: ClusterView, block: BlockInfo, me: str) -> _BlockPiece:
+    owner = block.node
+    if block.cidr.version != 4:
+        return _BlockPiece(block, (0, 0, ""), None, (), (), routed=False)
+    borrowed = [
+        (addr, host)
+        for addr, host in sorted(block.borrowed.items())
+        if host not in (me, owner) and addr in block.cidr
+    ]
+    return _BlockPiece(
+        block=block,
+        sort_key=(block.cidr.first, block.cidr.prefixlen, owner or ""),
+        pool=view.pool_for(block.cidr),
+        hosts=(*([owner] if owner not in (None, me) else []), *(h for _, h in borrowed)),
+        borrowed=tuple(addr for addr, _ in borrowed),
+    )
+
+
+# A route offer: (kernel key, rank, route). The kernel keys a route by (table, first address,
+# prefix length); among offers for one key the smallest rank wins: a borrowed /32 (precedence
+# 1) beats a block route (0), then the block first in address order, then offer order.
+_DstKey = tuple[int, int, int]
+_Rank = tuple[int, tuple[int, int, str], int]
+_Offer = tuple[_DstKey, _Rank, Route]
+_PeerKey = tuple[str, str | None]  # (node, pool name)
+
+
+class ComputeCache:
+    """compute()'s state, carried from one view to the next, so that a view that differs
+    from the last in a few Node and BlockInfo objects costs O(those) plus copying the
+    result. That keeps a pass for one changed peer cheap at 50k peers.
+
+    Changes are found by object identity (the watch keeps the objects of unchanged records);
+    the cache holds every object it compares against, so an id() cannot be reused meanwhile.
+    A different node, config or pool set starts afresh. Results never depend on the cache:
+    compute(v, me, cfg, cache) == compute(v, me, cfg). Not thread-safe: one per caller.
+    """
+
+    def __init__(self) -> None:
+        self._reset(None, None)
+
+    def _reset(self, context: tuple[object, ...] | None, me: LocalNode | None) -> None:
+        self.context = context
+        self.me_name = me.name if me is not None else ""
+        self.my_claims = (me.vxlan_tunnel_addr, me.vtep_mac) if me is not None else (None, "")
+        self.my_underlay = me.underlay if me is not None else None
+        self.local_subnet = me.underlay.cidr if me is not None else None  # built once: slow
+        self.underlay_iface = me.underlay_iface if me is not None else ""
+        self.pools: dict[str | None, IPPool | None] = {None: None}
+        self.ready: tuple[bool, bool] | None = None
+        # Nodes: name -> id(Node) seen last, the pieces, VTEP claims and their outcome.
+        self.node_ids: dict[str, int] = {}
+        self.nodes: dict[str, _NodePiece] = {}
+        self.ip_claims: dict[netaddr.IPAddress, set[str]] = {}
+        self.mac_claims: dict[str, set[str]] = {}
+        self.vteps: dict[str, _Vtep] = {}
+        self.problems: dict[str, str] = {}
+        self.decisions: dict[str, dict[str | None, _Decision]] = {}
+        # Blocks: id(BlockInfo) -> piece; node -> ids of the blocks whose routes use it.
+        self.blocks: dict[int, _BlockPiece] = {}
+        self.users: dict[str, set[int]] = {}
+        self.pool_blocks: dict[str | None, int] = {}
+        # Routes: offers per block and per kernel key, the winners, their nexthops.
+        self.offers: dict[int, list[_Offer]] = {}
+        self.by_dst: dict[_DstKey, dict[int, tuple[_Rank, Route]]] = {}
+        self.chosen: dict[_DstKey, Route] = {}
+        self.routes: set[Route] = set()
+        self.nexthop_refs: dict[NexthopKey, int] = {}
+        # L2 entries per peer with a VTEP.
+        self.l2: dict[str, tuple[Neighbour, FdbEntry]] = {}
+        self.neighbours: set[Neighbour] = set()
+        self.fdb: set[FdbEntry] = set()
+        # Peers for introspection: (node, pool) pairs some block routes through, sorted.
+        self.peer_refs: dict[str, dict[str | None, int]] = {}
+        self.peer_paths: dict[_PeerKey, tuple[tuple[str, str, str], PeerPath]] = {}
+        self.peer_sort: list[tuple[str, str, str]] = []
+        self.peer_list: list[PeerPath] = []
+        self.dirty_peers: set[_PeerKey] = set()  # per pass
+
+    # --- the pass ---------------------------------------------------------------------------
+
+    def update(self, view: ClusterView, me: LocalNode, cfg: DataplaneConfig) -> Dataplane:
+        pools = tuple(view.pools)
+        context = (repr(me), cfg, tuple(map(id, pools)), pools)
+        if context != self.context:
+            self._reset(context, me)
+            self.pools.update((p.name, p) for p in pools)
+        self.dirty_peers = set()
+        touched = self._sync_nodes(view)
+        dirty = self._sync_blocks(view)
+        devices = _devices(self._pools_in_use(pools), me, cfg)
+        ready = (VXLAN_DEVICE in devices, IPIP_DEVICE in devices)
+        if ready != self.ready:  # part of every decision: redo them all (rare)
+            self.ready = ready
+            touched = set(self.nodes) | set(self.users) | set(self.peer_refs) | set(self.l2)
+        for name in touched:
+            self.decisions.pop(name, None)
+            dirty.update(self.users.get(name, ()))
+            self.dirty_peers.update((name, pool) for pool in self.peer_refs.get(name, ()))
+            self._set_l2(name)
+        dirty_dsts: set[_DstKey] = set()
+        for bid in dirty:
+            self._reoffer(bid, dirty_dsts)
+        for dst in dirty_dsts:
+            self._choose(dst)
+        for key in self.dirty_peers:
+            self._set_peer(key)
+
+        v4_pools = [p for p in pools if p.version == 4]
+        sources = frozenset(p.cidr for p in v4_pools if p.nat_outgoing)
+        nat = NatOutgoing(sources, frozenset(p.cidr for p in v4_pools)) if sources else None
+        # Copies: the caller keeps this state while the cache moves on to the next view.
+        return Dataplane(
+            devices=devices,
+            neighbours=set(self.neighbours),
+            fdb=set(self.fdb),
+            nexthops=set(self.nexthop_refs),
+            routes=set(self.routes),
+            nat=nat,
+            peers=list(self.peer_list),
+        )
+
+    def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
+        """Enabled pools (new pods may land in them any moment) and the ones holding blocks
+        (disabled pools keep routing their existing pods)."""
+        return [
+            p
+            for p in pools
+            if p.version == 4 and (not p.disabled or self.pool_blocks.get(p.name, 0) > 0)
+        ]
+
+    # --- nodes and their VTEPs ----------------------------------------------------------------
+
+    def _sync_nodes(self, view: ClusterView) -> set[str]:
+        """Take in the Node objects that differ from last time; return every node whose
+        decisions may have changed (itself, and those sharing a tunnel address or MAC)."""
+        current = dict(zip(view.nodes, map(id, view.nodes.values()), strict=True))
+        changed = {name for name, _ in current.items() ^ self.node_ids.items()}
+        self.node_ids = current
+        touched = set(changed)
+        for name in changed:
+            old = self.nodes.pop(name, None)
+            if old is not None:
+                touched |= self._claim(name, old.candidate, add=False)
+            node = view.nodes.get(name)
+            if node is not None:
+                piece = self.nodes[name] = _node_piece(name, node)
+                touched |= self._claim(name, piece.candidate, add=True)
+        for name in touched:
+            self._resolve_vtep(name)
+        return touched
+
+    def _claim(self, name: str, candidate: _Vtep | str, *, add: bool) -> set[str]:
+        """Add or drop a peer's claim on its tunnel address and MAC; return the claimants."""
+        if name == self.me_name or isinstance(candidate, str):
+            return set()
+        others: set[str] = set()
+        for claims, value in (
+            (self.ip_claims, candidate.tunnel_ip),
+            (self.mac_claims, candidate.mac),
+        ):
+            names = claims.setdefault(value, set())  # type: ignore[attr-defined]
+            if add:
+                names.add(name)
             else:
-                decision = self._decide(node_name, pool)
-            self.memo.decisions[key] = (node, vtep, problem, decision)
-            self.decisions[key] = decision
+                names.discard(name)
+            others |= names
+            if not names:
+                del claims[value]  # type: ignore[attr-defined]
+        return others
+
+    def _resolve_vtep(self, name: str) -> None:
+        """Duplicate tunnel addresses or MACs would make the kernel's neighbour/FDB entries
+        flap between peers: this node keeps its own, else the first claimant by name does."""
+        self.vteps.pop(name, None)
+        self.problems.pop(name, None)
+        piece = self.nodes.get(name)
+        if piece is None or name == self.me_name:
+            return
+        c = piece.candidate
+        my_ip, my_mac = self.my_claims
+        if isinstance(c, str):
+            problem = c
+        elif c.tunnel_ip == my_ip or min(self.ip_claims[c.tunnel_ip]) != name:
+            owner = self.me_name if c.tunnel_ip == my_ip else min(self.ip_claims[c.tunnel_ip])
+            problem = f"VXLAN tunnel address {c.tunnel_ip} is also used by {owner}"
+        elif c.mac == my_mac or min(self.mac_claims[c.mac]) != name:
+            owner = self.me_name if c.mac == my_mac else min(self.mac_claims[c.mac])
+            problem = f"VTEP MAC {c.mac} is also used by {owner}"
+        else:
+            self.vteps[name] = c
+            return
+        self.problems[name] = problem
+
+    def _set_l2(self, name: str) -> None:
+        """A peer's permanent neighbour and FDB entry (when we tunnel VXLAN at all)."""
+        old = self.l2.pop(name, None)
+        if old is not None:
+            self.neighbours.discard(old[0])
+            self.fdb.discard(old[1])
+        vtep = self.vteps.get(name) if self.ready and self.ready[0] else None
+        if vtep is not None:
+            neighbour = Neighbour(VXLAN_DEVICE, vtep.tunnel_ip, vtep.mac)
+            fdb = FdbEntry(VXLAN_DEVICE, vtep.mac, vtep.underlay)
+            self.l2[name] = (neighbour, fdb)
+            self.neighbours.add(neighbour)
+            self.fdb.add(fdb)
+
+    # --- decisions: the path to one peer for one pool -----------------------------------------
+
+    def decide(self, name: str, pool: IPPool | None) -> _Decision:
+        mine = self.decisions.setdefault(name, {})
+        key = pool.name if pool is not None else None
+        decision = mine.get(key)
+        if decision is None:
+            decision = mine[key] = self._decide(name, pool)
         return decision
 
     def _decide(self, node_name: str, pool: IPPool | None) -> _Decision:
@@ -155,18 +385,21 @@ class _Builder:
                 "no route (needs a fabric that routes pod addresses)",
             )
         kind, mode, mode_field = encap
-        peer = self.view.nodes.get(node_name)
-        if peer is None:
+        piece = self.nodes.get(node_name)
+        if piece is None:
             return _Decision(None, None, "no Node resource for this node: no route")
-        if peer.ipv4_address is None:
+        peer = piece.node
+        peer_ip = piece.underlay
+        if peer.ipv4_address is None or peer_ip is None:
             return _Decision(None, None, "node has no IPv4 underlay address: skipped")
-        peer_ip = self.underlays[node_name]
-        local_subnet = self.local_subnet
+        local_subnet, my_underlay = self.local_subnet, self.my_underlay
+        assert local_subnet is not None and my_underlay is not None
+        vxlan_ready, ipip_ready = self.ready or (False, False)
         notes: list[str] = []
         if mode is EncapMode.CROSS_SUBNET:
-            if self.me.underlay.prefixlen == 32:
+            if my_underlay.prefixlen == 32:
                 notes.append(
-                    f"this node's underlay address {self.me.underlay} has no subnet prefix: "
+                    f"this node's underlay address {my_underlay} has no subnet prefix: "
                     "cross-subnet can't work, every peer is tunnelled"
                 )
             elif peer.ipv4_address.prefixlen == 32:
@@ -178,7 +411,7 @@ class _Builder:
             elif peer_ip in local_subnet:
                 return _Decision(
                     Path.DIRECT,
-                    NexthopKey(peer_ip, self.me.underlay_iface),
+                    NexthopKey(peer_ip, self.underlay_iface),
                     f"same subnet {local_subnet} and pool {pool.name} is CrossSubnet",
                 )
             else:
@@ -186,214 +419,141 @@ class _Builder:
         notes.append(f"pool {pool.name} {mode_field} {mode.value}")
         why = "; ".join(notes)
         if kind is Path.VXLAN:
-            if not self.vxlan_ready:
+            if not vxlan_ready:
                 return _Decision(None, None, f"{why}; this node has no VXLAN tunnel address yet")
             vtep = self.vteps.get(node_name)
             if vtep is None:
-                problem = self.vtep_problems.get(node_name, "node has no VXLAN tunnel address")
+                problem = self.problems.get(node_name, "node has no VXLAN tunnel address")
                 return _Decision(None, None, f"{why}; {problem}: skipped")
             return _Decision(Path.VXLAN, NexthopKey(vtep.tunnel_ip, VXLAN_DEVICE), why, vtep)
-        if not self.ipip_ready:
+        if not ipip_ready:
             return _Decision(None, None, f"{why}; this node has no IPIP tunnel address yet")
         return _Decision(Path.IPIP, NexthopKey(peer_ip, IPIP_DEVICE), why)
 
+    # --- blocks and their routes --------------------------------------------------------------
 
-def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
-    if pool.vxlan_mode is not EncapMode.NEVER:
-        return Path.VXLAN, pool.vxlan_mode, "vxlanMode"
-    if pool.ipip_mode is not EncapMode.NEVER:
-        return Path.IPIP, pool.ipip_mode, "ipipMode"
-    return None
+    def _sync_blocks(self, view: ClusterView) -> set[int]:
+        """Take in the BlockInfo objects that differ from last time; return the ids of the
+        blocks whose offers must be (re)made or withdrawn."""
+        current = dict(zip(map(id, view.blocks), view.blocks, strict=True))
+        gone = self.blocks.keys() - current.keys()
+        new = current.keys() - self.blocks.keys()
+        for bid in gone:
+            self._count_block(self.blocks.pop(bid), bid, -1)
+        for bid in new:
+            piece = self.blocks[bid] = _block_piece(view, current[bid], self.me_name)
+            self._count_block(piece, bid, +1)
+        return gone | new
 
+    def _count_block(self, piece: _BlockPiece, bid: int, step: int) -> None:
+        if not piece.routed:
+            return
+        pool = piece.pool.name if piece.pool is not None else None
+        self.pool_blocks[pool] = self.pool_blocks.get(pool, 0) + step
+        for host in piece.hosts:
+            self.dirty_peers.add((host, pool))
+            users = self.users.setdefault(host, set())
+            refs = self.peer_refs.setdefault(host, {})
+            refs[pool] = refs.get(pool, 0) + step
+            if step > 0:
+                users.add(bid)
+            else:
+                users.discard(bid)
+                if not refs[pool]:
+                    del refs[pool]
+            if not users:
+                del self.users[host]
+            if not refs:
+                del self.peer_refs[host]
 
-@dataclass(frozen=True)
-class _BlockPiece:
-    """What a block's routes depend on besides the decisions, derived once per BlockInfo."""
+    def _reoffer(self, bid: int, dirty_dsts: set[_DstKey]) -> None:
+        """Withdraw a block's route offers and make them again (none if it is gone)."""
+        for dst, _, _ in self.offers.pop(bid, ()):
+            offers = self.by_dst[dst]
+            del offers[bid]
+            if not offers:
+                del self.by_dst[dst]
+            dirty_dsts.add(dst)
+        piece = self.blocks.get(bid)
+        if piece is None or not piece.routed:
+            return
+        made = self.offers[bid] = self._block_offers(piece)
+        for dst, rank, route in made:
+            self.by_dst.setdefault(dst, {})[bid] = (rank, route)
+            dirty_dsts.add(dst)
 
-    block: BlockInfo
-    sort_key: tuple[int, int, str]
-    pool: IPPool | None
-    hosts: tuple[str, ...]  # the peers whose decisions its routes use: owner, then borrowers
-    borrowed: tuple[netaddr.IPAddress, ...]  # the addresses that need a /32, sorted
+    def _block_offers(self, piece: _BlockPiece) -> list[_Offer]:
+        decisions = iter([self.decide(h, piece.pool) for h in piece.hosts])
+        block = piece.block
+        routes: list[tuple[int, Route]] = []
+        if block.node == self.me_name:
+            routes.append((0, Route(block.cidr, blackhole=True)))
+        elif block.node is not None:
+            decision = next(decisions)
+            if decision.nexthop is not None:
+                routes.append((0, Route(block.cidr, nexthop=decision.nexthop)))
+        for addr in piece.borrowed:
+            decision = next(decisions)
+            dst = netaddr.IPNetwork((int(addr), 32), 4)
+            if decision.vtep is not None and decision.vtep.tunnel_ip == addr:
+                # The peer's own VTEP address: resolved by the neighbour entry, no gateway.
+                routes.append((1, Route(dst, dev=VXLAN_DEVICE)))
+            elif decision.nexthop is not None:
+                routes.append((1, Route(dst, nexthop=decision.nexthop)))
+        return [
+            ((r.table, r.dst.first, r.dst.prefixlen), (-precedence, piece.sort_key, i), r)
+            for i, (precedence, r) in enumerate(routes)
+        ]
 
+    def _choose(self, dst: _DstKey) -> None:
+        offers = self.by_dst.get(dst)
+        new = min(offers.values(), key=_rank)[1] if offers else None
+        old = self.chosen.get(dst)
+        if old == new:
+            return
+        if old is not None:
+            self.routes.discard(old)
+            self._ref_nexthop(old.nexthop, -1)
+            del self.chosen[dst]
+        if new is not None:
+            self.routes.add(new)
+            self._ref_nexthop(new.nexthop, +1)
+            self.chosen[dst] = new
 
-# A route offer: (precedence, (table, first address, prefix length), route). A borrowed /32
-# (precedence 1) beats a block (0) for the same prefix. Plain ints: cheap to hash.
-_Offer = tuple[int, tuple[int, int, int], Route]
+    def _ref_nexthop(self, key: NexthopKey | None, step: int) -> None:
+        if key is not None:
+            count = self.nexthop_refs[key] = self.nexthop_refs.get(key, 0) + step
+            if not count:
+                del self.nexthop_refs[key]
 
+    # --- introspection ------------------------------------------------------------------------
 
-class ComputeCache:
-    """Per-peer pieces of the last compute(), reused for inputs that are the same objects.
-
-    The watch keeps the Node and BlockInfo objects of unchanged records from one view to the
-    next, so after one peer changes only that peer's pieces are rebuilt; the global steps
-    (VTEP dedup, route precedence) still run over all peers, on cached pieces. Reusing the
-    same Route/Neighbour/FdbEntry objects also lets plan()'s set differences match on
-    identity. Results never depend on it: compute(v, me, cfg, cache) == compute(v, me, cfg).
-    Not thread-safe: one cache per caller.
-    """
-
-    def __init__(self) -> None:
-        self.context: tuple[object, ...] | None = None
-        # name -> (node, underlay IP, VTEP candidate or why there is none)
-        self.nodes: dict[str, tuple[Node, netaddr.IPAddress | None, _Vtep | str]] = {}
-        # (node, pool name) -> (node, vtep, vtep problem, decision)
-        self.decisions: dict[tuple[str, str | None], tuple[object, object, object, _Decision]]
-        self.decisions = {}
-        self.old_decisions: dict[tuple[str, str | None], tuple[object, object, object, _Decision]]
-        self.old_decisions = {}
-        # id(block) -> (block, its sort key, its pool)
-        self.blocks: dict[int, _BlockPiece] = {}
-        # id(block) -> (block, decisions used, route offers)
-        self.offers: dict[int, tuple[BlockInfo, tuple[_Decision, ...], list[_Offer]]] = {}
-        self.new_offers: dict[int, tuple[BlockInfo, tuple[_Decision, ...], list[_Offer]]] = {}
-        self.ready: tuple[bool, bool] | None = None
-        self.l2: dict[int, tuple[_Vtep, Neighbour, FdbEntry]] = {}  # id(vtep) -> its entries
-        self.peers: dict[tuple[str, str | None], tuple[_Decision, object, PeerPath]] = {}
-
-    def start(self, context: tuple[object, ...]) -> None:
-        """Begin a compute(): drop everything when the context (this node, pools) changed."""
-        if context != self.context:
-            self.__init__()  # type: ignore[misc]
-            self.context = context
-        self.old_decisions, self.decisions = self.decisions, {}
-
-
-_NodePiece = tuple[Node, netaddr.IPAddress | None, "_Vtep | str"]
-
-
-def _node_piece(old: dict[str, _NodePiece], name: str, node: Node) -> _NodePiece:
-    """A node's underlay IP and VTEP candidate (or why it has none), cached per Node object."""
-    piece = old.get(name)
-    if piece is not None and piece[0] is node:
-        return piece
-    underlay = node.ipv4_address.ip if node.ipv4_address is not None else None
-    candidate: _Vtep | str
-    if node.ipv4_vxlan_tunnel_addr is None:
-        candidate = "node has no VXLAN tunnel address"
-    elif underlay is None:
-        candidate = "node has no IPv4 underlay address"
-    else:
-        mac = vtep_mac(name, node.vxlan_tunnel_mac)
-        candidate = _Vtep(node.ipv4_vxlan_tunnel_addr, mac, underlay)
-    return (node, underlay, candidate)
-
-
-def _find_vteps(
-    view: ClusterView, me: LocalNode, memo: ComputeCache
-) -> tuple[dict[str, _Vtep], dict[str, str], dict[str, netaddr.IPAddress]]:
-    """Peers' VTEPs, why a peer has none, and every node's underlay IP. Duplicate tunnel IPs
-    or MACs would make the kernel's neighbour/FDB entries flap between peers, so the later
-    name (sorted) loses."""
-    vteps: dict[str, _Vtep] = {}
-    problems: dict[str, str] = {}
-    underlays: dict[str, netaddr.IPAddress] = {}
-    ip_owner: dict[netaddr.IPAddress, str] = {}
-    mac_owner: dict[str, str] = {me.vtep_mac: me.name}
-    if me.vxlan_tunnel_addr is not None:
-        ip_owner[me.vxlan_tunnel_addr] = me.name
-    old, memo.nodes = memo.nodes, {}
-    for name in sorted(view.nodes):
-        memo.nodes[name] = piece = _node_piece(old, name, view.nodes[name])
-        _, underlay, candidate = piece
-        if underlay is not None:
-            underlays[name] = underlay
-        if name == me.name:
-            continue
-        if isinstance(candidate, str):
-            problems[name] = candidate
-        elif candidate.tunnel_ip in ip_owner:
-            owner = ip_owner[candidate.tunnel_ip]
-            problems[name] = f"VXLAN tunnel address {candidate.tunnel_ip} is also used by {owner}"
-        elif candidate.mac in mac_owner:
-            problems[name] = f"VTEP MAC {candidate.mac} is also used by {mac_owner[candidate.mac]}"
-        else:
-            ip_owner[candidate.tunnel_ip] = name
-            mac_owner[candidate.mac] = name
-            vteps[name] = candidate
-    return vteps, problems, underlays
-
-
-def _offer(precedence: int, route: Route) -> _Offer:
-    return (precedence, (route.table, route.dst.first, route.dst.prefixlen), route)
+    def _set_peer(self, key: _PeerKey) -> None:
+        """Keep the sorted peer list current for one (node, pool) pair."""
+        name, pool_name = key
+        old = self.peer_paths.pop(key, None)
+        if old is not None:
+            i = bisect.bisect_left(self.peer_sort, old[0])
+            del self.peer_sort[i], self.peer_list[i]
+        if not self.peer_refs.get(name, {}).get(pool_name):
+            return
+        decision = self.decide(name, self.pools[pool_name])
+        piece = self.nodes.get(name)
+        underlay = piece.underlay if piece is not None else None
+        path = PeerPath(name, decision.path, decision.reason, underlay)
+        sort_key = (name, decision.reason, pool_name or "")
+        i = bisect.bisect_left(self.peer_sort, sort_key)
+        self.peer_sort.insert(i, sort_key)
+        self.peer_list.insert(i, path)
+        self.peer_paths[key] = (sort_key, path)
 
 
-def _sorted_blocks(view: ClusterView, me: str, memo: ComputeCache) -> list[_BlockPiece]:
-    """IPv4 blocks in address order, with their pools and the peers they route to."""
-    old, memo.blocks = memo.blocks, {}
-    pieces = []
-    for block in view.blocks:
-        piece = old.get(id(block))
-        if piece is None or piece.block is not block:
-            if block.cidr.version != 4:
-                continue
-            owner = block.node
-            borrowed = [
-                (addr, host)
-                for addr, host in sorted(block.borrowed.items())
-                if host not in (me, owner) and addr in block.cidr
-            ]
-            piece = _BlockPiece(
-                block=block,
-                sort_key=(block.cidr.first, block.cidr.prefixlen, owner or ""),
-                pool=view.pool_for(block.cidr),
-                hosts=(*([owner] if owner not in (None, me) else []), *(h for _, h in borrowed)),
-                borrowed=tuple(addr for addr, _ in borrowed),
-            )
-        memo.blocks[id(block)] = piece
-        pieces.append(piece)
-    pieces.sort(key=lambda p: p.sort_key)
-    return pieces
+def _rank(offer: tuple[_Rank, Route]) -> _Rank:
+    return offer[0]
 
 
-def _block_offers(b: _Builder, piece: _BlockPiece) -> list[_Offer]:
-    """The routes a block asks for, rebuilt only when a decision they use changed."""
-    used = tuple(b.decide(h, piece.pool) for h in piece.hosts)
-    block = piece.block
-    old = b.memo.offers.get(id(block))
-    if old is not None and old[0] is block and old[1] == used:
-        b.memo.new_offers[id(block)] = old
-        return old[2]
-    offers: list[_Offer] = []
-    decisions = iter(used)
-    if block.node == b.me.name:
-        offers.append(_offer(0, Route(block.cidr, blackhole=True)))
-    elif block.node is not None:
-        decision = next(decisions)
-        if decision.nexthop is not None:
-            offers.append(_offer(0, Route(block.cidr, nexthop=decision.nexthop)))
-    for addr in piece.borrowed:
-        decision = next(decisions)
-        dst = netaddr.IPNetwork(f"{addr}/32")
-        if decision.vtep is not None and decision.vtep.tunnel_ip == addr:
-            # The peer's own VTEP address: resolved by the neighbour entry, no gateway.
-            offers.append(_offer(1, Route(dst, dev=VXLAN_DEVICE)))
-        elif decision.nexthop is not None:
-            offers.append(_offer(1, Route(dst, nexthop=decision.nexthop)))
-    b.memo.new_offers[id(block)] = (block, used, offers)
-    return offers
-
-
-def compute(
-    view: ClusterView,
-    me: LocalNode,
-    cfg: DataplaneConfig | None = None,
-    cache: ComputeCache | None = None,
-) -> Dataplane:
-    """The desired dataplane of node `me`. Same input, same output; no I/O. `cache` only
-    saves work when called again with a view that shares objects with the last one."""
-    cfg = cfg or DataplaneConfig()
-    memo = cache if cache is not None else ComputeCache()
-    pools_in_view = tuple(view.pools)
-    # A different node or pool set changes every peer: start afresh (pools are few).
-    memo.start((repr(me), tuple(map(id, pools_in_view)), pools_in_view))
-    blocks = _sorted_blocks(view, me.name, memo)
-    # Pools that matter: enabled ones (new pods may land in them any moment) and the ones
-    # holding blocks (disabled pools keep routing their existing pods).
-    pools_in_use = {id(p): p for p in view.pools if p.version == 4 and not p.disabled}
-    pools_in_use.update((id(b.pool), b.pool) for b in blocks if b.pool is not None)
-    encaps = {e[0] for e in map(_encap, pools_in_use.values()) if e is not None}
-
+def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[str, Device]:
+    encaps = {e[0] for e in map(_encap, pools) if e is not None}
     devices: dict[str, Device] = {}
     if Path.VXLAN in encaps and me.vxlan_tunnel_addr is not None:
         devices[VXLAN_DEVICE] = VxlanDevice(
@@ -412,79 +572,19 @@ def compute(
             mtu=cfg.ipip_mtu or me.underlay_mtu - IPIP_OVERHEAD,
             address=me.ipip_tunnel_addr,
         )
+    return devices
 
-    vteps, vtep_problems, underlays = _find_vteps(view, me, memo)
-    vxlan_ready = VXLAN_DEVICE in devices
-    b = _Builder(
-        view=view,
-        me=me,
-        vxlan_ready=vxlan_ready,
-        ipip_ready=IPIP_DEVICE in devices,
-        vteps=vteps if vxlan_ready else {},
-        vtep_problems=vtep_problems,
-        local_subnet=me.underlay.cidr,
-        underlays=underlays,
-        memo=memo,
-    )
-    # Tunnel readiness is part of every decision (it can change with a block's pool).
-    if memo.ready != (b.vxlan_ready, b.ipip_ready):
-        memo.ready = (b.vxlan_ready, b.ipip_ready)
-        memo.old_decisions = {}
 
-    # (table, dst) -> (precedence, route): a borrowed /32 beats a block route for the same
-    # prefix (a /32 block); among equals the first in sorted order wins.
-    chosen: dict[tuple[int, int, int], tuple[int, Route]] = {}
-    for piece in blocks:
-        for precedence, dst, route in _block_offers(b, piece):
-            if dst not in chosen or chosen[dst][0] < precedence:
-                chosen[dst] = (precedence, route)
-    memo.offers, memo.new_offers = memo.new_offers, {}
-
-    routes = {route for _, route in chosen.values()}
-    neighbours: set[Neighbour] = set()
-    fdb: set[FdbEntry] = set()
-    old_l2, memo.l2 = memo.l2, {}
-    for vtep in b.vteps.values():
-        pair = old_l2.get(id(vtep))
-        if pair is None or pair[0] is not vtep:
-            pair = (
-                vtep,
-                Neighbour(VXLAN_DEVICE, vtep.tunnel_ip, vtep.mac),
-                FdbEntry(VXLAN_DEVICE, vtep.mac, vtep.underlay),
-            )
-        memo.l2[id(vtep)] = pair
-        neighbours.add(pair[1])
-        fdb.add(pair[2])
-
-    peers = []
-    old_peers, memo.peers = memo.peers, {}
-    for key, decision in b.decisions.items():
-        node_name = key[0]
-        underlay = underlays.get(node_name) if node_name in view.nodes else None
-        entry = old_peers.get(key)
-        if entry is None or entry[0] is not decision or entry[1] != underlay:
-            entry = (
-                decision,
-                underlay,
-                PeerPath(node_name, decision.path, decision.reason, underlay),
-            )
-        memo.peers[key] = entry
-        peers.append(entry[2])
-    peers.sort(key=lambda p: (p.node, p.reason))
-
-    v4_pools = [p for p in view.pools if p.version == 4]
-    sources = frozenset(p.cidr for p in v4_pools if p.nat_outgoing)
-    nat = NatOutgoing(sources, frozenset(p.cidr for p in v4_pools)) if sources else None
-
-    return Dataplane(
-        devices=devices,
-        neighbours=neighbours,
-        fdb=fdb,
-        nexthops={r.nexthop for r in routes if r.nexthop is not None},
-        routes=routes,
-        nat=nat,
-        peers=peers,
-    )
+def compute(
+    view: ClusterView,
+    me: LocalNode,
+    cfg: DataplaneConfig | None = None,
+    cache: ComputeCache | None = None,
+) -> Dataplane:
+    """The desired dataplane of node `me`. Same input, same output; no I/O. `cache` only
+    saves work when called again with a view that shares objects with the last one."""
+    state = cache if cache is not None else ComputeCache()
+    return state.update(view, me, cfg or DataplaneConfig())
 
 
 def local_node_from(node: Node, underlay_iface: str, underlay_mtu: int = 1500) -> LocalNode:

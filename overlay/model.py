@@ -157,7 +157,7 @@ class Dataplane:
     devices: dict[str, Device] = field(default_factory=dict)
     neighbours: set[Neighbour] = field(default_factory=set)
     fdb: set[FdbEntry] = field(default_factory=set)
-    nexthops: set[NexthopKey] = field(default_factory=set)
+    nexthops: set[NexthopKey] = field(default_factory=set)  # desired: every one routes use
     nexthop_ids: dict[NexthopKey, int] = field(default_factory=dict)  # actual only
     routes: set[Route] = field(default_factory=set)
     # Actual only: the kernel nhid each nexthop route uses. A route with a nexthop key but no
@@ -165,6 +165,10 @@ class Dataplane:
     route_nhids: dict[Route, int] = field(default_factory=dict)
     # Actual only: ids of nexthop objects that are not ours; plan() never allocates them.
     foreign_nexthop_ids: set[int] = field(default_factory=set)
+    # Actual only: True when every route with a nexthop key uses the nhid of that key in
+    # nexthop_ids (so plan() need not compare route by route). A kernel read leaves it False;
+    # settled() knows it is true.
+    nhids_verified: bool = False
     nat: NatOutgoing | None = None
     peers: list[PeerPath] = field(default_factory=list)  # desired only
 

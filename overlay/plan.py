@@ -55,7 +55,11 @@ def plan(
     nexthops_supported: bool = True,
     nhid_base: int = NHID_BASE,
 ) -> list[Op]:
-    """The operations that turn `actual` (ours only) into `desired`, in a safe order."""
+    """The operations that turn `actual` (ours only) into `desired`, in a safe order.
+
+    `desired.nexthops` must hold every nexthop its routes use (compute() guarantees it).
+    Differences are found with set operations, so a pass that changes little stays cheap at
+    50k peers; only what changes is looked at one by one (and sorted, for stable logs)."""
     sets: list[Op] = []
     deletes: list[Op] = []
 
@@ -74,21 +78,17 @@ def plan(
     sets += [Op(Action.SET, n) for n in neigh_sets] + [Op(Action.SET, f) for f in fdb_sets]
 
     # 3. Nexthops.
-    wanted_nh = wanted_nexthops(desired)
     ids = assign_nexthop_ids(
         desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
     )
-    nh_sets = [k for k in ids if k not in actual.nexthop_ids or k.dev in recreated]
+    have_nh = actual.nexthop_ids
+    # set/dict operations below reuse the stored hashes (no __hash__ call per object).
+    nh_sets = set(ids).difference(have_nh)
+    if recreated:
+        nh_sets |= {k for k in ids if k.dev in recreated}
     sets += [Op(Action.SET, Nexthop(ids[k], k)) for k in sorted(nh_sets, key=_nh_sort)]
-    nh_gone = [
-        (k, nhid)
-        for k, nhid in actual.nexthop_ids.items()
-        if k not in wanted_nh or not nexthops_supported
-    ]
-    nh_deletes = [
-        Op(Action.DELETE, Nexthop(nhid, k))
-        for k, nhid in sorted(nh_gone, key=lambda kv: _nh_sort(kv[0]))
-    ]
+    nh_gone = set(have_nh).difference(desired.nexthops) if nexthops_supported else set(have_nh)
+    nh_deletes = [Op(Action.DELETE, Nexthop(have_nh[k], k)) for k in sorted(nh_gone, key=_nh_sort)]
 
     # 4./5. Routes: the nhid a route uses in the kernel is part of what must match.
     def route_nhid(route: Route) -> int | None:
@@ -98,24 +98,22 @@ def plan(
         nh_dev = route.nexthop.dev if route.nexthop is not None else None
         return route.dev in recreated or nh_dev in recreated
 
-    # Filter first, sort only what changes: at 50k routes sorting everything dominates.
-    route_sets = sorted(
-        (
+    changed = desired.routes - actual.routes
+    if recreated or not actual.nhids_verified:
+        # Routes already there may still need a set: on a recreated device, or using
+        # another nhid than the one of their nexthop (or their own gateway).
+        changed |= {
             r
-            for r in desired.routes
-            if r not in actual.routes
-            or (recreated and on_recreated(r))
-            or actual.route_nhids.get(r) != route_nhid(r)
-        ),
-        key=_route_sort,
-    )
-    set_keys = {_route_key(r) for r in route_sets}
-    route_deletes = sorted(
-        (r for r in actual.routes - desired.routes if _route_key(r) not in set_keys),
-        key=_route_sort,
-    )
+            for r in desired.routes & actual.routes
+            if (recreated and on_recreated(r)) or actual.route_nhids.get(r) != route_nhid(r)
+        }
+    route_sets = sorted(changed, key=_route_sort)
+    stale = actual.routes - desired.routes
+    if stale:
+        set_keys = {_route_key(r) for r in route_sets}
+        stale = {r for r in stale if _route_key(r) not in set_keys}
     sets += [Op(Action.SET, r, route_nhid(r)) for r in route_sets]
-    deletes += [Op(Action.DELETE, r, actual.route_nhids.get(r)) for r in route_deletes]
+    deletes += [Op(Action.DELETE, r, _nhid_in(actual, r)) for r in sorted(stale, key=_route_sort)]
 
     # NAT-outgoing: one nftables table, replaced whole when it differs.
     want_nat = desired.nat.normalized() if desired.nat is not None else None
@@ -138,6 +136,14 @@ def plan(
     return sets + deletes
 
 
+def _nhid_in(actual: Dataplane, route: Route) -> int | None:
+    """The nhid a route of `actual` uses (for the log of its deletion)."""
+    nhid = actual.route_nhids.get(route)
+    if nhid is None and actual.nhids_verified and route.nexthop is not None:
+        nhid = actual.nexthop_ids.get(route.nexthop)
+    return nhid
+
+
 def may_recreate(want: Device, have: Device) -> bool:
     """Whether turning `have` into `want` may need a new device (more than MTU/address)."""
     if type(want) is not type(have):
@@ -146,6 +152,8 @@ def may_recreate(want: Device, have: Device) -> bool:
 
 
 def wanted_nexthops(desired: Dataplane) -> set[NexthopKey]:
+    """Every nexthop the routes use plus any extra asked for (== desired.nexthops for the
+    output of compute())."""
     return set(desired.nexthops) | {r.nexthop for r in desired.routes if r.nexthop is not None}
 
 
@@ -161,14 +169,10 @@ def assign_nexthop_ids(
     if not nexthops_supported:
         return {}
     have = actual.nexthop_ids
-    ids: dict[NexthopKey, int] = {}
-    new: list[NexthopKey] = []
-    for key in wanted_nexthops(desired):
-        nhid = have.get(key)
-        if nhid is None:
-            new.append(key)
-        else:
-            ids[key] = nhid
+    ids = dict(have)
+    for key in set(have).difference(desired.nexthops):
+        del ids[key]
+    new = desired.nexthops.difference(have)
     if not new:
         return ids
     in_use = set(have.values()) | set(actual.route_nhids.values()) | actual.foreign_nexthop_ids
@@ -188,7 +192,9 @@ def settled(
     nexthops_supported: bool = True,
     nhid_base: int = NHID_BASE,
 ) -> Dataplane:
-    """What the reader would return after every op of plan(desired, actual) succeeded."""
+    """What the kernel holds after every op of plan(desired, actual) succeeded: the desired
+    objects, each route on the nhid of its nexthop. (A re-read would also fill route_nhids;
+    nhids_verified says it is not needed.)"""
     ids = assign_nexthop_ids(
         desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
     )
@@ -199,9 +205,9 @@ def settled(
         nexthops=set(ids),
         nexthop_ids=ids,
         routes=set(desired.routes),
-        route_nhids={r: ids[r.nexthop] for r in desired.routes if r.nexthop in ids},
         foreign_nexthop_ids=set(actual.foreign_nexthop_ids),
         nat=desired.nat,
+        nhids_verified=True,
     )
 
 
@@ -214,10 +220,12 @@ def _diff(
     """(to set, to delete) for objects keyed like the kernel keys them. Actual objects on a
     `recreated` device may have vanished with it, so they count as absent."""
     present = {o for o in actual if o.dev not in recreated} if recreated else actual
-    to_set = sorted((o for o in desired if o not in present), key=_obj_sort)
-    set_keys = {key(o) for o in to_set}
-    to_delete = sorted((o for o in actual - desired if key(o) not in set_keys), key=_obj_sort)
-    return to_set, to_delete
+    to_set = sorted(desired - present, key=_obj_sort)
+    stale = actual - desired
+    if stale:
+        set_keys = {key(o) for o in to_set}
+        stale = {o for o in stale if key(o) not in set_keys}
+    return to_set, sorted(stale, key=_obj_sort)
 
 
 def _neigh_key(n: Neighbour) -> Hashable:
@@ -240,8 +248,8 @@ def _nh_sort(k: NexthopKey) -> tuple[Any, ...]:
     return (_ip_sort(k.gateway), k.dev, k.onlink)
 
 
-def _route_sort(r: Route) -> tuple[Any, ...]:
-    return (r.table, r.dst.version, r.dst.first, r.dst.prefixlen, repr(r))
+def _route_sort(r: Route) -> tuple[int, int, int, int]:
+    return (r.table, r.dst.version, r.dst.first, r.dst.prefixlen)
 
 
 def _obj_sort(o: Neighbour | FdbEntry) -> tuple[Any, ...]:

@@ -318,10 +318,15 @@ def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
     for key in lost_nh:
         del actual.nexthop_ids[key]
         actual.nexthops.discard(key)
+    # The kernel drops the routes of a deleted nexthop: ours by its key (a settled state has
+    # no route_nhids), or by id for routes that a re-read found on some other nexthop.
+    lost_keys = set(lost_nh)
     lost_routes = [
         r
         for r in (actual.routes if routes or nhids else ())
-        if (r.table, r.dst) in routes or actual.route_nhids.get(r) in nhids
+        if (r.table, r.dst) in routes
+        or r.nexthop in lost_keys
+        or actual.route_nhids.get(r) in nhids
     ]
     actual.routes.difference_update(lost_routes)
     for r in lost_routes:
