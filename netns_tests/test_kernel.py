@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -12,7 +13,7 @@ import netaddr
 import pytest
 
 from netns_tests.kernel_fixtures import ip, peer, peer_ops, underlay, vxlan_device
-from overlay.kernel.apply import Kernel
+from overlay.kernel.apply import Kernel, describe
 from overlay.kernel.monitor import Monitor
 from overlay.kernel.nat import apply_nat, read_nat
 from overlay.model import (
@@ -164,6 +165,35 @@ def test_failure_of_one_object_does_not_stop_the_batch(kernel: Kernel) -> None:
     ]
     assert "nexthop" in result.failed[0][2].lower()
     assert len(kernel.read().routes) == 5
+
+
+def test_one_log_line_per_change_and_a_warning_per_failure_across_chunks(
+    kernel: Kernel, caplog: pytest.LogCaptureFixture
+) -> None:
+    _apply_ok(kernel, [Op(Action.SET, vxlan_device())])
+    ops = peer_ops(300)  # 1200 messages: two kernel sends
+    bad = [
+        Op(
+            Action.SET,
+            Route(dst=netaddr.IPNetwork(f"10.250.{i}.0/26"), nexthop=peer(0)[2].key),
+            90_000 + i,
+        )
+        for i in range(2)
+    ]
+    ops.insert(5, bad[0])
+    ops.insert(1100, bad[1])
+    with caplog.at_level(logging.INFO, logger="overlay.kernel"):
+        result = kernel.apply(ops)
+    assert [(op, code) for op, code, _ in result.failed] == [(b, errno.EINVAL) for b in bad]
+    changes = [
+        line
+        for r in caplog.records
+        if r.levelno == logging.INFO
+        for line in r.getMessage().split("\n")
+    ]
+    assert changes == [describe(op) for op in ops if op not in bad]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(" outcome=failed")[0] for w in warnings] == [describe(b) for b in bad]
 
 
 def test_device_drift_recreates_and_mtu_is_fixed_in_place(node: str, kernel: Kernel) -> None:

@@ -64,23 +64,37 @@ class AgentConfig:
 
 
 class KeyValueFormatter(logging.Formatter):
-    """One line per record: ts=... level=... logger=... then the message (already k=v)."""
+    """One line per message line: ts=... level=... logger=... then the line (already k=v).
+
+    A multi-line message (e.g. one record for a whole batch of kernel changes) becomes one
+    complete line per line, each with the record's prefix; json: one object per line.
+    """
 
     def __init__(self, as_json: bool = False) -> None:
         super().__init__()
         self.as_json = as_json
+        self._second: tuple[int, str] = (-1, "")  # strftime once per second, not per record
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        cached = self._second  # one tuple: atomic for handlers in other threads
+        if cached[0] != second:
+            cached = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+            self._second = cached
+        return f"{cached[1]}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        ts += f".{int(record.msecs):03d}Z"
+        ts = self._timestamp(record)
+        level = record.levelname.lower()
         msg = record.getMessage()
         if record.exc_info:
             msg += " exc=" + json.dumps(self.formatException(record.exc_info))
         if self.as_json:
-            return json.dumps(
-                {"ts": ts, "level": record.levelname.lower(), "logger": record.name, "msg": msg}
-            )
-        return f"ts={ts} level={record.levelname.lower()} logger={record.name} {msg}"
+            # Same text as json.dumps of the whole dict, with the prefix encoded once.
+            head = json.dumps({"ts": ts, "level": level, "logger": record.name})[:-1]
+            return "\n".join(f'{head}, "msg": {json.dumps(line)}}}' for line in msg.split("\n"))
+        prefix = f"ts={ts} level={level} logger={record.name} "
+        return prefix + msg.replace("\n", "\n" + prefix)
 
 
 def _pool_key(pools: list[IPPool]) -> str:

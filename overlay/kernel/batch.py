@@ -1,9 +1,10 @@
-"""One NETLINK_ROUTE socket that sends many requests per sendmsg and reads every ack.
+"""One NETLINK_ROUTE socket that sends many requests per sendmsg and reads the error acks.
 
-rtnetlink processes a multi-message send synchronously and in order, acking each message, and
-an error in one message does not stop the rest. So a batch of ~1000 messages costs one
-syscall to send plus one recv per ack, and each error ack maps back to its request by
-sequence number.
+rtnetlink processes a multi-message send synchronously and in order, and an error in one
+message does not stop the rest; a failed request is always acked, a successful one only if it
+asks to be. So a batch of ~1000 messages costs one syscall to send plus one recv per failure
+and one for a final acked no-op, and each error ack maps back to its request by sequence
+number.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ SNDBUF = 4 * 1024 * 1024
 RECV_TIMEOUT_S = 30.0
 
 _SEQ = struct.Struct("=I")
-_ACK = struct.Struct("=IHHIIi")  # nlmsghdr + error
-_ACK_LEN = 36  # a success ack echoes only the request header
+_HDR_HEAD = struct.Struct("=IHH")  # nlmsghdr: len, type, flags
+_FLAGS_SEQ = struct.Struct("=HI")  # nlmsghdr from offset 6: flags, seq
+_END_FLAGS = nlmsg.NLM_F_REQUEST | nlmsg.NLM_F_ACK
 
 
 class DumpInterrupted(Exception):
@@ -136,7 +138,7 @@ class RtnlSocket:
         max_bytes: int = MAX_BATCH_BYTES,
         max_msgs: int = MAX_BATCH_MSGS,
     ) -> list[tuple[int, int, str]]:
-        """Send every message (each must request an ack); return (index, errno, text) per
+        """Send every message (its NLM_F_ACK flag is cleared); return (index, errno, text) per
         failed message. Failures never stop the other messages."""
         failures: list[tuple[int, int, str]] = []
         start = 0
@@ -155,47 +157,38 @@ class RtnlSocket:
     def _send_chunk(
         self, messages: Sequence[bytes], start: int, end: int
     ) -> list[tuple[int, int, str]]:
-        base = self._next_seq(end - start)
+        # Success acks are not requested: the kernel acks a failed request regardless, and one
+        # recv per success ack was most of the Python time of a batch. A trailing NLMSG_NOOP
+        # asking for an ack marks the end: rtnetlink handles a send's messages in order.
+        count = end - start
+        base = self._next_seq(count + 1)
         buf = bytearray(b"".join(messages[start:end]))
         off = 0
-        for seq in range(base, base + end - start):
-            _SEQ.pack_into(buf, off + 8, seq)
-            off += (_SEQ.unpack_from(buf, off)[0] + 3) & ~3
+        for seq in range(base, base + count):
+            length, _type, flags = _HDR_HEAD.unpack_from(buf, off)
+            _FLAGS_SEQ.pack_into(buf, off + 6, flags & ~nlmsg.NLM_F_ACK, seq)
+            off += (length + 3) & ~3
+        end_seq = base + count
+        buf += nlmsg.NLMSG_HDR.pack(16, nlmsg.NLMSG_NOOP, _END_FLAGS, end_seq, 0)
         self.sock.sendall(buf)
-        pending = end - start
         failures: list[tuple[int, int, str]] = []
-        acked = bytearray(pending)
         rbuf = self._buf
-        while pending:
+        while True:
             try:
                 n = self.sock.recv_into(rbuf)
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
                     raise
-                # Acks were dropped: we cannot know these outcomes, report them as failed.
-                for j in range(end - start):
-                    if not acked[j]:
-                        failures.append((start + j, errno.ENOBUFS, "ack lost (receive buffer)"))
-                return failures
-            # Fast path: one successful ack per recv (the common case).
-            if n == _ACK_LEN:
-                _len, msg_type, _f, seq, _pid, err = _ACK.unpack_from(rbuf, 0)
-                j = seq - base
-                if msg_type == nlmsg.NLMSG_ERROR and not err and 0 <= j < end - start:
-                    if not acked[j]:
-                        acked[j] = 1
-                        pending -= 1
-                    continue
+                # Error acks were dropped: outcomes unknown, report every message as failed.
+                return [(j, errno.ENOBUFS, "ack lost (receive buffer)") for j in range(start, end)]
             for msg_type, _flags, seq, payload in nlmsg.iter_messages(rbuf[:n]):
-                j = seq - base
-                if msg_type != nlmsg.NLMSG_ERROR or not 0 <= j < end - start or acked[j]:
+                if msg_type != nlmsg.NLMSG_ERROR:
                     continue
-                acked[j] = 1
-                pending -= 1
+                if seq == end_seq:
+                    return failures
                 err, text = nlmsg.parse_error(payload)
-                if err:
-                    failures.append((start + j, err, text or os.strerror(err)))
-        return failures
+                if err and base <= seq < end_seq:
+                    failures.append((start + seq - base, err, text or os.strerror(err)))
 
     def dump(self, request: bytes) -> Iterator[tuple[int, memoryview]]:
         """Send a dump request and yield (msg_type, payload) for every reply message.

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import netaddr
-from pyroute2 import IPRoute
 
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import DumpInterrupted, RtnlSocket
-from overlay.kernel.devices import read_device
 from overlay.model import (
     MAIN_TABLE,
     RT_PROTO,
@@ -28,6 +26,9 @@ from overlay.model import (
     Route,
     VxlanDevice,
 )
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 DUMP_RETRIES = 5
 T = TypeVar("T")
@@ -150,6 +151,8 @@ def read_routes(
 def read_dataplane(
     sock: RtnlSocket, ipr: IPRoute, device_names: Iterable[str], with_nexthops: bool
 ) -> Dataplane:
+    from overlay.kernel.devices import read_device  # pyroute2: imported when first needed
+
     addrs = _Addrs()
     links = sock.links()
     index = {name: i for i, name in links.items()}
