@@ -202,6 +202,11 @@ class ComputeCache:
         self.my_claims = (me.vxlan_tunnel_addr, me.vtep_mac) if me is not None else (None, "")
         self.my_underlay = me.underlay if me is not None else None
         self.local_subnet = me.underlay.cidr if me is not None else None  # built once: slow
+        self.subnet_text = str(self.local_subnet)
+        self.subnet_range = (
+            (self.local_subnet.first, self.local_subnet.last) if self.local_subnet else (0, -1)
+        )
+        self.pool_notes: dict[str, str] = {}  # pool name -> "pool p vxlanMode Always"
         self.underlay_iface = me.underlay_iface if me is not None else ""
         self.pools: dict[str | None, IPPool | None] = {None: None}
         self.ready: tuple[bool, bool] | None = None
@@ -260,8 +265,11 @@ class ComputeCache:
             self._reoffer(bid, dirty_dsts)
         for dst in dirty_dsts:
             self._choose(dst)
-        for key in self.dirty_peers:
-            self._set_peer(key)
+        if len(self.dirty_peers) > 64:
+            self._rebuild_peers()
+        else:
+            for key in self.dirty_peers:
+                self._set_peer(key)
 
         v4_pools = [p for p in pools if p.version == 4]
         sources = frozenset(p.cidr for p in v4_pools if p.nat_outgoing)
@@ -408,15 +416,18 @@ class ComputeCache:
                     "cross-subnet can't work for it (it will always be tunnelled); "
                     "record it with its subnet prefix"
                 )
-            elif peer_ip in local_subnet:
+            elif self.subnet_range[0] <= int(peer_ip) <= self.subnet_range[1]:
                 return _Decision(
                     Path.DIRECT,
                     NexthopKey(peer_ip, self.underlay_iface),
-                    f"same subnet {local_subnet} and pool {pool.name} is CrossSubnet",
+                    f"same subnet {self.subnet_text} and pool {pool.name} is CrossSubnet",
                 )
             else:
-                notes.append(f"different subnet ({peer_ip} not in {local_subnet})")
-        notes.append(f"pool {pool.name} {mode_field} {mode.value}")
+                notes.append(f"different subnet ({peer_ip} not in {self.subnet_text})")
+        note = self.pool_notes.get(pool.name)
+        if note is None:
+            note = self.pool_notes[pool.name] = f"pool {pool.name} {mode_field} {mode.value}"
+        notes.append(note)
         why = "; ".join(notes)
         if kind is Path.VXLAN:
             if not vxlan_ready:
@@ -528,28 +539,48 @@ class ComputeCache:
 
     # --- introspection ------------------------------------------------------------------------
 
-    def _set_peer(self, key: _PeerKey) -> None:
-        """Keep the sorted peer list current for one (node, pool) pair."""
+    def _peer_entry(self, key: _PeerKey) -> tuple[tuple[str, str, str], PeerPath] | None:
         name, pool_name = key
-        old = self.peer_paths.pop(key, None)
-        if old is not None:
-            i = bisect.bisect_left(self.peer_sort, old[0])
-            del self.peer_sort[i], self.peer_list[i]
         if not self.peer_refs.get(name, {}).get(pool_name):
-            return
+            return None
         decision = self.decide(name, self.pools[pool_name])
         piece = self.nodes.get(name)
         underlay = piece.underlay if piece is not None else None
         path = PeerPath(name, decision.path, decision.reason, underlay)
-        sort_key = (name, decision.reason, pool_name or "")
-        i = bisect.bisect_left(self.peer_sort, sort_key)
-        self.peer_sort.insert(i, sort_key)
-        self.peer_list.insert(i, path)
-        self.peer_paths[key] = (sort_key, path)
+        return (name, decision.reason, pool_name or ""), path
+
+    def _set_peer(self, key: _PeerKey) -> None:
+        """Keep the sorted peer list current for one (node, pool) pair."""
+        old = self.peer_paths.pop(key, None)
+        if old is not None:
+            i = bisect.bisect_left(self.peer_sort, old[0])
+            del self.peer_sort[i], self.peer_list[i]
+        entry = self._peer_entry(key)
+        if entry is not None:
+            i = bisect.bisect_left(self.peer_sort, entry[0])
+            self.peer_sort.insert(i, entry[0])
+            self.peer_list.insert(i, entry[1])
+            self.peer_paths[key] = entry
+
+    def _rebuild_peers(self) -> None:
+        """_set_peer() for many pairs at once: one sort instead of many list inserts."""
+        for key in self.dirty_peers:
+            entry = self._peer_entry(key)
+            if entry is None:
+                self.peer_paths.pop(key, None)
+            else:
+                self.peer_paths[key] = entry
+        entries = sorted(self.peer_paths.values(), key=_sort_key)
+        self.peer_sort = [e[0] for e in entries]
+        self.peer_list = [e[1] for e in entries]
 
 
 def _rank(offer: tuple[_Rank, Route]) -> _Rank:
     return offer[0]
+
+
+def _sort_key(entry: tuple[tuple[str, str, str], PeerPath]) -> tuple[str, str, str]:
+    return entry[0]
 
 
 def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[str, Device]:
