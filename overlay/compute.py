@@ -316,10 +316,11 @@ class ComputeCache:
         return touched
 
     def _claim(self, name: str, candidate: _Vtep | str, *, add: bool) -> set[str]:
-        """Add or drop a peer's claim on its tunnel address and MAC; return the claimants."""
-        if name == self.me_name or isinstance(candidate, str):
-            return set()
+        """Add or drop a peer's claim on its tunnel address and MAC; return the other
+        claimants (whose VTEP may now be won or lost)."""
         others: set[str] = set()
+        if name == self.me_name or isinstance(candidate, str):
+            return others
         for claims, value in (
             (self.ip_claims, candidate.tunnel_ip),
             (self.mac_claims, candidate.mac),
@@ -329,7 +330,8 @@ class ComputeCache:
                 names.add(name)
             else:
                 names.discard(name)
-            others |= names
+            if len(names) > add:  # anyone but the newcomer
+                others |= names
             if not names:
                 del claims[value]  # type: ignore[attr-defined]
         return others
