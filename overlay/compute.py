@@ -159,17 +159,19 @@ def _block_piece(view: ClusterView, block: BlockInfo, me: str) -> _BlockPiece:
     owner = block.node
     if block.cidr.version != 4:
         return _BlockPiece(block, (0, 0, ""), None, (), (), routed=False)
-    borrowed = [
-        (addr, host)
-        for addr, host in sorted(block.borrowed.items())
-        if host not in (me, owner) and addr in block.cidr
-    ]
+    hosts = [owner] if owner is not None and owner != me else []
+    borrowed = []
+    for addr, host in sorted(block.borrowed.items()):
+        if host not in (me, owner) and addr in block.cidr:
+            borrowed.append(addr)
+            hosts.append(host)
+    cidr = block.cidr
     return _BlockPiece(
-        block=block,
-        sort_key=(block.cidr.first, block.cidr.prefixlen, owner or ""),
-        pool=view.pool_for(block.cidr),
-        hosts=(*([owner] if owner not in (None, me) else []), *(h for _, h in borrowed)),
-        borrowed=tuple(addr for addr, _ in borrowed),
+        block,
+        (cidr.first, cidr.prefixlen, owner or ""),
+        view.pool_for(cidr),
+        (*hosts,),
+        (*borrowed,),
     )
 
 
@@ -398,39 +400,34 @@ class ComputeCache:
         piece = self.nodes.get(node_name)
         if piece is None:
             return _Decision(None, None, "no Node resource for this node: no route")
-        peer = piece.node
-        peer_ip = piece.underlay
-        if peer.ipv4_address is None or peer_ip is None:
+        address, peer_ip = piece.node.ipv4_address, piece.underlay
+        if address is None or peer_ip is None:
             return _Decision(None, None, "node has no IPv4 underlay address: skipped")
-        local_subnet, my_underlay = self.local_subnet, self.my_underlay
-        assert local_subnet is not None and my_underlay is not None
-        vxlan_ready, ipip_ready = self.ready or (False, False)
-        notes: list[str] = []
+        why = self.pool_notes.get(pool.name)
+        if why is None:
+            why = self.pool_notes[pool.name] = f"pool {pool.name} {mode_field} {mode.value}"
         if mode is EncapMode.CROSS_SUBNET:
-            if my_underlay.prefixlen == 32:
-                notes.append(
-                    f"this node's underlay address {my_underlay} has no subnet prefix: "
-                    "cross-subnet can't work, every peer is tunnelled"
+            assert self.my_underlay is not None
+            if self.my_underlay.prefixlen == 32:
+                why = (
+                    f"this node's underlay address {self.my_underlay} has no subnet prefix: "
+                    f"cross-subnet can't work, every peer is tunnelled; {why}"
                 )
-            elif peer.ipv4_address.prefixlen == 32:
-                notes.append(
-                    f"node's underlay address {peer.ipv4_address} is stored as /32: "
+            elif address.prefixlen == 32:
+                why = (
+                    f"node's underlay address {address} is stored as /32: "
                     "cross-subnet can't work for it (it will always be tunnelled); "
-                    "record it with its subnet prefix"
+                    f"record it with its subnet prefix; {why}"
                 )
-            elif self.subnet_range[0] <= int(peer_ip) <= self.subnet_range[1]:
+            elif self.subnet_range[0] <= peer_ip.value <= self.subnet_range[1]:
                 return _Decision(
                     Path.DIRECT,
                     NexthopKey(peer_ip, self.underlay_iface),
                     f"same subnet {self.subnet_text} and pool {pool.name} is CrossSubnet",
                 )
             else:
-                notes.append(f"different subnet ({peer_ip} not in {self.subnet_text})")
-        note = self.pool_notes.get(pool.name)
-        if note is None:
-            note = self.pool_notes[pool.name] = f"pool {pool.name} {mode_field} {mode.value}"
-        notes.append(note)
-        why = "; ".join(notes)
+                why = f"different subnet ({peer_ip} not in {self.subnet_text}); {why}"
+        vxlan_ready, ipip_ready = self.ready or (False, False)
         if kind is Path.VXLAN:
             if not vxlan_ready:
                 return _Decision(None, None, f"{why}; this node has no VXLAN tunnel address yet")
@@ -522,7 +519,7 @@ class ComputeCache:
         offers = self.by_dst.get(dst)
         new = min(offers.values(), key=_rank)[1] if offers else None
         old = self.chosen.get(dst)
-        if old == new:
+        if old is new or (old is not None and new is not None and old == new):
             return
         if old is not None:
             self.routes.discard(old)

@@ -75,5 +75,4 @@ def vtep_mac(node_name: str, override: str | None = None) -> str:
     """
     if override:
         return str(netaddr.EUI(override, dialect=netaddr.mac_unix_expanded)).lower()
-    digest = hashlib.sha1(node_name.encode()).digest()[:5]
-    return ":".join(f"{b:02x}" for b in (0x66, *digest))
+    return (b"\x66" + hashlib.sha1(node_name.encode()).digest()[:5]).hex(":")
