@@ -20,6 +20,12 @@ Design notes (why it looks like this):
   does not leak to the default route. Addresses of a block hosted on another node than
   the block's owner get a /32 to the hosting node (longest prefix beats the block route);
   the ones hosted here are the CNI's business (it owns per-pod routes).
+- Incremental: ComputeCache carries the per-peer pieces, the VTEP claims, the route offers
+  per kernel key and the nexthop reference counts from one view to the next, so a view that
+  differs in a few Node/BlockInfo objects costs O(those) plus copying the result sets. The
+  result never depends on the history (a property test holds it to a fresh compute).
+- Duplicate VXLAN tunnel addresses or VTEP MACs would make neighbour/FDB entries flap: our
+  own always win, else the node first by name; the others get no VTEP, and say why.
 - IPv4 only for now: IPv6 pools and blocks are ignored.
 """
 

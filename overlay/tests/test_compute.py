@@ -6,7 +6,7 @@ import pytest
 from netaddr import IPAddress, IPNetwork
 
 from ipam.model import EncapMode, Node
-from overlay.compute import DataplaneConfig, LocalNode, compute, local_node_from
+from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, compute, local_node_from
 from overlay.model import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
@@ -283,6 +283,28 @@ def test_duplicate_vtep_mac_is_refused_for_the_later_node() -> None:
     assert peer(dp, "c").path is None
     assert "also used by b" in peer(dp, "c").reason
     assert len({f.mac for f in dp.fdb}) == len(dp.fdb)
+
+
+def test_a_duplicate_vtep_changes_hands_when_its_holder_goes() -> None:
+    """b and c claim one tunnel address: b (first by name) holds it. When b leaves, c gets it;
+    when b returns, b takes it back. The cache carried across views must agree with a fresh
+    compute at every step, and the kernel entries follow the holder."""
+    cache = ComputeCache()
+    shared = LAYOUT["b"][1]
+    # The same objects in every view, as the watch hands them over: only b comes and goes.
+    a, b, c, d, p = node("a"), node("b"), node("c", vxlan=shared), node("d"), pool(ALWAYS)
+    with_b = standard_view(p, nodes=[a, b, c, d])
+    without_b = ClusterView([a, c, d], [p], [x for x in with_b.blocks if x.node != "b"])
+    steps = [(with_b, "b"), (without_b, "c"), (with_b, "b")]
+    for view, holder in steps:
+        dp = compute(view, me(), DataplaneConfig(), cache)
+        assert dp == desired(view)
+        owners = {n.ip: n.mac for n in dp.neighbours}
+        assert owners[IPAddress(shared)] == vtep_mac(holder)
+        loser = "c" if holder == "b" else None
+        if loser:
+            assert f"also used by {holder}" in peer(dp, loser).reason
+        assert peer(dp, holder).path is Path.VXLAN
 
 
 def test_output_is_deterministic_and_independent_of_input_order() -> None:

@@ -346,7 +346,7 @@ def test_cluster_change_on_one_node_is_exact(
 @given(
     local=locals_(),
     cfg=configs,
-    history=st.lists(views(), min_size=2, max_size=4),
+    history=st.lists(views(), min_size=2, max_size=6),
     keep=st.lists(st.booleans(), min_size=40, max_size=40),
 )
 def test_compute_with_a_cache_equals_compute_without(
@@ -359,7 +359,7 @@ def test_compute_with_a_cache_equals_compute_without(
     BlockInfo objects of the previous one (as the watch does for unchanged records), so the
     cache is hit, missed and invalidated; the result must always equal a fresh compute."""
     cache = ComputeCache()
-    flips = iter(keep * 4)
+    flips = iter(keep * 6)
     previous: ClusterView | None = None
     for view in history:
         if previous is not None:
