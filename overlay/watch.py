@@ -8,11 +8,12 @@ a lost event can never leave a stale peer behind.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from itertools import compress, count, repeat
+from operator import is_not
 
 import netaddr
 
@@ -20,7 +21,8 @@ from ipam.block import HOST_AFFINITY_PREFIX, Block, parse_cidr
 from ipam.datastore import Compacted, Datastore, DatastoreError, Event, EventType
 from ipam.model import IPPool, Node
 from ipam.records import BLOCKS_PREFIX
-from ipam.store import RESOURCES_PREFIX, decode, kind_prefix
+from ipam.resources import canonical_ipv4_network
+from ipam.store import RESOURCES_PREFIX, decode, kind_prefix, load_json
 from overlay.view import BlockInfo, ClusterView
 
 log = logging.getLogger("overlay.watch")
@@ -33,29 +35,41 @@ _POOLS = kind_prefix("IPPool")
 def block_info_from_json(value: str) -> BlockInfo:
     """block_info(Block.from_json(value)) without building the Block: at 50k blocks the
     full decode (free lists, sequence numbers, attribute tuples) dominated a re-list."""
-    raw = json.loads(value)
-    try:
-        cidr = parse_cidr(raw["cidr"])
-    except (KeyError, netaddr.AddrFormatError, TypeError) as e:
-        raise ValueError(f"block field cidr: bad value {raw.get('cidr')!r}") from e
+    raw = load_json(value)
+    if not isinstance(raw, dict):
+        raise ValueError(f"block: expected a JSON object, got {value[:80]!r}")
+    text = raw.get("cidr")
+    cidr = canonical_ipv4_network(text) if type(text) is str else None
+    if cidr is None:
+        try:
+            cidr = parse_cidr(raw["cidr"])
+        except (KeyError, netaddr.AddrFormatError, TypeError) as e:
+            raise ValueError(f"block field cidr: bad value {text!r}") from e
     allocations = raw.get("allocations") or []
+    if not isinstance(allocations, list):
+        raise ValueError(f"block {cidr} field allocations: expected a list, got {allocations!r}")
     if len(allocations) != cidr.size:
         raise ValueError(
             f"block {cidr} field allocations: {len(allocations)} entries, expected {cidr.size}"
         )
+    attributes = raw.get("attributes") or []
+    if not isinstance(attributes, list):
+        raise ValueError(f"block {cidr} field attributes: expected a list, got {attributes!r}")
     affinity = raw.get("affinity")
     owner = None
     if isinstance(affinity, str) and affinity.startswith(HOST_AFFINITY_PREFIX):
         owner = affinity[len(HOST_AFFINITY_PREFIX) :]
-    attributes = raw.get("attributes") or []
-    hosts = [(a.get("secondary") or {}).get("node") for a in attributes]
     borrowed: dict[netaddr.IPAddress, str] = {}
-    for ordinal, index in enumerate(allocations):
-        if index is None:
-            continue
-        if not 0 <= index < len(hosts):
+    # Most ordinals are free (None): find the allocated ones at C speed.
+    for ordinal in compress(count(), map(is_not, allocations, repeat(None))):
+        index = allocations[ordinal]
+        if not isinstance(index, int) or not 0 <= index < len(attributes):
             raise ValueError(f"block {cidr} ordinal {ordinal}: bad attribute index {index!r}")
-        host = hosts[index]
+        attribute = attributes[index]
+        try:
+            host = (attribute.get("secondary") or {}).get("node")
+        except AttributeError:
+            raise ValueError(f"block {cidr} attributes[{index}]: bad value {attribute!r}") from None
         if host and host != owner:
             borrowed[netaddr.IPAddress(cidr.first + ordinal, cidr.version)] = host
     return BlockInfo(cidr, owner, borrowed)

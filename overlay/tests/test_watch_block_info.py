@@ -51,6 +51,13 @@ def test_fast_decode_finds_borrowed_addresses() -> None:
         ({"cidr": "not-a-cidr"}, "cidr"),
         ({"allocations": [None] * 3}, "allocations"),
         ({"allocations": [7] + [None] * 63, "attributes": []}, "attribute index"),
+        ({"allocations": ["0"] + [None] * 63}, "ordinal 0: bad attribute index '0'"),
+        ({"allocations": 64}, "allocations: expected a list, got 64"),
+        (
+            {"allocations": [0] + [None] * 63, "attributes": ["x"]},
+            r"attributes\[0\]: bad value 'x'",
+        ),
+        ({"attributes": {"a": 1}}, "attributes: expected a list"),
     ],
 )
 def test_fast_decode_rejects_bad_records(change: dict[str, object], message: str) -> None:
@@ -68,3 +75,28 @@ def test_cached_hash_matches_equality_and_is_not_carried_across_processes() -> N
     assert Route(netaddr.IPNetwork("10.1.0.64/26"), nexthop=key) not in {a}
     # Pickled state holds the fields only: string hashes differ between processes.
     assert "_hash" not in pickle.loads(pickle.dumps(a)).__dict__
+
+
+@pytest.mark.parametrize("value", ["[]", '"10.1.0.0/26"', "null"])
+def test_fast_decode_rejects_a_record_that_is_not_an_object(value: str) -> None:
+    with pytest.raises(ValueError, match="block: expected a JSON object"):
+        block_info_from_json(value)
+
+
+def test_unreferenced_attributes_are_not_read() -> None:
+    raw = json.loads(_blocks()[2].to_json())
+    raw["attributes"].append("junk")  # no allocation points at it
+    info = block_info_from_json(json.dumps(raw))
+    assert info == block_info_from_json(_blocks()[2].to_json())
+
+
+@pytest.mark.parametrize("cidr", ["10.1.0.0/26", "010.1.0.0/26", "fd00::/122", "10.1.0.0/26 "])
+def test_fast_decode_cidr_equals_netaddr(cidr: str) -> None:
+    raw = {"cidr": cidr, "affinity": None, "allocations": [None] * 64, "attributes": []}
+    try:
+        expected = repr(netaddr.IPNetwork(cidr))
+    except netaddr.AddrFormatError:
+        with pytest.raises(ValueError, match="block field cidr: bad value"):
+            block_info_from_json(json.dumps(raw))
+        return
+    assert repr(block_info_from_json(json.dumps(raw)).cidr) == expected
