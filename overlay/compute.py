@@ -221,18 +221,19 @@ class ComputeCache:
         # Nodes: name -> id(Node) seen last, the pieces, VTEP claims and their outcome.
         self.node_ids: dict[str, int] = {}
         self.nodes: dict[str, _NodePiece] = {}
-        self.ip_claims: dict[netaddr.IPAddress, set[str]] = {}
-        self.mac_claims: dict[str, set[str]] = {}
+        # tunnel address / MAC -> the claimant, or a set of them when shared (rare)
+        self.ip_claims: dict[object, str | set[str]] = {}
+        self.mac_claims: dict[object, str | set[str]] = {}
         self.vteps: dict[str, _Vtep] = {}
         self.problems: dict[str, str] = {}
         self.decisions: dict[str, dict[str | None, _Decision]] = {}
         # Blocks: id(BlockInfo) -> piece; node -> ids of the blocks whose routes use it.
         self.blocks: dict[int, _BlockPiece] = {}
-        self.users: dict[str, set[int]] = {}
+        self.users: dict[str, list[int]] = {}
         self.pool_blocks: dict[str | None, int] = {}
         # Routes: offers per block and per kernel key, the winners, their nexthops.
-        self.offers: dict[int, list[_Offer]] = {}
-        self.by_dst: dict[_DstKey, dict[int, tuple[_Rank, Route]]] = {}
+        self.offers: dict[int, tuple[Route, ...]] = {}
+        self.by_dst: dict[_DstKey, list[tuple[_Rank, int, Route]]] = {}
         self.chosen: dict[_DstKey, Route] = {}
         self.routes: set[Route] = set()
         self.nexthop_refs: dict[NexthopKey, int] = {}
@@ -241,10 +242,9 @@ class ComputeCache:
         self.neighbours: set[Neighbour] = set()
         self.fdb: set[FdbEntry] = set()
         # Peers for introspection: (node, pool) pairs some block routes through, sorted.
-        self.peer_refs: dict[str, dict[str | None, int]] = {}
-        self.peer_paths: dict[_PeerKey, tuple[tuple[str, str, str], PeerPath]] = {}
-        self.peer_sort: list[tuple[str, str, str]] = []
-        self.peer_list: list[PeerPath] = []
+        self.peer_refs: dict[_PeerKey, int] = {}
+        self.peer_paths: dict[_PeerKey, PeerPath] = {}
+        self.peer_list: list[PeerPath] = []  # sorted by (node, reason)
         self.dirty_peers: set[_PeerKey] = set()  # per pass
 
     # --- the pass ---------------------------------------------------------------------------
@@ -262,11 +262,11 @@ class ComputeCache:
         ready = (VXLAN_DEVICE in devices, IPIP_DEVICE in devices)
         if ready != self.ready:  # part of every decision: redo them all (rare)
             self.ready = ready
-            touched = set(self.nodes) | set(self.users) | set(self.peer_refs) | set(self.l2)
+            touched = {*self.nodes, *self.users, *(n for n, _ in self.peer_refs), *self.l2}
         for name in touched:
             self.decisions.pop(name, None)
             dirty.update(self.users.get(name, ()))
-            self.dirty_peers.update((name, pool) for pool in self.peer_refs.get(name, ()))
+            self.dirty_peers.update((name, p) for p in self.pools if (name, p) in self.peer_refs)
             self._set_l2(name)
         dirty_dsts: set[_DstKey] = set()
         for bid in dirty:
@@ -333,7 +333,8 @@ class ComputeCache:
             (self.ip_claims, candidate.tunnel_ip),
             (self.mac_claims, candidate.mac),
         ):
-            names = claims.setdefault(value, set())  # type: ignore[attr-defined]
+            held = claims.get(value)
+            names = {held} if isinstance(held, str) else set(held or ())
             if add:
                 names.add(name)
             else:
@@ -341,7 +342,9 @@ class ComputeCache:
             if len(names) > add:  # anyone but the newcomer
                 others |= names
             if not names:
-                del claims[value]  # type: ignore[attr-defined]
+                claims.pop(value, None)
+            else:  # a plain name for the usual single claimant: a set each costs memory
+                claims[value] = next(iter(names)) if len(names) == 1 else names
         return others
 
     def _resolve_vtep(self, name: str) -> None:
@@ -356,11 +359,11 @@ class ComputeCache:
         my_ip, my_mac = self.my_claims
         if isinstance(c, str):
             problem = c
-        elif c.tunnel_ip == my_ip or min(self.ip_claims[c.tunnel_ip]) != name:
-            owner = self.me_name if c.tunnel_ip == my_ip else min(self.ip_claims[c.tunnel_ip])
+        elif c.tunnel_ip == my_ip or _first(self.ip_claims[c.tunnel_ip]) != name:
+            owner = self.me_name if c.tunnel_ip == my_ip else _first(self.ip_claims[c.tunnel_ip])
             problem = f"VXLAN tunnel address {c.tunnel_ip} is also used by {owner}"
-        elif c.mac == my_mac or min(self.mac_claims[c.mac]) != name:
-            owner = self.me_name if c.mac == my_mac else min(self.mac_claims[c.mac])
+        elif c.mac == my_mac or _first(self.mac_claims[c.mac]) != name:
+            owner = self.me_name if c.mac == my_mac else _first(self.mac_claims[c.mac])
             problem = f"VTEP MAC {c.mac} is also used by {owner}"
         else:
             self.vteps[name] = c
@@ -467,35 +470,36 @@ class ComputeCache:
         pool = piece.pool.name if piece.pool is not None else None
         self.pool_blocks[pool] = self.pool_blocks.get(pool, 0) + step
         for host in piece.hosts:
-            self.dirty_peers.add((host, pool))
-            users = self.users.setdefault(host, set())
-            refs = self.peer_refs.setdefault(host, {})
-            refs[pool] = refs.get(pool, 0) + step
-            if step > 0:
-                users.add(bid)
-            else:
-                users.discard(bid)
-                if not refs[pool]:
-                    del refs[pool]
-            if not users:
-                del self.users[host]
+            key = (host, pool)
+            self.dirty_peers.add(key)
+            refs = self.peer_refs[key] = self.peer_refs.get(key, 0) + step
             if not refs:
-                del self.peer_refs[host]
+                del self.peer_refs[key]
+            if step > 0:
+                self.users.setdefault(host, []).append(bid)
+            else:
+                users = self.users[host]
+                users.remove(bid)
+                if not users:
+                    del self.users[host]
 
     def _reoffer(self, bid: int, dirty_dsts: set[_DstKey]) -> None:
         """Withdraw a block's route offers and make them again (none if it is gone)."""
-        for dst, _, _ in self.offers.pop(bid, ()):
-            offers = self.by_dst[dst]
-            del offers[bid]
-            if not offers:
+        for route in self.offers.pop(bid, ()):
+            dst = _dst_key(route)
+            entries = [e for e in self.by_dst[dst] if e[1] != bid]
+            if entries:
+                self.by_dst[dst] = entries
+            else:
                 del self.by_dst[dst]
             dirty_dsts.add(dst)
         piece = self.blocks.get(bid)
         if piece is None or not piece.routed:
             return
-        made = self.offers[bid] = self._block_offers(piece)
+        made = self._block_offers(piece)
+        self.offers[bid] = tuple(route for _, _, route in made)
         for dst, rank, route in made:
-            self.by_dst.setdefault(dst, {})[bid] = (rank, route)
+            self.by_dst.setdefault(dst, []).append((rank, bid, route))
             dirty_dsts.add(dst)
 
     def _block_offers(self, piece: _BlockPiece) -> list[_Offer]:
@@ -517,13 +521,13 @@ class ComputeCache:
             elif decision.nexthop is not None:
                 routes.append((1, Route(dst, nexthop=decision.nexthop)))
         return [
-            ((r.table, r.dst.first, r.dst.prefixlen), (-precedence, piece.sort_key, i), r)
+            (_dst_key(r), (-precedence, piece.sort_key, i), r)
             for i, (precedence, r) in enumerate(routes)
         ]
 
     def _choose(self, dst: _DstKey) -> None:
         offers = self.by_dst.get(dst)
-        new = min(offers.values(), key=_rank)[1] if offers else None
+        new = min(offers, key=_rank)[2] if offers else None
         old = self.chosen.get(dst)
         if old is new or (old is not None and new is not None and old == new):
             return
@@ -544,48 +548,54 @@ class ComputeCache:
 
     # --- introspection ------------------------------------------------------------------------
 
-    def _peer_entry(self, key: _PeerKey) -> tuple[tuple[str, str, str], PeerPath] | None:
+    def _peer_path(self, key: _PeerKey) -> PeerPath | None:
         name, pool_name = key
-        if not self.peer_refs.get(name, {}).get(pool_name):
+        if not self.peer_refs.get(key):
             return None
         decision = self.decide(name, self.pools[pool_name])
         piece = self.nodes.get(name)
         underlay = piece.underlay if piece is not None else None
-        path = PeerPath(name, decision.path, decision.reason, underlay)
-        return (name, decision.reason, pool_name or ""), path
+        return PeerPath(name, decision.path, decision.reason, underlay)
 
     def _set_peer(self, key: _PeerKey) -> None:
         """Keep the sorted peer list current for one (node, pool) pair."""
+        peers = self.peer_list
         old = self.peer_paths.pop(key, None)
         if old is not None:
-            i = bisect.bisect_left(self.peer_sort, old[0])
-            del self.peer_sort[i], self.peer_list[i]
-        entry = self._peer_entry(key)
-        if entry is not None:
-            i = bisect.bisect_left(self.peer_sort, entry[0])
-            self.peer_sort.insert(i, entry[0])
-            self.peer_list.insert(i, entry[1])
-            self.peer_paths[key] = entry
+            i = bisect.bisect_left(peers, _peer_order(old), key=_peer_order)
+            while peers[i] is not old:  # equal (node, reason): the same path for other pools
+                i += 1
+            del peers[i]
+        path = self._peer_path(key)
+        if path is not None:
+            peers.insert(bisect.bisect_right(peers, _peer_order(path), key=_peer_order), path)
+            self.peer_paths[key] = path
 
     def _rebuild_peers(self) -> None:
         """_set_peer() for many pairs at once: one sort instead of many list inserts."""
         for key in self.dirty_peers:
-            entry = self._peer_entry(key)
-            if entry is None:
+            path = self._peer_path(key)
+            if path is None:
                 self.peer_paths.pop(key, None)
             else:
-                self.peer_paths[key] = entry
-        entries = sorted(self.peer_paths.values(), key=_sort_key)
-        self.peer_sort = [e[0] for e in entries]
-        self.peer_list = [e[1] for e in entries]
+                self.peer_paths[key] = path
+        self.peer_list = sorted(self.peer_paths.values(), key=_peer_order)
 
 
-def _rank(offer: tuple[_Rank, Route]) -> _Rank:
+def _rank(offer: tuple[_Rank, int, Route]) -> _Rank:
     return offer[0]
 
 
-def _sort_key(entry: tuple[tuple[str, str, str], PeerPath]) -> tuple[str, str, str]:
-    return entry[0]
+def _dst_key(route: Route) -> _DstKey:
+    return (route.table, route.dst.first, route.dst.prefixlen)
+
+
+def _first(claimants: str | set[str]) -> str:
+    return claimants if isinstance(claimants, str) else min(claimants)
+
+
+def _peer_order(path: PeerPath) -> tuple[str, str]:
+    return (path.node, path.reason)
 
 
 def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[str, Device]:
