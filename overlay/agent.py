@@ -32,7 +32,7 @@ from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
 from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, compute, local_node_from
 from overlay.model import Dataplane
-from overlay.reconciler import Reconciler
+from overlay.reconciler import Outcome, Reconciler
 from overlay.status_http import StatusServer
 from overlay.view import ClusterView
 from overlay.watch import ClusterWatcher
@@ -43,6 +43,12 @@ DEFAULT_STATE_DIR = "/var/lib/overlay"
 DEFAULT_SOCKET = "/var/run/overlay/cni.sock"
 DEFAULT_METRICS = "127.0.0.1:9099"
 STATUS_CACHE_SECONDS = 5.0
+# ~100 long-lived, acyclic container objects per peer: with the default thresholds the cyclic
+# collector walked them again and again while the first pass built them (~30% of a cold start
+# at 10k peers, more at 50k). Reference counting frees them and cycles are rare here, so the
+# collector runs seldom until the first pass is over, and less often than by default after.
+GC_START = (1_000_000, 100, 100)
+GC_RUNNING = (50_000, 20, 20)
 
 
 @dataclass(frozen=True)
@@ -169,11 +175,6 @@ class Agent:
     def _compute(self, view: ClusterView) -> Dataplane:
         assert self.local is not None
         desired = compute(view, self.local, DataplaneConfig(), self._compute_cache)
-        if self._desired is None:
-            # The first view and its dataplane are most of what the agent will ever hold:
-            # take them out of the collector's generations, so that later full collections
-            # (and the latency of the passes that trigger them) do not walk them again.
-            gc.freeze()
         self._desired = desired
         return desired
 
@@ -290,6 +291,14 @@ class Agent:
         if self.reconciler is not None:
             self.reconciler.update_view(view)
 
+    def _after_pass(self, outcome: Outcome) -> None:
+        if outcome in (Outcome.SYNCED, Outcome.FAILED) and gc.get_threshold() == GC_START:
+            # The first pass is over. Its view and dataplane are most of what the agent will
+            # ever hold: freeze them out of the collector's generations, so that later full
+            # collections (and the latency of the passes that trigger them) skip them.
+            gc.freeze()
+            gc.set_threshold(*GC_RUNNING)
+
     def _identity_lost(self, stored: Node) -> bool:
         assert self.node is not None
         return str(stored.ipv4_address) != str(self.node.ipv4_address) or (
@@ -317,7 +326,10 @@ class Agent:
         if not self.nexthops:
             log.warning("event=no_nexthop_objects fallback=classic_routes")
         self.reconciler = Reconciler(
-            kernel, self._compute, resync_interval=self.cfg.resync_interval
+            kernel,
+            self._compute,
+            resync_interval=self.cfg.resync_interval,
+            on_pass=self._after_pass,
         )
         self.watcher = ClusterWatcher(ds, lambda v: self._on_view(v, store, ipam))
         threads = [
@@ -441,10 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # ~100 long-lived, acyclic container objects per peer: with the default thresholds the
-    # cyclic collector walked them again and again while the first pass built them (~30% of
-    # a cold start at 10k peers). Reference counting frees them; cycles are rare here.
-    gc.set_threshold(50_000, 20, 20)
+    gc.set_threshold(*GC_START)
     handler: logging.Handler = (
         logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler()
     )

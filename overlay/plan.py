@@ -26,6 +26,7 @@ its stale ones: the kernel layer must count a delete of something already gone a
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Hashable
 from typing import Any
 
@@ -73,8 +74,10 @@ def plan(
                 recreated.add(name)
 
     # 2. Neighbours and FDB entries.
-    neigh_sets, neigh_deletes = _diff(desired.neighbours, actual.neighbours, _neigh_key, recreated)
-    fdb_sets, fdb_deletes = _diff(desired.fdb, actual.fdb, _fdb_key, recreated)
+    neigh_sets, neigh_deletes = _diff(
+        desired.neighbours, actual.neighbours, _neigh_key, _neigh_sort, recreated
+    )
+    fdb_sets, fdb_deletes = _diff(desired.fdb, actual.fdb, _fdb_key, _fdb_sort, recreated)
     sets += [Op(Action.SET, n) for n in neigh_sets] + [Op(Action.SET, f) for f in fdb_sets]
 
     # 3. Nexthops.
@@ -215,17 +218,18 @@ def _diff(
     desired: set[Any],
     actual: set[Any],
     key: Any,
+    order: Any,
     recreated: set[str],
 ) -> tuple[list[Any], list[Any]]:
     """(to set, to delete) for objects keyed like the kernel keys them. Actual objects on a
     `recreated` device may have vanished with it, so they count as absent."""
     present = {o for o in actual if o.dev not in recreated} if recreated else actual
-    to_set = sorted(desired - present, key=_obj_sort)
+    to_set = sorted(desired - present, key=order)
     stale = actual - desired
     if stale:
         set_keys = {key(o) for o in to_set}
         stale = {o for o in stale if key(o) not in set_keys}
-    return to_set, sorted(stale, key=_obj_sort)
+    return to_set, sorted(stale, key=order)
 
 
 def _neigh_key(n: Neighbour) -> Hashable:
@@ -240,19 +244,9 @@ def _route_key(r: Route) -> tuple[int, netaddr.IPNetwork]:
     return (r.table, r.dst)
 
 
-def _ip_sort(ip: netaddr.IPAddress | None) -> tuple[int, int]:
-    return (0, 0) if ip is None else (ip.version, int(ip))
-
-
-def _nh_sort(k: NexthopKey) -> tuple[Any, ...]:
-    return (_ip_sort(k.gateway), k.dev, k.onlink)
-
-
-def _route_sort(r: Route) -> tuple[int, int, int, int]:
-    return (r.table, r.dst.version, r.dst.first, r.dst.prefixlen)
-
-
-def _obj_sort(o: Neighbour | FdbEntry) -> tuple[Any, ...]:
-    if isinstance(o, Neighbour):
-        return (o.dev, _ip_sort(o.ip), o.mac)
-    return (o.dev, o.mac, _ip_sort(o.dst))
+# Sort keys, for stable logs and nexthop ids: C getters, as sorting 50k objects with Python
+# key functions was a large share of a first plan.
+_nh_sort = operator.attrgetter("gateway.value", "dev", "onlink")
+_route_sort = operator.attrgetter("table", "dst.first", "dst.prefixlen")
+_neigh_sort = operator.attrgetter("dev", "ip.value", "mac")
+_fdb_sort = operator.attrgetter("dev", "mac", "dst.value")

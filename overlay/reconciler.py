@@ -85,6 +85,7 @@ class Reconciler:
         backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
         nexthops_supported: bool | None = None,
+        on_pass: Callable[[Outcome], None] | None = None,
     ) -> None:
         if resync_interval <= 0:
             raise ValueError(f"resync_interval: {resync_interval} must be > 0")
@@ -103,6 +104,7 @@ class Reconciler:
         if nexthops_supported is None:
             nexthops_supported = bool(getattr(kernel, "nexthops_supported", True))
         self._nexthops_supported = nexthops_supported
+        self._on_pass = on_pass  # told the outcome of every pass (by the writer thread)
 
         self._cond = threading.Condition()
         self._writer = threading.Lock()  # one pass at a time, whoever calls
@@ -158,7 +160,10 @@ class Reconciler:
 
     def run_once(self) -> Outcome:
         with self._writer:
-            return self._pass()
+            outcome = self._pass()
+            if self._on_pass is not None:
+                self._on_pass(outcome)
+            return outcome
 
     def run(self, stop: threading.Event, *, max_wait: float = 0.5) -> None:
         """Loop until `stop` is set. Sleeps on the condition until work is due; `max_wait`
