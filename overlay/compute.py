@@ -40,6 +40,7 @@ from ipam.model import EncapMode, IPPool, Node
 from overlay.model import (
     IPIP_DEVICE,
     IPIP_OVERHEAD,
+    MAIN_TABLE,
     VXLAN_DEVICE,
     VXLAN_OVERHEAD,
     VXLAN_PORT,
@@ -330,7 +331,7 @@ class ComputeCache:
         if name == self.me_name or isinstance(candidate, str):
             return others
         for claims, value in (
-            (self.ip_claims, candidate.tunnel_ip),
+            (self.ip_claims, candidate.tunnel_ip.value),  # ints: cheaper to hash
             (self.mac_claims, candidate.mac),
         ):
             held = claims.get(value)
@@ -359,8 +360,9 @@ class ComputeCache:
         my_ip, my_mac = self.my_claims
         if isinstance(c, str):
             problem = c
-        elif c.tunnel_ip == my_ip or _first(self.ip_claims[c.tunnel_ip]) != name:
-            owner = self.me_name if c.tunnel_ip == my_ip else _first(self.ip_claims[c.tunnel_ip])
+        elif c.tunnel_ip == my_ip or _first(self.ip_claims[c.tunnel_ip.value]) != name:
+            ip_owner = _first(self.ip_claims[c.tunnel_ip.value])
+            owner = self.me_name if c.tunnel_ip == my_ip else ip_owner
             problem = f"VXLAN tunnel address {c.tunnel_ip} is also used by {owner}"
         elif c.mac == my_mac or _first(self.mac_claims[c.mac]) != name:
             owner = self.me_name if c.mac == my_mac else _first(self.mac_claims[c.mac])
@@ -505,25 +507,28 @@ class ComputeCache:
     def _block_offers(self, piece: _BlockPiece) -> list[_Offer]:
         decisions = iter([self.decide(h, piece.pool) for h in piece.hosts])
         block = piece.block
-        routes: list[tuple[int, Route]] = []
+        first, plen, _ = piece.sort_key
+        offers: list[_Offer] = []
         if block.node == self.me_name:
-            routes.append((0, Route(block.cidr, blackhole=True)))
+            route = Route(block.cidr, blackhole=True)
+            offers.append(((MAIN_TABLE, first, plen), (0, piece.sort_key, 0), route))
         elif block.node is not None:
             decision = next(decisions)
             if decision.nexthop is not None:
-                routes.append((0, Route(block.cidr, nexthop=decision.nexthop)))
-        for addr in piece.borrowed:
+                route = Route(block.cidr, nexthop=decision.nexthop)
+                offers.append(((MAIN_TABLE, first, plen), (0, piece.sort_key, 0), route))
+        for i, addr in enumerate(piece.borrowed, start=1):
             decision = next(decisions)
-            dst = netaddr.IPNetwork((int(addr), 32), 4)
+            dst = netaddr.IPNetwork((addr.value, 32), 4)
             if decision.vtep is not None and decision.vtep.tunnel_ip == addr:
                 # The peer's own VTEP address: resolved by the neighbour entry, no gateway.
-                routes.append((1, Route(dst, dev=VXLAN_DEVICE)))
+                route = Route(dst, dev=VXLAN_DEVICE)
             elif decision.nexthop is not None:
-                routes.append((1, Route(dst, nexthop=decision.nexthop)))
-        return [
-            (_dst_key(r), (-precedence, piece.sort_key, i), r)
-            for i, (precedence, r) in enumerate(routes)
-        ]
+                route = Route(dst, nexthop=decision.nexthop)
+            else:
+                continue
+            offers.append(((MAIN_TABLE, addr.value, 32), (-1, piece.sort_key, i), route))
+        return offers
 
     def _choose(self, dst: _DstKey) -> None:
         offers = self.by_dst.get(dst)
