@@ -251,6 +251,13 @@ class ComputeCache:
     # --- the pass ---------------------------------------------------------------------------
 
     def update(self, view: ClusterView, me: LocalNode, cfg: DataplaneConfig) -> Dataplane:
+        try:
+            return self._update(view, me, cfg)
+        except BaseException:
+            self._reset(None, None)  # possibly half-applied: start afresh next time
+            raise
+
+    def _update(self, view: ClusterView, me: LocalNode, cfg: DataplaneConfig) -> Dataplane:
         pools = tuple(view.pools)
         context = (repr(me), cfg, tuple(map(id, pools)), pools)
         if context != self.context:

@@ -342,3 +342,21 @@ def test_local_node_from_node_resource() -> None:
     )
     with pytest.raises(ValueError, match="ipv4_address"):
         local_node_from(node("a", underlay=None), "eth0")
+
+
+def test_a_compute_that_raised_does_not_poison_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """b moves to another subnet, and the pass fails halfway: the next one must still be
+    right (the cache had already noted b's new Node object before the failure)."""
+    import overlay.compute as compute_module
+
+    cache = ComputeCache()
+    p = pool(ALWAYS)
+    first = standard_view(p)
+    compute(first, me(), DataplaneConfig(), cache)
+    second = ClusterView({**first.nodes, "b": node("b", underlay="10.0.2.9/24")}, [p], first.blocks)
+    real = compute_module._node_piece
+    monkeypatch.setattr(compute_module, "_node_piece", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        compute(second, me(), DataplaneConfig(), cache)
+    monkeypatch.setattr(compute_module, "_node_piece", real)
+    assert compute(second, me(), DataplaneConfig(), cache) == desired(second)
