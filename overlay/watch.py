@@ -11,14 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from itertools import compress, count, repeat
+from collections.abc import Callable, Iterable
+from itertools import compress, count, islice, repeat
 from operator import is_not
+from typing import Any
 
 import netaddr
 
 from ipam.block import HOST_AFFINITY_PREFIX, Block, parse_cidr
-from ipam.datastore import Compacted, Datastore, DatastoreError, Event, EventType
+from ipam.datastore import KV, Compacted, Datastore, DatastoreError, Event, EventType
 from ipam.model import IPPool, Node
 from ipam.records import BLOCKS_PREFIX
 from ipam.resources import canonical_ipv4_network
@@ -30,6 +31,8 @@ log = logging.getLogger("overlay.watch")
 ROOT_PREFIX = "/overlay/v1/"
 _NODES = kind_prefix("Node")
 _POOLS = kind_prefix("IPPool")
+# What decoding a bad record raises: the record is skipped (and logged), the watch goes on.
+_BAD_RECORD = (ValueError, KeyError, TypeError)
 
 
 def block_info_from_json(value: str) -> BlockInfo:
@@ -60,8 +63,10 @@ def block_info_from_json(value: str) -> BlockInfo:
     if isinstance(affinity, str) and affinity.startswith(HOST_AFFINITY_PREFIX):
         owner = affinity[len(HOST_AFFINITY_PREFIX) :]
     borrowed: dict[netaddr.IPAddress, str] = {}
-    # Most ordinals are free (None): find the allocated ones at C speed.
-    for ordinal in compress(count(), map(is_not, allocations, repeat(None))):
+    # Most ordinals are free (None): find the allocated ones at C speed, and stop looking
+    # after the last (counted first; a peer's block often holds only its tunnel address, 0).
+    allocated = compress(count(), map(is_not, allocations, repeat(None)))
+    for ordinal in islice(allocated, len(allocations) - allocations.count(None)):
         index = allocations[ordinal]
         if not isinstance(index, int) or not 0 <= index < len(attributes):
             raise ValueError(f"block {cidr} ordinal {ordinal}: bad attribute index {index!r}")
@@ -101,6 +106,29 @@ class ClusterCache:
         self.nodes.clear()
         self.pools.clear()
         self.blocks.clear()
+
+    def replace(self, items: Iterable[KV]) -> list[tuple[str, Exception]]:
+        """Load a full listing in place of everything held; returns the bad records skipped
+        (key, error). The same as clear() and put() of each, minus put's change detection,
+        which a listing into an empty cache does not need (at 50k peers, a bulk load)."""
+        self.clear()
+        # Untyped as in _put: a record of another kind under a kind's prefix lands as it does.
+        nodes: dict[str, Any] = self.nodes
+        pools: dict[str, Any] = self.pools
+        blocks = self.blocks
+        bad: list[tuple[str, Exception]] = []
+        for kv in items:
+            key = kv.key
+            try:
+                if key.startswith(BLOCKS_PREFIX):
+                    blocks[key] = block_info_from_json(kv.value)
+                elif key.startswith(_NODES):
+                    nodes[key] = decode(key, kv.value)
+                elif key.startswith(_POOLS):
+                    pools[key] = decode(key, kv.value)
+            except _BAD_RECORD as exc:
+                bad.append((key, exc))
+        return bad
 
     def put(self, key: str, value: str | None) -> bool:
         """Apply one change; True when it can matter to the dataplane."""
@@ -159,9 +187,8 @@ class ClusterWatcher:
         # since a put is idempotent.
         resources = self._ds.list(RESOURCES_PREFIX)
         blocks = self._ds.list(BLOCKS_PREFIX)
-        self.cache.clear()
-        for kv in (*resources.items, *blocks.items):
-            self._safe_put(kv.key, kv.value)
+        for key, exc in self.cache.replace((*resources.items, *blocks.items)):
+            log.warning("event=bad_record key=%s error=%s", key, exc)
         self.revision = resources.revision
         self._on_view(self.cache.view())
         self.synced.set()
@@ -169,7 +196,7 @@ class ClusterWatcher:
     def _safe_put(self, key: str, value: str | None) -> bool:
         try:
             return self.cache.put(key, value)
-        except (ValueError, KeyError, TypeError) as exc:
+        except _BAD_RECORD as exc:
             # One bad record must not stop the node: skip it, say so.
             log.warning("event=bad_record key=%s error=%s", key, exc)
             return False
