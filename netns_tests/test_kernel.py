@@ -8,11 +8,14 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
+from unittest.mock import ANY
 
 import netaddr
 import pytest
 
 from netns_tests.kernel_fixtures import ip, peer, peer_ops, underlay, vxlan_device
+from overlay.kernel import nlmsg
 from overlay.kernel.apply import Kernel, describe
 from overlay.kernel.monitor import Monitor
 from overlay.kernel.nat import apply_nat, read_nat
@@ -194,6 +197,38 @@ def test_one_log_line_per_change_and_a_warning_per_failure_across_chunks(
     assert changes == [describe(op) for op in ops if op not in bad]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w.split(" outcome=failed")[0] for w in warnings] == [describe(b) for b in bad]
+
+
+def test_batch_maps_errors_across_chunks_and_joins_its_sender_on_failure(
+    kernel: Kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock = kernel._sock
+    missing = [nlmsg.nexthop(False, 90_000 + i) for i in range(7)]  # each fails: ENOENT
+    # Three messages per chunk: three chunks go through the sender thread, in order.
+    assert sock.batch(iter(missing), max_msgs=3) == [(i, errno.ENOENT, ANY) for i in range(7)]
+
+    threads = threading.active_count()
+    sent: list[int] = []
+    real_send = sock._send_chunk
+
+    def send_then_fail(buf: bytearray, start: int, base: int, count: int) -> Any:
+        sent.append(start)
+        if start == 3:
+            raise OSError(errno.EIO, "send failed")
+        return real_send(buf, start, base, count)
+
+    monkeypatch.setattr(sock, "_send_chunk", send_then_fail)
+    with pytest.raises(OSError, match="send failed"):
+        sock.batch(missing, max_msgs=3)
+    assert sent == [0, 3]  # nothing sent after the failed chunk
+
+    def encoding_fails() -> Iterator[bytes]:
+        yield from missing
+        raise ValueError("encoder bug")
+
+    with pytest.raises(ValueError, match="encoder bug"):
+        sock.batch(encoding_fails(), max_msgs=3)
+    assert threading.active_count() == threads
 
 
 def test_device_drift_recreates_and_mtu_is_fixed_in_place(node: str, kernel: Kernel) -> None:

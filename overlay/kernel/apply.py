@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -70,16 +70,17 @@ def describe(op: Op) -> str:
     obj = op.obj
     verb = "set" if op.action is Action.SET else "deleted"
     if isinstance(obj, Route):
+        table = f" table={obj.table}" if obj.table != 254 else ""
+        if obj.nexthop is not None and not obj.blackhole:  # the common case: one f-string
+            k = obj.nexthop
+            nhid = f" nhid={op.nhid}" if op.nhid else ""
+            return f"event=route_{verb} dst={obj.dst}{nhid} via={k.gateway} dev={k.dev}{table}"
         text = f"event=route_{verb} dst={obj.dst}"
         if obj.blackhole:
             text += " type=blackhole"
-        elif obj.nexthop is not None:
-            text += (f" nhid={op.nhid}" if op.nhid else "") + (
-                f" via={obj.nexthop.gateway} dev={obj.nexthop.dev}"
-            )
         elif obj.dev:
             text += f" dev={obj.dev}"
-        return text + (f" table={obj.table}" if obj.table != 254 else "")
+        return text + table
     if isinstance(obj, Nexthop):
         k = obj.key
         return f"event=nexthop_{verb} id={obj.id} via={k.gateway} dev={k.dev} onlink={k.onlink}"
@@ -159,7 +160,7 @@ class Kernel:
         links = {name: i for i, name in self._sock.links().items()}
         run: list[Op] = []
         for op in ops:
-            if isinstance(op.obj, VxlanDevice | IpipDevice):
+            if isinstance(op.obj, (VxlanDevice, IpipDevice)):  # a tuple: faster than a union
                 self._apply_batch(run, links, nexthops, result)
                 run = []
                 self._apply_device(op, result)
@@ -213,23 +214,30 @@ class Kernel:
     ) -> None:
         if not ops:
             return
-        messages: list[bytes] = []
         sent: list[int] = []  # positions in `ops` of the encoded messages
         failed: list[tuple[int, int, str]] = []  # (position, errno, text), reported in op order
-        for pos, op in enumerate(ops):
-            try:
-                messages.append(self._encode(op, links, nexthops))
+
+        def encoded() -> Iterator[bytes]:
+            # Lazily: the socket encodes the next chunk while the kernel applies this one.
+            for pos, op in enumerate(ops):
+                try:
+                    message = self._encode(op, links, nexthops)
+                except _Skip:
+                    result.done += 1
+                    continue
+                except KeyError as exc:  # a device we need is missing
+                    if op.action is Action.DELETE:
+                        result.done += 1  # the device took the object with it
+                    else:
+                        failed.append((pos, errno.ENODEV, f"dev: device {exc.args[0]!r} not found"))
+                    continue
+                except ValueError as exc:
+                    failed.append((pos, errno.EINVAL, str(exc)))
+                    continue
                 sent.append(pos)
-            except _Skip:
-                result.done += 1
-            except KeyError as exc:  # a device we need is missing
-                if op.action is Action.DELETE:
-                    result.done += 1  # the device took the object with it
-                else:
-                    failed.append((pos, errno.ENODEV, f"dev: device {exc.args[0]!r} not found"))
-            except ValueError as exc:
-                failed.append((pos, errno.EINVAL, str(exc)))
-        acks = {i: (code, text) for i, code, text in self._sock.batch(messages)}
+                yield message
+
+        acks = {i: (code, text) for i, code, text in self._sock.batch(encoded())}
         info = log.isEnabledFor(logging.INFO)
         changes: list[str] = []
         for i, pos in enumerate(sent):

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import os
+import queue
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from overlay.kernel import nlmsg
@@ -34,6 +36,10 @@ _SEQ = struct.Struct("=I")
 _HDR_HEAD = struct.Struct("=IHH")  # nlmsghdr: len, type, flags
 _FLAGS_SEQ = struct.Struct("=HI")  # nlmsghdr from offset 6: flags, seq
 _END_FLAGS = nlmsg.NLM_F_REQUEST | nlmsg.NLM_F_ACK
+
+# A chunk ready to send: (messages with sequence numbers and end marker, index of its first
+# message, first sequence number, message count).
+_Chunk = tuple[bytearray, int, int, int]
 
 
 class DumpInterrupted(Exception):
@@ -134,42 +140,89 @@ class RtnlSocket:
 
     def batch(
         self,
-        messages: Sequence[bytes],
+        messages: Iterable[bytes],
         max_bytes: int = MAX_BATCH_BYTES,
         max_msgs: int = MAX_BATCH_MSGS,
     ) -> list[tuple[int, int, str]]:
         """Send every message (its NLM_F_ACK flag is cleared); return (index, errno, text) per
-        failed message. Failures never stop the other messages."""
+        failed message, index counting from 0 in `messages`. Failures never stop the others.
+
+        The kernel does its work inside sendall(), which releases the GIL, so a sender thread
+        sends chunk k while this thread takes chunk k+1 from `messages` (a generator that
+        encodes lazily runs in parallel with the kernel). Chunks are sent strictly in order,
+        one at a time: an object created in one exists for the next.
+        """
+        chunks = self._chunks(iter(messages), max_bytes, max_msgs)
+        first = next(chunks, None)
+        second = next(chunks, None) if first is not None else None
+        if second is None:  # one chunk at most: no thread needed
+            return self._send_chunk(*first) if first is not None else []
         failures: list[tuple[int, int, str]] = []
-        start = 0
-        total = len(messages)
-        while start < total:
-            end, size = start, 0
-            while end < total and end - start < max_msgs:
-                if size and size + len(messages[end]) > max_bytes:
+        errors: list[BaseException] = []
+        # Room for one chunk only, so put() blocks whenever the sender wants the next one:
+        # that hands it the GIL at once. Otherwise it would wait for the GIL's 5 ms switch
+        # interval, longer than encoding a chunk takes, and only run while we wait.
+        todo: queue.Queue[_Chunk | None] = queue.Queue(maxsize=1)
+
+        def send() -> None:
+            while (chunk := todo.get()) is not None:
+                if errors:
+                    continue  # drain, so that put() never blocks forever
+                try:
+                    failures.extend(self._send_chunk(*chunk))
+                except BaseException as exc:
+                    errors.append(exc)
+
+        sender = threading.Thread(target=send, name="rtnl-batch")
+        sender.start()
+        try:
+            for chunk in itertools.chain((first, second), chunks):
+                if errors:
                     break
-                size += len(messages[end])
-                end += 1
-            failures.extend(self._send_chunk(messages, start, end))
-            start = end
+                todo.put(chunk)
+        finally:
+            todo.put(None)
+            sender.join()
+        if errors:
+            raise errors[0]
         return failures
 
+    def _chunks(self, messages: Iterator[bytes], max_bytes: int, max_msgs: int) -> Iterator[_Chunk]:
+        """(buffer, index of its first message, first seq, count) per chunk of at most
+        `max_msgs` messages and `max_bytes` bytes (or one bigger message)."""
+        start = 0
+        pending = next(messages, None)
+        while pending is not None:
+            chunk = [pending]
+            size = len(pending)
+            pending = None
+            for msg in messages:
+                if len(chunk) == max_msgs or size + len(msg) > max_bytes:
+                    pending = msg
+                    break
+                chunk.append(msg)
+                size += len(msg)
+            count = len(chunk)
+            base = self._next_seq(count + 1)
+            # Success acks are not requested: the kernel acks a failed request regardless,
+            # and one recv per success ack was most of the Python time of a batch. A trailing
+            # NLMSG_NOOP asking for an ack marks the end: rtnetlink handles a send's messages
+            # in order.
+            buf = bytearray(b"".join(chunk))
+            off = 0
+            for seq in range(base, base + count):
+                length, _type, flags = _HDR_HEAD.unpack_from(buf, off)
+                _FLAGS_SEQ.pack_into(buf, off + 6, flags & ~nlmsg.NLM_F_ACK, seq)
+                off += (length + 3) & ~3
+            buf += nlmsg.NLMSG_HDR.pack(16, nlmsg.NLMSG_NOOP, _END_FLAGS, base + count, 0)
+            yield buf, start, base, count
+            start += count
+
     def _send_chunk(
-        self, messages: Sequence[bytes], start: int, end: int
+        self, buf: bytearray, start: int, base: int, count: int
     ) -> list[tuple[int, int, str]]:
-        # Success acks are not requested: the kernel acks a failed request regardless, and one
-        # recv per success ack was most of the Python time of a batch. A trailing NLMSG_NOOP
-        # asking for an ack marks the end: rtnetlink handles a send's messages in order.
-        count = end - start
-        base = self._next_seq(count + 1)
-        buf = bytearray(b"".join(messages[start:end]))
-        off = 0
-        for seq in range(base, base + count):
-            length, _type, flags = _HDR_HEAD.unpack_from(buf, off)
-            _FLAGS_SEQ.pack_into(buf, off + 6, flags & ~nlmsg.NLM_F_ACK, seq)
-            off += (length + 3) & ~3
+        """Send one chunk from _chunks() and read its error acks up to the end marker's."""
         end_seq = base + count
-        buf += nlmsg.NLMSG_HDR.pack(16, nlmsg.NLMSG_NOOP, _END_FLAGS, end_seq, 0)
         self.sock.sendall(buf)
         failures: list[tuple[int, int, str]] = []
         rbuf = self._buf
@@ -180,7 +233,9 @@ class RtnlSocket:
                 if exc.errno != errno.ENOBUFS:
                     raise
                 # Error acks were dropped: outcomes unknown, report every message as failed.
-                return [(j, errno.ENOBUFS, "ack lost (receive buffer)") for j in range(start, end)]
+                return [
+                    (start + j, errno.ENOBUFS, "ack lost (receive buffer)") for j in range(count)
+                ]
             for msg_type, _flags, seq, payload in nlmsg.iter_messages(rbuf[:n]):
                 if msg_type != nlmsg.NLMSG_ERROR:
                     continue

@@ -122,6 +122,23 @@ def _message(msg_type: int, flags: int, body: bytes) -> bytes:
     return NLMSG_HDR.pack(16 + len(body), msg_type, flags, 0, 0) + body
 
 
+def _layout(fixed: str, *payloads: str) -> struct.Struct:
+    """One Struct for a whole message of a hot shape: nlmsghdr, the fixed family header, then
+    per attribute its (length, type) and payload, padded to 4 bytes. One pack() instead of
+    one per part plus concatenations: ~0.6 us instead of ~1.5 us a message."""
+    fmt = "=IHHII" + fixed
+    for payload in payloads:
+        fmt += "HH" + payload + "x" * (-struct.calcsize("=" + payload) & 3)
+    return struct.Struct(fmt)
+
+
+# By address length (IPv4, IPv6).
+_NEIGH_NEW = {n: _layout("BxxxiHBB", f"{n}s", "6s") for n in (4, 16)}
+_FDB_NEW = {n: _layout("BxxxiHBB", "6s", f"{n}s") for n in (4, 16)}
+_NEXTHOP_NEW = {n: _layout("BBBBI", "I", f"{n}s", "I") for n in (4, 16)}
+_ROUTE_NHID = {n: _layout("BBBBBBBBI", f"{n}s", "I", "I") for n in (4, 16)}
+
+
 def _family(addr: bytes) -> int:
     return socket.AF_INET if len(addr) == 4 else socket.AF_INET6
 
@@ -145,14 +162,14 @@ def nexthop(
     if not action_new:
         body = NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _u32(NHA_ID, nhid)
         return _message(RTM_DELNEXTHOP, DEL_FLAGS, body)
-    flags = RTNH_F_ONLINK if onlink else 0
-    body = (
-        NHMSG.pack(_family(gateway), RT_SCOPE_UNIVERSE, protocol, 0, flags)
-        + _u32(NHA_ID, nhid)
-        + _attr(NHA_GATEWAY, gateway)
-        + _u32(NHA_OIF, oif)
-    )
-    return _message(RTM_NEWNEXTHOP, SET_FLAGS, body)
+    s = _NEXTHOP_NEW[len(gateway)]
+    return s.pack(
+        s.size, RTM_NEWNEXTHOP, SET_FLAGS, 0, 0,
+        _family(gateway), RT_SCOPE_UNIVERSE, protocol, 0, RTNH_F_ONLINK if onlink else 0,
+        8, NHA_ID, nhid,
+        4 + len(gateway), NHA_GATEWAY, gateway,
+        8, NHA_OIF, oif,
+    )  # fmt: skip
 
 
 def route(
@@ -175,6 +192,16 @@ def route(
     protocol, so a foreign route with the same prefix but another protocol is never hit.
     """
     family = _family(dst)
+    if action_new and nhid and not blackhole:  # the hot shape: one pack
+        s = _ROUTE_NHID[len(dst)]
+        return s.pack(
+            s.size, RTM_NEWROUTE, SET_FLAGS, 0, 0,
+            family, dst_len, 0, 0, table if table < 256 else RT_TABLE_UNSPEC, protocol,
+            RT_SCOPE_UNIVERSE, RTN_UNICAST, RTNH_F_ONLINK if onlink else 0,
+            4 + len(dst), RTA_DST, dst,
+            8, RTA_TABLE, table,
+            8, RTA_NH_ID, nhid,
+        )  # fmt: skip
     if blackhole:
         rtype, scope = RTN_BLACKHOLE, RT_SCOPE_UNIVERSE
     elif oif and not gateway and not nhid:
@@ -207,22 +234,34 @@ def route(
 
 def neighbour(action_new: bool, ifindex: int, ip: bytes, mac: bytes) -> bytes:
     """Permanent ARP/NDP entry (RTM_NEWNEIGH/RTM_DELNEIGH, family inet/inet6)."""
-    body = NDMSG.pack(_family(ip), ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip)
     if action_new:
-        return _message(RTM_NEWNEIGH, SET_FLAGS, body + _attr(NDA_LLADDR, mac))
+        s = _NEIGH_NEW[len(ip)]
+        return s.pack(
+            s.size, RTM_NEWNEIGH, SET_FLAGS, 0, 0,
+            _family(ip), ifindex, NUD_PERMANENT, 0, 0,
+            4 + len(ip), NDA_DST, ip,
+            4 + len(mac), NDA_LLADDR, mac,
+        )  # fmt: skip
+    body = NDMSG.pack(_family(ip), ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip)
     return _message(RTM_DELNEIGH, DEL_FLAGS, body)
 
 
 def fdb(action_new: bool, ifindex: int, mac: bytes, dst: bytes) -> bytes:
     """Permanent VXLAN FDB entry (family AF_BRIDGE, NTF_SELF): MAC -> remote underlay IP."""
+    if action_new:
+        s = _FDB_NEW[len(dst)]
+        return s.pack(
+            s.size, RTM_NEWNEIGH, SET_FLAGS, 0, 0,
+            AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0,
+            4 + len(mac), NDA_LLADDR, mac,
+            4 + len(dst), NDA_DST, dst,
+        )  # fmt: skip
     body = (
         NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
         + _attr(NDA_LLADDR, mac)
         + _attr(NDA_DST, dst)
     )
-    return _message(
-        RTM_NEWNEIGH if action_new else RTM_DELNEIGH, SET_FLAGS if action_new else DEL_FLAGS, body
-    )
+    return _message(RTM_DELNEIGH, DEL_FLAGS, body)
 
 
 def dump_request(msg_type: int, header: bytes, attrs: bytes = b"") -> bytes:
