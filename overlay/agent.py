@@ -30,8 +30,8 @@ from ipam.model import IPPool, Node
 from ipam.store import ResourceStore
 from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
-from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, compute, local_node_from
-from overlay.model import Dataplane
+from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, local_node_from
+from overlay.model import Dataplane, PeerPath
 from overlay.reconciler import Outcome, Reconciler
 from overlay.status_http import StatusServer
 from overlay.view import ClusterView
@@ -120,6 +120,7 @@ class Agent:
         self.nexthops = True
         self._desired: Dataplane | None = None
         self._compute_cache = ComputeCache()  # per-peer pieces reused between views
+        self._peers: list[PeerPath] = []  # as of the last pass, for status
         self._pools_seen: str | None = None
         self._pools: list[IPPool] = []
         self._underlay: autodetect.Underlay | None = None
@@ -174,7 +175,7 @@ class Agent:
 
     def _compute(self, view: ClusterView) -> Dataplane:
         assert self.local is not None
-        desired = compute(view, self.local, DataplaneConfig(), self._compute_cache)
+        desired = self._compute_cache.update(view, self.local, DataplaneConfig(), peers=False)
         self._desired = desired
         return desired
 
@@ -183,7 +184,6 @@ class Agent:
     def status(self) -> dict[str, Any]:
         rec = self.reconciler.stats() if self.reconciler else None
         watcher = self.watcher
-        desired = self._desired
         last_sync = None
         if rec is not None and rec.last_sync_time is not None:
             last_sync = time.time() - (time.monotonic() - rec.last_sync_time)
@@ -217,7 +217,7 @@ class Agent:
                     "reason": p.reason,
                     "underlay": str(p.underlay) if p.underlay else None,
                 }
-                for p in (desired.peers if desired else [])
+                for p in self._peers
             ],
         }
 
@@ -266,7 +266,7 @@ class Agent:
                         len(desired.neighbours),
                     ),
                     "overlay_fdb_entries": ("gauge", "Permanent FDB entries", len(desired.fdb)),
-                    "overlay_peers": ("gauge", "Remote nodes", len(desired.peers)),
+                    "overlay_peers": ("gauge", "Remote nodes", len(self._peers)),
                 }
             )
         return m
@@ -292,6 +292,8 @@ class Agent:
             self.reconciler.update_view(view)
 
     def _after_pass(self, outcome: Outcome) -> None:
+        if outcome in (Outcome.SYNCED, Outcome.FAILED) and self._desired is not None:
+            self._peers = self._compute_cache.peers()  # for status, after the kernel work
         if outcome in (Outcome.SYNCED, Outcome.FAILED) and gc.get_threshold() == GC_START:
             # The first pass is over. Its view and dataplane are most of what the agent will
             # ever hold: freeze them out of the collector's generations, so that later full

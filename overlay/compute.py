@@ -246,15 +246,36 @@ class ComputeCache:
         self.peer_refs: dict[_PeerKey, int] = {}
         self.peer_paths: dict[_PeerKey, PeerPath] = {}
         self.peer_list: list[PeerPath] = []  # sorted by (node, reason)
-        self.dirty_peers: set[_PeerKey] = set()  # per pass
+        self.dirty_peers: set[_PeerKey] = set()  # changed since peers() last ran
 
     # --- the pass ---------------------------------------------------------------------------
 
-    def update(self, view: ClusterView, me: LocalNode, cfg: DataplaneConfig) -> Dataplane:
+    def update(
+        self, view: ClusterView, me: LocalNode, cfg: DataplaneConfig, *, peers: bool = True
+    ) -> Dataplane:
+        """The dataplane for `view`; its `peers` stay empty with peers=False (the agent asks
+        peers() once the kernel is programmed: introspection can wait, routes cannot)."""
         try:
-            return self._update(view, me, cfg)
+            dataplane = self._update(view, me, cfg)
+            if peers:
+                dataplane.peers = self.peers()
+            return dataplane
         except BaseException:
             self._reset(None, None)  # possibly half-applied: start afresh next time
+            raise
+
+    def peers(self) -> list[PeerPath]:
+        """The path to every peer and why, sorted, as of the last update()."""
+        try:
+            if len(self.dirty_peers) > 64:
+                self._rebuild_peers()
+            else:
+                for key in self.dirty_peers:
+                    self._set_peer(key)
+            self.dirty_peers = set()
+            return list(self.peer_list)
+        except BaseException:
+            self._reset(None, None)
             raise
 
     def _update(self, view: ClusterView, me: LocalNode, cfg: DataplaneConfig) -> Dataplane:
@@ -263,7 +284,6 @@ class ComputeCache:
         if context != self.context:
             self._reset(context, me)
             self.pools.update((p.name, p) for p in pools)
-        self.dirty_peers = set()
         touched = self._sync_nodes(view)
         dirty = self._sync_blocks(view)
         devices = _devices(self._pools_in_use(pools), me, cfg)
@@ -281,11 +301,6 @@ class ComputeCache:
             self._reoffer(bid, dirty_dsts)
         for dst in dirty_dsts:
             self._choose(dst)
-        if len(self.dirty_peers) > 64:
-            self._rebuild_peers()
-        else:
-            for key in self.dirty_peers:
-                self._set_peer(key)
 
         v4_pools = [p for p in pools if p.version == 4]
         sources = frozenset(p.cidr for p in v4_pools if p.nat_outgoing)
@@ -298,7 +313,6 @@ class ComputeCache:
             nexthops=set(self.nexthop_refs),
             routes=set(self.routes),
             nat=nat,
-            peers=list(self.peer_list),
         )
 
     def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
