@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import netaddr
 
@@ -105,23 +106,32 @@ def _check_mtu(name: str, value: int) -> None:
         raise ValueError(f"{name}: {value} is outside 68..65535")
 
 
-@dataclass(frozen=True)
-class _Vtep:
+class _Vtep(NamedTuple):  # a tuple: built per peer, cheap
     tunnel_ip: netaddr.IPAddress
     mac: str
     underlay: netaddr.IPAddress
 
 
-@dataclass(frozen=True)
-class _Decision:
+class _OtherSubnet(NamedTuple):
+    """A reason whose text is built only when shown: formatting the peer's netaddr address
+    cost more than the rest of its decision."""
+
+    peer_ip: netaddr.IPAddress
+    subnet: str
+    then: str
+
+    def __str__(self) -> str:
+        return f"different subnet ({self.peer_ip} not in {self.subnet}); {self.then}"
+
+
+class _Decision(NamedTuple):  # a tuple: built per peer, cheap
     path: Path | None
     nexthop: NexthopKey | None
-    reason: str
+    reason: str | _OtherSubnet
     vtep: _Vtep | None = None  # set when path is VXLAN
 
 
-@dataclass(frozen=True)
-class _NodePiece:
+class _NodePiece(NamedTuple):  # a tuple: built per peer, cheap
     """What routing needs of one Node, derived once per Node object."""
 
     node: Node
@@ -129,8 +139,7 @@ class _NodePiece:
     candidate: _Vtep | str  # the VTEP it asks for, or why it has none
 
 
-@dataclass(frozen=True)
-class _BlockPiece:
+class _BlockPiece(NamedTuple):  # a tuple: built per peer, cheap
     """What a block's routes depend on besides the decisions, derived once per BlockInfo."""
 
     block: BlockInfo
@@ -435,9 +444,10 @@ class ComputeCache:
         address, peer_ip = piece.node.ipv4_address, piece.underlay
         if address is None or peer_ip is None:
             return _Decision(None, None, "node has no IPv4 underlay address: skipped")
-        why = self.pool_notes.get(pool.name)
-        if why is None:
-            why = self.pool_notes[pool.name] = f"pool {pool.name} {mode_field} {mode.value}"
+        note = self.pool_notes.get(pool.name)
+        if note is None:
+            note = self.pool_notes[pool.name] = f"pool {pool.name} {mode_field} {mode.value}"
+        why: str | _OtherSubnet = note
         if mode is EncapMode.CROSS_SUBNET:
             assert self.my_underlay is not None
             if self.my_underlay.prefixlen == 32:
@@ -458,7 +468,7 @@ class ComputeCache:
                     f"same subnet {self.subnet_text} and pool {pool.name} is CrossSubnet",
                 )
             else:
-                why = f"different subnet ({peer_ip} not in {self.subnet_text}); {why}"
+                why = _OtherSubnet(peer_ip, self.subnet_text, note)
         vxlan_ready, ipip_ready = self.ready or (False, False)
         if kind is Path.VXLAN:
             if not vxlan_ready:
@@ -581,7 +591,7 @@ class ComputeCache:
         decision = self.decide(name, self.pools[pool_name])
         piece = self.nodes.get(name)
         underlay = piece.underlay if piece is not None else None
-        return PeerPath(name, decision.path, decision.reason, underlay)
+        return PeerPath(name, decision.path, str(decision.reason), underlay)
 
     def _set_peer(self, key: _PeerKey) -> None:
         """Keep the sorted peer list current for one (node, pool) pair."""
