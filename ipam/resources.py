@@ -32,6 +32,7 @@ __all__ = [
     "name_of",
     "parse_documents",
     "resolve_kind",
+    "stored_node",
     "to_manifest",
 ]
 
@@ -164,6 +165,27 @@ def _canonical_ipv4(text: str) -> int | None:
     return int.from_bytes(packed, "big") if socket.inet_ntoa(packed) == text else None
 
 
+# netaddr's constructors check and dispatch on their argument, which costs more than the
+# decoding itself when a listing builds one per record; for values already known valid, the
+# pickle protocol (__setstate__) gives the very same object directly.
+def _ipv4_address(value: int) -> netaddr.IPAddress:
+    """netaddr.IPAddress(value, 4) for 0 <= value < 2**32."""
+    address = _new_address(netaddr.IPAddress)
+    address.__setstate__((value, 4))
+    return address
+
+
+def _ipv4_network(value: int, prefixlen: int) -> netaddr.IPNetwork:
+    """netaddr.IPNetwork((value, prefixlen), version=4) for 0 <= value < 2**32."""
+    network = _new_network(netaddr.IPNetwork)
+    network.__setstate__((value, prefixlen, 4))  # refuses a prefixlen outside 0-32
+    return network
+
+
+_new_address = netaddr.IPAddress.__new__
+_new_network = netaddr.IPNetwork.__new__
+
+
 def canonical_ipv4_network(text: str) -> netaddr.IPNetwork | None:
     """netaddr.IPNetwork(text) for a canonical IPv4 "a.b.c.d/len" or bare "a.b.c.d" (/32),
     built from integers; None for any other text, which the caller parses in full (and
@@ -173,7 +195,7 @@ def canonical_ipv4_network(text: str) -> netaddr.IPNetwork | None:
     value = _canonical_ipv4(address)
     if prefixlen is None or value is None:
         return None
-    return netaddr.IPNetwork((value, prefixlen), version=4)
+    return _ipv4_network(value, prefixlen)
 
 
 def resolve_kind(text: str) -> str:
@@ -526,9 +548,9 @@ _BGP_FIELDS = {"ipv4Address", "ipv6Address", "ipv4IPIPTunnelAddr", "asNumber"}
 
 
 def _address(ctx: _Ctx, path: str, value: Any, version: int | None = None) -> netaddr.IPAddress:
+    if version != 6 and type(value) is str and (number := _canonical_ipv4(value)) is not None:
+        return _ipv4_address(number)
     text = ctx.string(path, value)
-    if version != 6 and (value := _canonical_ipv4(text)) is not None:
-        return netaddr.IPAddress(value, 4)
     try:
         addr = netaddr.IPAddress(text)
     except (netaddr.AddrFormatError, ValueError, TypeError):
@@ -540,9 +562,9 @@ def _address(ctx: _Ctx, path: str, value: Any, version: int | None = None) -> ne
 
 def _interface_address(ctx: _Ctx, path: str, value: Any, version: int) -> netaddr.IPNetwork:
     """An underlay address with its subnet prefix; a bare address becomes a host prefix."""
-    text = ctx.string(path, value)
-    if version == 4 and (fast := canonical_ipv4_network(text)) is not None:
+    if version == 4 and type(value) is str and (fast := canonical_ipv4_network(value)) is not None:
         return fast
+    text = ctx.string(path, value)
     try:
         net = netaddr.IPNetwork(text)
     except (netaddr.AddrFormatError, ValueError, TypeError):
@@ -631,6 +653,7 @@ _STORED_BGP_PARSERS: dict[str, tuple[str, Callable[[_Ctx, str, Any], Any]]] = {
 }
 _STORED_NODE_SPEC = {"bgp", *_STORED_NODE_PARSERS}
 _STORED_NODE_BGP = set(_STORED_BGP_PARSERS)
+_STORED_NODE_FIELDS = {**_STORED_NODE_PARSERS, **_STORED_BGP_PARSERS}  # disjoint keys
 
 
 def _stored_node(doc: dict[str, Any]) -> Node | None:
@@ -652,26 +675,28 @@ def _stored_node(doc: dict[str, Any]) -> Node | None:
         or not spec.keys() <= _STORED_NODE_SPEC
     ):
         return None
-    name = meta.get("name")
     bgp = spec.get("bgp", {})
-    if (
-        type(name) is not str
-        or len(name) > 253
-        or not _NAME.fullmatch(name)
-        or type(bgp) is not dict
-        or not bgp.keys() <= _STORED_NODE_BGP
-    ):
+    if type(bgp) is not dict or not bgp.keys() <= _STORED_NODE_BGP:
+        return None
+    fields = [item for item in spec.items() if item[0] != "bgp"]
+    return stored_node(meta.get("name"), meta.get("labels"), [*fields, *bgp.items()])
+
+
+def stored_node(name: Any, labels: Any, fields: list[tuple[str, Any]]) -> Node | None:
+    """The Node of a stored manifest in to_manifest's shape, from its name, labels and the
+    fields of spec and spec.bgp (by manifest key); None for any invalid value, which the
+    full path then words. Each field goes through the full path's own parser."""
+    if type(name) is not str or len(name) > 253 or not _NAME.fullmatch(name):
         return None
     ctx = _Ctx("Node", name)
-    fields: dict[str, Any] = {}
+    values: dict[str, Any] = {}
     try:
         # Only the fields present (the paths are unused: an error falls back to the full path).
-        for table, values in ((_STORED_NODE_PARSERS, spec), (_STORED_BGP_PARSERS, bgp)):
-            for key, value in values.items():
-                if key != "bgp" and value is not None and value != "":
-                    attribute, parse = table[key]
-                    fields[attribute] = parse(ctx, "", value)
-        return Node(name=name, labels=_labels(ctx, meta.get("labels")), **fields)
+        for key, value in fields:
+            if value is not None and value != "":
+                attribute, parse = _STORED_NODE_FIELDS[key]
+                values[attribute] = parse(ctx, "", value)
+        return Node(name=name, labels=_labels(ctx, labels), **values)
     except ResourceError:
         return None
 

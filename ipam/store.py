@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -22,12 +23,14 @@ import netaddr
 from ipam.datastore.base import AlreadyExists, Conflict, Datastore, NotFound
 from ipam.model import IPAMConfig, IPPool, IPReservation, Node
 from ipam.resources import (
+    API_VERSION,
     Resource,
     ResourceError,
     from_manifest,
     kind_of,
     name_of,
     resolve_kind,
+    stored_node,
     to_manifest,
 )
 
@@ -95,10 +98,42 @@ def load_json(text: str) -> Any:
     return value if end == len(text) else json.loads(text)
 
 
+def _members(*keys: str) -> str:
+    """A regex for a JSON object's members `"key":"string"`, each optional, in this order
+    (as sort_keys writes them): a comma before every member but the first."""
+    return "".join(rf'(?:(?:(?<=\{{)|(?<!\{{),)"{key}":"(?P<{key}>{_STRING})")?' for key in keys)
+
+
+# A JSON string without escapes (nor the control characters JSON refuses).
+_STRING = r'[^"\\\x00-\x1f]*'
+# encode()'s text of a Node without labels (a cold-start listing decodes one per peer): it
+# is the JSON of a manifest in to_manifest's shape, so stored_node() gets the very fields
+# from_manifest would, without parsing JSON or checking the shape of the dicts.
+_NODE_TEXT = re.compile(
+    rf'\{{"apiVersion":"{re.escape(API_VERSION)}","kind":"Node",'
+    rf'"metadata":\{{"name":"(?P<name>{_STRING})"\}},"spec":\{{'
+    rf'(?:"bgp":\{{{_members("ipv4Address", "ipv4IPIPTunnelAddr", "ipv6Address")}\}})?'
+    + _members(
+        "ipv4VXLANTunnelAddr", "ipv6VXLANTunnelAddr", "vxlanTunnelMACAddr", "vxlanTunnelMACAddrV6"
+    )
+    + r"\}\}"
+)
+
+
+def _stored_node_text(value: str) -> Node | None:
+    match = _NODE_TEXT.fullmatch(value)
+    if match is None:
+        return None
+    fields = match.groupdict()
+    name = fields.pop("name")
+    return stored_node(name, None, [item for item in fields.items() if item[1] is not None])
+
+
 def decode(key: str, value: str) -> Resource:
     """A stored value back to its typed resource; a corrupt value names its key."""
     try:
-        return from_manifest(load_json(value))
+        node = _stored_node_text(value)
+        return node if node is not None else from_manifest(load_json(value))
     except (ValueError, ResourceError) as e:
         raise ResourceError(f"stored resource {key}: {e}") from None
 

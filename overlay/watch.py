@@ -9,6 +9,8 @@ a lost event can never leave a stale peer behind.
 from __future__ import annotations
 
 import logging
+import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -35,10 +37,74 @@ _POOLS = kind_prefix("IPPool")
 _BAD_RECORD = (ValueError, KeyError, TypeError)
 
 
+# A block as Block.to_json writes it: compact, members in to_dict's order. Up to the free
+# list ("unallocated") come only strings without a quote or backslash and the allocations,
+# a flat list (checked below), so the free list found after them is a top-level member.
+_BLOCK_HEAD = re.compile(
+    r'\{"cidr":"[^"\\]*","affinity":(?:null|"[^"\\]*"),"affinityClaimTime":(?:null|"[^"\\]*"),'
+    r'"allocations":\['
+)
+_FREE_LIST = ',"unallocated":['
+
+
+def _free_list_span(value: str) -> tuple[int, int] | None:
+    """Where the top-level "unallocated" member of a block record is, when the record has
+    the usual shape and the member is valid JSON; None when unsure."""
+    head = _BLOCK_HEAD.match(value)
+    if head is None:
+        return None
+    allocations = head.end()
+    start = value.find("]", allocations) + 1
+    if (
+        start == 0
+        or not value.startswith(_FREE_LIST, start)
+        or value.find("[", allocations, start) != -1
+        or value.find("{", allocations, start) != -1
+        or value.find('"', allocations, start) != -1
+    ):
+        return None
+    first = start + len(_FREE_LIST)
+    end = value.find("]", first)
+    return (start, end + 1) if end != -1 and _json_ints(value[first:end]) else None
+
+
+def _json_ints(text: str) -> bool:
+    """Whether `text` is a valid JSON list of ints without its brackets, at C speed: digits
+    and commas, no empty item, no leading zero, no item longer than json may parse (the
+    int-digits limit). A few valid lists (empty, a repeated 0) answer False."""
+    items = f",{text},"
+    limit = sys.get_int_max_str_digits()
+    return (
+        text.isascii()
+        and not text.encode().translate(None, b"0123456789,")
+        and (limit == 0 or len(text) <= limit)
+        and ",," not in items
+        and (",0" not in items or items.count(",0") == items.count(",0,"))
+    )
+
+
+def _block_json(value: str) -> Any:
+    """load_json(value), minus the top-level "unallocated" member when _free_list_span finds
+    it: routing never reads the free list, and parsing its ints was most of the cost of a
+    block. Without one valid member the text parses exactly when the whole does, to the same
+    object minus that member; on an error the whole text is parsed, to raise its own error."""
+    span = _free_list_span(value)
+    if span is not None:
+        try:
+            return load_json(value[: span[0]] + value[span[1] :])
+        except ValueError:
+            pass
+    return load_json(value)
+
+
 def block_info_from_json(value: str) -> BlockInfo:
     """block_info(Block.from_json(value)) without building the Block: at 50k blocks the
     full decode (free lists, sequence numbers, attribute tuples) dominated a re-list."""
-    raw = load_json(value)
+    return _block_info_from_raw(_block_json(value), value)
+
+
+def _block_info_from_raw(raw: Any, value: str) -> BlockInfo:
+    """block_info_from_json given the parsed text (of which it never reads the free list)."""
     if not isinstance(raw, dict):
         raise ValueError(f"block: expected a JSON object, got {value[:80]!r}")
     text = raw.get("cidr")

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ipam import store
 from ipam.model import Node
 from ipam.resources import (
     API_VERSION,
@@ -130,3 +131,92 @@ def test_load_json_raises_json_loads_error(text: str) -> None:
 def test_to_manifest_round_trip_of_a_node_without_fields() -> None:
     node = Node(name="bare")
     assert _stored_node(to_manifest(node)) == node
+
+
+def _decode_outcome(decoder: Any, text: str) -> tuple[str, str]:
+    try:
+        return ("ok", repr(decoder("/k", text)))
+    except (ResourceError, ValueError) as e:
+        return ("error", str(e))
+
+
+def _full_decode(key: str, text: str) -> Any:
+    """decode() as it was, without the text shortcut: the JSON parse, then from_manifest."""
+    try:
+        return from_manifest(load_json(text))
+    except ValueError as e:  # ResourceError too
+        raise ResourceError(f"stored resource {key}: {e}") from None
+
+
+_spec_key = st.sampled_from(
+    ["ipv4VXLANTunnelAddr", "ipv6VXLANTunnelAddr", "vxlanTunnelMACAddr", "vxlanTunnelMACAddrV6"]
+)
+_bgp_key = st.sampled_from(["ipv4Address", "ipv4IPIPTunnelAddr", "ipv6Address"])
+_text_value = st.one_of(_value, _mac, st.sampled_from(['a"b', "a\\b", "\x01", "é", "{}"]))
+
+
+@given(
+    name=st.sampled_from(["n1", "N1", "a" * 254, "", "n\u00e9", 'n"1', "-n"]),
+    spec=st.dictionaries(_spec_key, _text_value),
+    bgp=st.one_of(st.none(), st.dictionaries(_bgp_key, _text_value)),
+    labels=st.one_of(st.none(), st.just({"a": "1"})),
+    sort=st.booleans(),
+    edit=st.sampled_from(["", ",", "{", "}", '"', " ", "\\"]),
+    data=st.data(),
+)
+def test_stored_text_shortcut_equals_json_decode(
+    name: str,
+    spec: dict[str, Any],
+    bgp: dict[str, Any] | None,
+    labels: dict[str, str] | None,
+    sort: bool,
+    edit: str,
+    data: st.DataObject,
+) -> None:
+    """decode()'s regex over encode()'s text gives what parsing the JSON gives: the same Node
+    or the same error, also for texts in another key order, with escapes, or damaged."""
+    meta: dict[str, Any] = {"name": name} if labels is None else {"name": name, "labels": labels}
+    body = dict(spec) if bgp is None else {"bgp": bgp, **spec}
+    doc = {"apiVersion": API_VERSION, "kind": "Node", "metadata": meta, "spec": body}
+    text = json.dumps(doc, sort_keys=sort, separators=(",", ":"), ensure_ascii=sort)
+    # Edits where the structure is: right after a brace or a comma, or anywhere.
+    marks = [i + 1 for i, char in enumerate(text) if char in "{,"]
+    at = data.draw(st.one_of(st.sampled_from(marks), st.integers(0, len(text))))
+    for candidate in (text, text[:at] + edit + text[at:]):
+        assert _decode_outcome(decode, candidate) == _decode_outcome(_full_decode, candidate)
+
+
+def test_stored_text_shortcut_takes_what_the_store_writes() -> None:
+    node = Node(
+        name="n1",
+        ipv4_address=netaddr.IPNetwork("10.0.1.5/24"),
+        ipv6_address=netaddr.IPNetwork("fd00::5/64"),
+        ipv4_ipip_tunnel_addr=netaddr.IPAddress("10.244.0.2"),
+        ipv4_vxlan_tunnel_addr=netaddr.IPAddress("10.244.0.1"),
+        vxlan_tunnel_mac="66:0a:0b:0c:0d:0e",
+    )
+    node_text = store._stored_node_text(encode(node))
+    assert node_text == node and repr(node_text) == repr(node)
+    assert store._stored_node_text(encode(Node(name="n2"))) == Node(name="n2")
+
+
+_HEAD = '{"apiVersion":"overlay.dev/v1","kind":"Node","metadata":{"name":"n1"},"spec":{'
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        '"bgp":{"ipv4Address":"10.0.0.1/24"},"ipv4VXLANTunnelAddr":"10.0.0.2"}}',  # valid
+        ',"ipv4VXLANTunnelAddr":"10.0.0.2"}}',
+        '"bgp":{,"ipv4Address":"10.0.0.1/24"}}}',
+        '"bgp":{"ipv4Address":"10.0.0.1/24""ipv6Address":"fd00::1/64"}}}',
+        '"bgp":{"ipv4Address":"10.0.0.1/24",}}}',
+        '"bgp":{"ipv4Address":"10.0.0.1/24"}"ipv4VXLANTunnelAddr":"10.0.0.2"}}',
+        '"ipv4VXLANTunnelAddr":"10.0.0.2","bgp":{"ipv4Address":"10.0.0.1/24"}}}',
+        '"ipv4VXLANTunnelAddr":"10.0.0.2\x01"}}',
+        '"ipv4VXLANTunnelAddr":"10.0.0.2"}} ',
+    ],
+)
+def test_stored_text_shortcut_refuses_what_json_refuses(spec: str) -> None:
+    text = _HEAD + spec
+    assert _decode_outcome(decode, text) == _decode_outcome(_full_decode, text)
