@@ -46,8 +46,9 @@ STATUS_CACHE_SECONDS = 5.0
 # ~100 long-lived, acyclic container objects per peer: with the default thresholds the cyclic
 # collector walked them again and again while the first pass built them (~30% of a cold start
 # at 10k peers, more at 50k). Reference counting frees them and cycles are rare here, so the
-# collector runs seldom until the first pass is over, and less often than by default after.
-GC_START = (1_000_000, 100, 100)
+# collector is paused until the first pass is over (for GC_PAUSE_MAX seconds at most, should
+# the datastore be unreachable), and runs less often than by default after.
+GC_PAUSE_MAX = 120.0
 GC_RUNNING = (50_000, 20, 20)
 
 
@@ -121,6 +122,7 @@ class Agent:
         self._desired: Dataplane | None = None
         self._compute_cache = ComputeCache()  # per-peer pieces reused between views
         self._peers: list[PeerPath] = []  # as of the last pass, for status
+        self._gc_paused: threading.Timer | None = None  # see pause_gc_until_first_pass()
         self._pools_seen: str | None = None
         self._pools: list[IPPool] = []
         self._underlay: autodetect.Underlay | None = None
@@ -294,12 +296,21 @@ class Agent:
     def _after_pass(self, outcome: Outcome) -> None:
         if outcome in (Outcome.SYNCED, Outcome.FAILED) and self._desired is not None:
             self._peers = self._compute_cache.peers()  # for status, after the kernel work
-        if outcome in (Outcome.SYNCED, Outcome.FAILED) and gc.get_threshold() == GC_START:
+        if outcome in (Outcome.SYNCED, Outcome.FAILED) and self._gc_paused is not None:
             # The first pass is over. Its view and dataplane are most of what the agent will
             # ever hold: freeze them out of the collector's generations, so that later full
             # collections (and the latency of the passes that trigger them) skip them.
+            self._gc_paused.cancel()
+            self._gc_paused = None
             gc.freeze()
-            gc.set_threshold(*GC_RUNNING)
+            gc.enable()
+
+    def pause_gc_until_first_pass(self) -> None:
+        gc.set_threshold(*GC_RUNNING)
+        gc.disable()
+        self._gc_paused = threading.Timer(GC_PAUSE_MAX, gc.enable)
+        self._gc_paused.daemon = True
+        self._gc_paused.start()
 
     def _identity_lost(self, stored: Node) -> bool:
         assert self.node is not None
@@ -455,7 +466,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    gc.set_threshold(*GC_START)
     handler: logging.Handler = (
         logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler()
     )
@@ -474,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         vtep_mac=args.vtep_mac,
     )
     agent = Agent(cfg)
+    agent.pause_gc_until_first_pass()
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     try:
