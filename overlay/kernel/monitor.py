@@ -163,6 +163,17 @@ class Monitor:
                 if name in self.names:
                     self._index[index] = name
             return f"device_changed dev={name}", None
+        # Our own changes echo back here by the 10k: the cheap header checks come first.
+        if msg_type == nlmsg.RTM_NEWROUTE and not flags & nlmsg.NLM_F_REPLACE:
+            return "", None
+        if msg_type == nlmsg.RTM_NEWNEIGH:
+            family, ifindex, state, _flags, _type = nlmsg.NDMSG.unpack_from(payload)
+            if (
+                ifindex not in self._index
+                or family == nlmsg.AF_BRIDGE
+                or state & nlmsg.NUD_PERMANENT
+            ):
+                return "", None
         if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
             r = nlmsg.decode_route(payload)
             dst = f"{_addr(r.dst)}/{r.dst_len}"
