@@ -639,7 +639,7 @@ class IPAM:
         self, node: str, pools: list[IPPool], reserved: list[netaddr.IPNetwork]
     ) -> netaddr.IPNetwork | None:
         """Claim the first block CIDR (in the node's random order) that has no block."""
-        existing = {kv.key for kv in self._ds.list(BLOCKS_PREFIX).items}
+        existing = set(self._ds.keys(BLOCKS_PREFIX).keys)  # keys only: values are large
         for pool in pools:
             for cidr in random_block_order(pool, node):
                 if block_key(cidr) in existing:

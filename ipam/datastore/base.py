@@ -63,6 +63,12 @@ class Listing:
     revision: int  # store revision at which the listing was taken: watch from revision + 1
 
 
+@dataclass(frozen=True, slots=True)
+class KeyListing:
+    keys: list[str]  # in the order of Listing.items
+    revision: int  # as Listing.revision
+
+
 class Watch(Protocol):
     """Changes under a prefix, in revision order, from a start revision on."""
 
@@ -84,6 +90,11 @@ class Datastore(Protocol):
     def get(self, key: str) -> KV | None: ...
 
     def list(self, prefix: str) -> Listing: ...
+
+    def keys(self, prefix: str) -> KeyListing:
+        """list() without the values: for callers that only ask which keys exist (values
+        can be large and many)."""
+        ...
 
     def create(self, key: str, value: str) -> int:
         """Store a new key; AlreadyExists if present. Returns the new mod_revision."""

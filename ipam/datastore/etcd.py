@@ -16,12 +16,13 @@ someone else in between is not a practical concern.
 from __future__ import annotations
 
 import base64
+import builtins
 import ssl
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from ipam.datastore.base import (
@@ -31,6 +32,7 @@ from ipam.datastore.base import (
     Conflict,
     Event,
     EventType,
+    KeyListing,
     Listing,
     NotFound,
     Unavailable,
@@ -46,6 +48,8 @@ from ipam.datastore.etcd_gateway import (
 
 _OUT_OF_RANGE = 11  # gRPC code etcd uses for "required revision has been compacted"
 _URL_PARAMS = ("cacert", "cert", "key", "prefix", "timeout")
+
+T = TypeVar("T")
 
 
 def _b64(data: bytes) -> str:
@@ -190,9 +194,12 @@ class EtcdDatastore:
     def _unkey(self, raw: bytes) -> str:
         return raw[len(self._pfx) :].decode()
 
+    def _key_of(self, kv: dict[str, Any]) -> str:
+        return self._unkey(_unb64(kv.get("key")))
+
     def _kv(self, kv: dict[str, Any]) -> KV:
         return KV(
-            self._unkey(_unb64(kv.get("key"))),
+            self._key_of(kv),
             _unb64(kv.get("value")).decode(),
             int(kv.get("mod_revision", 0)),
         )
@@ -212,11 +219,23 @@ class EtcdDatastore:
         return self._kv(kvs[0]) if kvs else None
 
     def list(self, prefix: str) -> Listing:
+        items, rev = self._range_all(prefix, self._kv, keys_only=False)
+        return Listing(items, rev)
+
+    def keys(self, prefix: str) -> KeyListing:
+        return KeyListing(*self._range_all(prefix, self._key_of, keys_only=True))
+
+    def _range_all(
+        self, prefix: str, convert: Callable[[dict[str, Any]], T], *, keys_only: bool
+    ) -> tuple[builtins.list[T], int]:
+        """Every kv under `prefix` from one snapshot, paged and converted page by page (so
+        raw pages do not pile up), plus that snapshot's revision. keys_only leaves the
+        values on the server."""
         full = self._key(prefix)
         end = _b64(_range_end(full))
         for _attempt in range(3):
             start, rev = full, 0
-            items: list[KV] = []
+            items: list[T] = []
             try:
                 while True:
                     req: dict[str, Any] = {
@@ -224,14 +243,16 @@ class EtcdDatastore:
                         "range_end": end,
                         "limit": self.page_size,
                     }
+                    if keys_only:
+                        req["keys_only"] = True
                     if rev:
                         req["revision"] = rev  # later pages read the first page's snapshot
                     resp = self._call("/v3/kv/range", req)
                     rev = rev or self._header_revision(resp)
                     kvs = resp.get("kvs") or []
-                    items.extend(self._kv(kv) for kv in kvs)
+                    items.extend(map(convert, kvs))
                     if not resp.get("more") or not kvs:
-                        return Listing(items, rev)
+                        return items, rev
                     start = _unb64(kvs[-1]["key"]) + b"\0"
             except GatewayError as e:
                 # The snapshot was compacted between pages: take a fresh one.

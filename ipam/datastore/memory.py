@@ -12,6 +12,7 @@ from ipam.datastore.base import (
     Conflict,
     Event,
     EventType,
+    KeyListing,
     Listing,
     NotFound,
 )
@@ -47,6 +48,10 @@ class MemoryDatastore:
         with self._lock:
             items = [kv for k, kv in sorted(self._data.items()) if k.startswith(prefix)]
             return Listing(items, self._rev)
+
+    def keys(self, prefix: str) -> KeyListing:
+        with self._lock:
+            return KeyListing(sorted(k for k in self._data if k.startswith(prefix)), self._rev)
 
     def create(self, key: str, value: str) -> int:
         with self._lock:

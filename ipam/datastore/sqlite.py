@@ -17,9 +17,10 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import starmap
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from ipam.datastore.base import (
@@ -29,6 +30,7 @@ from ipam.datastore.base import (
     Conflict,
     Event,
     EventType,
+    KeyListing,
     Listing,
     NotFound,
     Unavailable,
@@ -38,6 +40,8 @@ DEFAULT_HISTORY = 100_000
 # How often a watch looks for commits from other processes; in-process writes wake it at once.
 POLL_INTERVAL = 0.015
 SCHEMA_VERSION = 1
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS kv (
@@ -77,6 +81,14 @@ def _prefix_end(prefix: str) -> str | None:
     # Surrogates cannot be stored (not UTF-8), so the next code point after U+D7FF is U+E000.
     after = ord(stem[-1]) + 1
     return stem[:-1] + chr(0xE000 if after == 0xD800 else after)
+
+
+def _kvs(rows: sqlite3.Cursor) -> list[KV]:
+    return list(starmap(KV, rows))
+
+
+def _keys(rows: sqlite3.Cursor) -> list[str]:
+    return [key for (key,) in rows]
 
 
 def _connect(path: Path, busy_timeout: float) -> sqlite3.Connection:
@@ -273,27 +285,37 @@ class SqliteDatastore:
         return None if row is None else KV(key, row[0], row[1])
 
     def list(self, prefix: str) -> Listing:
+        # starmap builds the KVs without a Python loop (a watch's listing reads every block).
+        return Listing(*self._read_range("key, value, mod_revision", prefix, _kvs))
+
+    def keys(self, prefix: str) -> KeyListing:
+        # Without the value column no value becomes a Python string.
+        return KeyListing(*self._read_range("key", prefix, _keys))
+
+    def _read_range(
+        self, columns: str, prefix: str, collect: Callable[[sqlite3.Cursor], T]
+    ) -> tuple[T, int]:
+        """`collect` applied to the rows under `prefix` in key order, and the revision."""
         end = _prefix_end(prefix)
-        query = "SELECT key, value, mod_revision FROM kv WHERE key >= ?"
+        query = f"SELECT {columns} FROM kv WHERE key >= ?"
         if end is not None:
             query += " AND key < ?"
         bounds = (prefix,) if end is None else (prefix, end)
         with self._lock:
             conn = self._connection()
             try:
-                # One read transaction: the revision matches the snapshot of the items.
+                # One read transaction: the revision matches the snapshot of the rows.
                 conn.execute("BEGIN")
                 try:
                     rev = conn.execute("SELECT revision FROM meta WHERE id = 1").fetchone()[0]
                     # The keys under a prefix are one contiguous range of the primary key, so
-                    # SQLite selects exactly them (already in key order); starmap builds the
-                    # KVs without a Python loop (a watch's listing reads every block).
-                    items = list(starmap(KV, conn.execute(query + " ORDER BY key", bounds)))
+                    # SQLite selects exactly them (already in key order).
+                    rows = collect(conn.execute(query + " ORDER BY key", bounds))
                 finally:
                     conn.execute("COMMIT")
             except sqlite3.Error as e:
                 raise self._unavailable(e) from e
-        return Listing(items, rev)
+        return rows, rev
 
     def create(self, key: str, value: str) -> int:
         return self._write("create", key, value, None)

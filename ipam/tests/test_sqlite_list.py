@@ -1,5 +1,5 @@
-"""SqliteDatastore.list(prefix) selects a key range: it must hold exactly the keys that start
-with the prefix, in order, whatever characters end the prefix."""
+"""SqliteDatastore.list(prefix) and keys(prefix) select a key range: it must hold exactly the
+keys that start with the prefix, in order, whatever characters end the prefix."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _KEYS = st.lists(_CHARS, max_size=4).map("".join)
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sets(_KEYS.filter(bool), max_size=12), st.lists(_KEYS, max_size=6))
-def test_list_holds_exactly_the_keys_under_the_prefix(
+def test_list_and_keys_hold_exactly_the_keys_under_the_prefix(
     tmp_path_factory: pytest.TempPathFactory, keys: set[str], prefixes: list[str]
 ) -> None:
     path = tmp_path_factory.mktemp("db") / "s.db"
@@ -28,6 +28,7 @@ def test_list_holds_exactly_the_keys_under_the_prefix(
             listing = ds.list(prefix)
             expected = sorted(k for k in keys if k.startswith(prefix))
             assert [kv.key for kv in listing.items] == expected
+            assert ds.keys(prefix).keys == expected
             assert all(kv.value == f"v-{kv.key}" for kv in listing.items)
             assert listing.revision == len(keys)
     finally:

@@ -130,6 +130,37 @@ def test_list_by_prefix_is_exact_and_sorted(store: Datastore) -> None:
     assert store.list("/nothing/").items == []
 
 
+def test_keys_are_exactly_the_listed_keys_in_list_order(store: Datastore) -> None:
+    for key in ["/a/c", "/a/b/x", "/a", "/a/b", "/ab", "/a0", "/b/a/x", "/a/bc"]:
+        store.create(key, f"value of {key}")
+    assert store.keys("/a/").keys == ["/a/b", "/a/b/x", "/a/bc", "/a/c"]
+    # "/a/b" starts the key "/a/bc" as text, but "/a/b/" does not.
+    assert store.keys("/a/b/").keys == ["/a/b/x"]
+    # Without the slash it is a plain string prefix, as in list().
+    assert store.keys("/a/b").keys == ["/a/b", "/a/b/x", "/a/bc"]
+    for prefix in ["", "/", "/a", "/a/", "/b/"]:
+        assert store.keys(prefix).keys == [kv.key for kv in store.list(prefix).items]
+    assert store.keys("/nothing/").keys == []
+
+
+def test_keys_drop_deleted_and_keep_updated_keys(store: Datastore) -> None:
+    revs = {key: store.create(key, "v") for key in ["/k/1", "/k/2", "/k/3"]}
+    store.delete("/k/2", revs["/k/2"])
+    store.update("/k/3", "changed", revs["/k/3"])
+    assert store.keys("/k/").keys == ["/k/1", "/k/3"]
+    for kv in store.list("/k/").items:
+        store.delete(kv.key, kv.mod_revision)
+    assert store.keys("/k/").keys == []
+
+
+def test_keys_revision_is_the_store_revision_at_the_read(store: Datastore) -> None:
+    store.create("/q/1", "1")
+    last = store.create("/q/2", "2")
+    keys = store.keys("/q/")
+    assert last <= keys.revision == store.revision()
+    assert store.keys("/nothing/").revision == keys.revision
+
+
 def test_list_revision_covers_items(store: Datastore) -> None:
     revs = [store.create(f"/p/{i}", str(i)) for i in range(5)]
     store.update("/p/2", "changed", revs[2])

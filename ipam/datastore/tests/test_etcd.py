@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,6 +155,27 @@ def test_list_pages_read_one_snapshot(raw_store: EtcdDatastore) -> None:
     assert [kv.key for kv in listing.items] == sorted(revs)
     assert all(kv.mod_revision == revs[kv.key] for kv in listing.items)
     assert listing.revision >= max(revs.values())
+    assert store.keys("/").keys == sorted(revs)
+    store.close()
+
+
+def test_keys_leave_values_on_the_server(
+    raw_store: EtcdDatastore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = EtcdDatastore([str(e) for e in raw_store.endpoints], prefix="/keys-only-test/")
+    store.create("/k", "a large value")
+    answers: list[dict[str, Any]] = []
+    call = store._call
+
+    def recording_call(path: str, request: dict[str, Any]) -> dict[str, Any]:
+        answers.append(call(path, request))
+        return answers[-1]
+
+    monkeypatch.setattr(store, "_call", recording_call)
+    assert store.keys("/").keys == ["/k"]
+    (answer,) = answers
+    (kv,) = answer["kvs"]
+    assert "value" not in kv
     store.close()
 
 
