@@ -302,8 +302,11 @@ class ComputeCache:
             touched = {*self.nodes, *self.users, *(n for n, _ in self.peer_refs), *self.l2}
         for name in touched:
             self.decisions.pop(name, None)
-            dirty.update(self.users.get(name, ()))
-            self.dirty_peers.update((name, p) for p in self.pools if (name, p) in self.peer_refs)
+            users = self.users.get(name)
+            if users:  # the blocks routing through it, and so its peer paths
+                dirty.update(users)
+                refs = self.peer_refs
+                self.dirty_peers.update((name, p) for p in self.pools if (name, p) in refs)
             self._set_l2(name)
         dirty_dsts: set[_DstKey] = set()
         for bid in dirty:
@@ -365,7 +368,13 @@ class ComputeCache:
             (self.mac_claims, candidate.mac),
         ):
             held = claims.get(value)
-            names = {held} if isinstance(held, str) else set(held or ())
+            if held is None or held == name:  # the usual case: alone with it
+                if add:
+                    claims[value] = name
+                elif held is not None:
+                    del claims[value]
+                continue
+            names = {held} if isinstance(held, str) else set(held)
             if add:
                 names.add(name)
             else:
