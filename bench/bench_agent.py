@@ -416,6 +416,7 @@ def iproute2_program(peers: list[Peer], nexthops: bool) -> tuple[float, float]:
             fdb_file, ip_file = Path(tmp, "fdb"), Path(tmp, "ip")
             fdb_file.write_text("\n".join(fdb) + "\n")
             ip_file.write_text("\n".join(ip) + "\n")
+            wait_quiet()
             cpu0 = _children_cpu()
             start = time.perf_counter()
             sh("bridge", "-n", ns, "-batch", str(fdb_file))
@@ -428,6 +429,25 @@ def iproute2_program(peers: list[Peer], nexthops: bool) -> tuple[float, float]:
 
     finally:
         del_netns(ns)
+
+
+def _cpu_idle() -> tuple[int, int]:
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+
+def wait_quiet(share: float = 0.85, window: float = 0.5, timeout: float = 60.0) -> None:
+    """Until the CPUs are mostly idle: deleting a namespace that held 200k objects keeps a
+    kernel worker busy for seconds after `ip netns del` returns, and would slow whatever is
+    timed next (agent or anchor alike)."""
+    deadline = time.monotonic() + timeout
+    idle0, total0 = _cpu_idle()
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        idle, total = _cpu_idle()
+        if total > total0 and (idle - idle0) / (total - total0) >= share:
+            return
+        idle0, total0 = idle, total
 
 
 def _children_cpu() -> float:
@@ -470,6 +490,7 @@ def cold_run(
             ds.close()
         ns = make_netns(f"c{n}")
         try:
+            wait_quiet()
             run = start_agent(ns, f"sqlite:///{workdir}/o.db", workdir)
             # Every peer's block plus the blackhole for our own block.
             ours = wait_routes(run, ns, n + 1, timeout, peers[-1].block)
