@@ -162,7 +162,10 @@ class Reconciler:
         with self._writer:
             outcome = self._pass()
             if self._on_pass is not None:
-                self._on_pass(outcome)
+                try:
+                    self._on_pass(outcome)
+                except Exception:  # the writer must survive its listeners
+                    log.exception("on_pass callback failed")
             return outcome
 
     def run(self, stop: threading.Event, *, max_wait: float = 0.5) -> None:

@@ -229,3 +229,18 @@ def test_run_loop_reacts_to_updates_and_stops() -> None:
 def test_bad_settings_name_the_field(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         Reconciler(FakeKernel(), COMPUTE, **kwargs)  # type: ignore[arg-type]
+
+
+def test_every_pass_is_reported_and_a_failing_listener_does_not_stop_the_writer() -> None:
+    seen: list[Outcome] = []
+
+    def listener(outcome: Outcome) -> None:
+        seen.append(outcome)
+        raise RuntimeError("listener bug")
+
+    kernel = FakeKernel()
+    rec = Reconciler(kernel, COMPUTE, clock=FakeClock(), on_pass=listener)  # type: ignore[arg-type]
+    assert rec.run_once() is Outcome.NO_VIEW
+    first_sync(rec, standard_view(pool(CROSS)))
+    assert seen == [Outcome.NO_VIEW, Outcome.SYNCED, Outcome.SYNCED]
+    assert converged(kernel, standard_view(pool(CROSS)))
