@@ -176,7 +176,8 @@ class Dataplane:
     # settled() knows it is true.
     nhids_verified: bool = False
     nat: NatOutgoing | None = None
-    peers: list[PeerPath] = field(default_factory=list)  # desired only
+    # Desired only; empty from ComputeCache.update(peers=False) (see ComputeCache.peers()).
+    peers: list[PeerPath] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
