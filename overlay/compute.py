@@ -299,7 +299,8 @@ class ComputeCache:
         ready = (VXLAN_DEVICE in devices, IPIP_DEVICE in devices)
         if ready != self.ready:  # part of every decision: redo them all (rare)
             self.ready = ready
-            touched = {*self.nodes, *self.users, *(n for n, _ in self.peer_refs), *self.l2}
+            # (a union: a node removed in this very view must lose its decisions too)
+            touched |= {*self.nodes, *self.users, *(n for n, _ in self.peer_refs), *self.l2}
         for name in touched:
             self.decisions.pop(name, None)
             users = self.users.get(name)
@@ -307,7 +308,13 @@ class ComputeCache:
                 dirty.update(users)
                 refs = self.peer_refs
                 self.dirty_peers.update((name, p) for p in self.pools if (name, p) in refs)
-            self._set_l2(name)
+        # L2 entries: all drops before any add. A VTEP moving from one node to another (one
+        # removed, one added with the same address and MAC) gives equal entries, and a drop
+        # after the add would take the new one with it.
+        for name in touched:
+            self._drop_l2(name)
+        for name in touched:
+            self._add_l2(name)
         dirty_dsts: set[_DstKey] = set()
         for bid in dirty:
             self._reoffer(bid, dirty_dsts)
@@ -411,12 +418,14 @@ class ComputeCache:
             return
         self.problems[name] = problem
 
-    def _set_l2(self, name: str) -> None:
-        """A peer's permanent neighbour and FDB entry (when we tunnel VXLAN at all)."""
+    def _drop_l2(self, name: str) -> None:
         old = self.l2.pop(name, None)
         if old is not None:
             self.neighbours.discard(old[0])
             self.fdb.discard(old[1])
+
+    def _add_l2(self, name: str) -> None:
+        """A peer's permanent neighbour and FDB entry (when we tunnel VXLAN at all)."""
         vtep = self.vteps.get(name) if self.ready and self.ready[0] else None
         if vtep is not None:
             neighbour = Neighbour(VXLAN_DEVICE, vtep.tunnel_ip, vtep.mac)

@@ -360,3 +360,47 @@ def test_a_compute_that_raised_does_not_poison_the_cache(monkeypatch: pytest.Mon
         compute(second, me(), DataplaneConfig(), cache)
     monkeypatch.setattr(compute_module, "_node_piece", real)
     assert compute(second, me(), DataplaneConfig(), cache) == desired(second)
+
+
+@pytest.mark.parametrize("gone", ["e", "f", "g", "h", "x1", "x2", "x3", "x4"])
+def test_a_vtep_moving_to_another_node_in_one_view_keeps_its_l2_entries(gone: str) -> None:
+    """One node leaves and another arrives with the same tunnel address and MAC in one view:
+    the entries are equal, so removing the old node's must not take the new node's along
+    (whatever order the cache meets the two names in; several names make both orders likely).
+    """
+    p = pool(ALWAYS)
+    a = node("a")
+    vtep = {
+        "ipv4_address": IPNetwork("10.0.2.9/24"),
+        "ipv4_vxlan_tunnel_addr": IPAddress("10.244.3.1"),
+        "vxlan_tunnel_mac": "02:00:00:00:00:09",
+    }
+    before = ClusterView([a, Node(name=gone, **vtep)], [p], [])
+    after = ClusterView([a, Node(name="d", **vtep)], [p], [])
+    cache = ComputeCache()
+    compute(before, me(), DataplaneConfig(), cache)
+    dp = compute(after, me(), DataplaneConfig(), cache)
+    assert dp == desired(after)
+    assert {n.mac for n in dp.neighbours} == {"02:00:00:00:00:09"}
+    assert {f.dst for f in dp.fdb} == {IPAddress("10.0.2.9")}
+
+
+def test_a_node_removed_as_the_tunnel_goes_away_leaves_no_decision_behind() -> None:
+    """e (in our subnet: a direct path) hosts an address of a block in a disabled CrossSubnet
+    VXLAN pool. In one view e and the block go, so the pool is no longer in use and the VXLAN
+    device goes too (every decision is redone). The pool comes back into use; then the block,
+    still naming e, which is gone: no route may point at e's old address.
+    """
+    p = pool(CROSS, disabled=True)
+    a = node("a")
+    e = Node(name="e", ipv4_address=IPNetwork("10.0.1.9/24"))  # our subnet: direct, no VTEP
+    borrowed = {IPAddress("10.244.0.70"): "e"}
+    with_e = ClusterView([a, e], [p], [BlockInfo(IPNetwork("10.244.0.64/26"), None, borrowed)])
+    empty = ClusterView([a], [p], [])
+    other = BlockInfo(IPNetwork("10.244.0.128/26"), None)  # keeps the pool in use from here
+    again = ClusterView([a], [p], [other])
+    back = ClusterView([a], [p], [other, BlockInfo(IPNetwork("10.244.0.64/26"), None, borrowed)])
+    cache = ComputeCache()
+    for view in (with_e, empty, again, back):
+        assert compute(view, me(), DataplaneConfig(), cache) == desired(view)
+    assert not compute(back, me(), DataplaneConfig(), cache).routes
