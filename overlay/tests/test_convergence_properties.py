@@ -51,6 +51,8 @@ def underlays(draw: st.DrawFn) -> IPNetwork:
 
 
 tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 60))
+# Few addresses: duplicate VTEPs (and their hand-overs between nodes) are common.
+few_tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 4))
 
 
 def mostly(strategy: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
@@ -59,20 +61,20 @@ def mostly(strategy: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
 
 
 @st.composite
-def nodes(draw: st.DrawFn, name: str) -> Node:
+def nodes(draw: st.DrawFn, name: str, tunnels: st.SearchStrategy[IPAddress] = tunnel_ips) -> Node:
     return Node(
         name=name,
         ipv4_address=draw(mostly(underlays())),
-        ipv4_vxlan_tunnel_addr=draw(mostly(tunnel_ips)),
-        ipv4_ipip_tunnel_addr=draw(mostly(tunnel_ips)),
+        ipv4_vxlan_tunnel_addr=draw(mostly(tunnels)),
+        ipv4_ipip_tunnel_addr=draw(mostly(tunnels)),
         vxlan_tunnel_mac=draw(st.none() | st.none() | st.sampled_from(MACS)),
     )
 
 
 @st.composite
-def views(draw: st.DrawFn) -> ClusterView:
+def views(draw: st.DrawFn, tunnels: st.SearchStrategy[IPAddress] = tunnel_ips) -> ClusterView:
     names = draw(st.lists(st.sampled_from(NAMES), unique=True, min_size=1, max_size=5))
-    node_list = [draw(nodes(n)) for n in names]
+    node_list = [draw(nodes(n, tunnels)) for n in names]
     pools = [
         IPPool(
             name=f"p{i}",
@@ -342,11 +344,11 @@ def test_cluster_change_on_one_node_is_exact(
     assert_only_differences_touched(want, actual, ops)
 
 
-@PROPS
+@settings(PROPS, max_examples=200)
 @given(
     local=locals_(),
     cfg=configs,
-    history=st.lists(views(), min_size=2, max_size=6),
+    history=st.lists(views(st.one_of(tunnel_ips, few_tunnel_ips)), min_size=2, max_size=6),
     keep=st.lists(st.booleans(), min_size=40, max_size=40),
 )
 def test_compute_with_a_cache_equals_compute_without(
