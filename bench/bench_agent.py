@@ -357,6 +357,7 @@ def wait_routes(
     count then confirms it (else the count is polled, the slow way)."""
     deadline = time.monotonic() + timeout
     sock = open_rtnl(ns)
+    sock.settimeout(5.0)  # a request always gets an answer; never hang the bench on one
     try:
         with RtnlSocket(ns) as dumps:
             while time.monotonic() < deadline:
