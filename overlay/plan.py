@@ -55,10 +55,13 @@ def plan(
     *,
     nexthops_supported: bool = True,
     nhid_base: int = NHID_BASE,
+    ids: dict[NexthopKey, int] | None = None,
 ) -> list[Op]:
     """The operations that turn `actual` (ours only) into `desired`, in a safe order.
 
     `desired.nexthops` must hold every nexthop its routes use (compute() guarantees it).
+    `ids`: assign_nexthop_ids(desired, actual) if the caller has it already (it then gives
+    the same to settled()).
     Differences are found with set operations, so a pass that changes little stays cheap at
     50k peers; only what changes is looked at one by one (and sorted, for stable logs)."""
     sets: list[Op] = []
@@ -81,9 +84,10 @@ def plan(
     sets += [Op(Action.SET, n) for n in neigh_sets] + [Op(Action.SET, f) for f in fdb_sets]
 
     # 3. Nexthops.
-    ids = assign_nexthop_ids(
-        desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
-    )
+    if ids is None:
+        ids = assign_nexthop_ids(
+            desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
+        )
     have_nh = actual.nexthop_ids
     # set/dict operations below reuse the stored hashes (no __hash__ call per object).
     nh_sets = set(ids).difference(have_nh)
@@ -194,13 +198,15 @@ def settled(
     *,
     nexthops_supported: bool = True,
     nhid_base: int = NHID_BASE,
+    ids: dict[NexthopKey, int] | None = None,
 ) -> Dataplane:
     """What the kernel holds after every op of plan(desired, actual) succeeded: the desired
     objects, each route on the nhid of its nexthop. (A re-read would also fill route_nhids;
     nhids_verified says it is not needed.)"""
-    ids = assign_nexthop_ids(
-        desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
-    )
+    if ids is None:
+        ids = assign_nexthop_ids(
+            desired, actual, nexthops_supported=nexthops_supported, nhid_base=nhid_base
+        )
     return Dataplane(
         devices=dict(desired.devices),
         neighbours=set(desired.neighbours),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from overlay.model import Action, Dataplane, GoneKey, IpipDevice, Op, VxlanDevice
-from overlay.plan import plan, settled
+from overlay.plan import assign_nexthop_ids, plan, settled
 from overlay.view import ClusterView
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,9 @@ class Reconciler:
             else:
                 desired = self._compute(view)
                 self._computed = (view, desired)
-            ops = plan(desired, actual, nexthops_supported=self._nexthops_supported)
+            supported = self._nexthops_supported
+            ids = assign_nexthop_ids(desired, actual, nexthops_supported=supported)
+            ops = plan(desired, actual, nexthops_supported=supported, ids=ids)
             result = self._kernel.apply(ops) if ops else None
         except Exception as e:  # a pass must never kill the writer; retry with backoff
             log.exception("reconcile pass failed")
@@ -241,7 +243,9 @@ class Reconciler:
                 start, read, error=None, failed=failed, applied=applied, drift=drift
             )
 
-        self._actual = settled(desired, actual, nexthops_supported=self._nexthops_supported)
+        self._actual = settled(
+            desired, actual, nexthops_supported=self._nexthops_supported, ids=ids
+        )
         self._applied_view = view
         # Only the kernel layer knows whether it created, changed or recreated a device (and
         # a recreate wipes what hung off it): after any device change, look once more.

@@ -25,8 +25,8 @@ from overlay.view import ClusterView
 CROSS, ALWAYS = EncapMode.CROSS_SUBNET, EncapMode.ALWAYS
 
 
-def converge(kernel: FakeKernel, want: Dataplane, **kw: bool) -> list[Op]:
-    ops = plan(want, kernel.read(), **kw)
+def converge(kernel: FakeKernel, want: Dataplane, nexthops_supported: bool = True) -> list[Op]:
+    ops = plan(want, kernel.read(), nexthops_supported=nexthops_supported)
     result = kernel.apply(ops)
     assert result.failed == []
     return ops
