@@ -173,39 +173,39 @@ class ClusterCache:
         self.pools.clear()
         self.blocks.clear()
 
+    def _table(self, key: str) -> tuple[dict[str, Any], Callable[[str, str], object]] | None:
+        """Where a key's records are kept and how one is decoded; None: not for routing."""
+        if key.startswith(BLOCKS_PREFIX):
+            return self.blocks, _decode_block
+        if key.startswith(_NODES):
+            return self.nodes, decode
+        if key.startswith(_POOLS):
+            return self.pools, decode
+        return None
+
     def replace(self, items: Iterable[KV]) -> list[tuple[str, Exception]]:
         """Load a full listing in place of everything held; returns the bad records skipped
         (key, error). The same as clear() and put() of each, minus put's change detection,
         which a listing into an empty cache does not need (at 50k peers, a bulk load)."""
         self.clear()
-        # Untyped as in _put: a record of another kind under a kind's prefix lands as it does.
-        nodes: dict[str, Any] = self.nodes
-        pools: dict[str, Any] = self.pools
-        blocks = self.blocks
         bad: list[tuple[str, Exception]] = []
         for kv in items:
-            key = kv.key
+            target = self._table(kv.key)
+            if target is None:
+                continue
             try:
-                if key.startswith(BLOCKS_PREFIX):
-                    blocks[key] = block_info_from_json(kv.value)
-                elif key.startswith(_NODES):
-                    nodes[key] = decode(key, kv.value)
-                elif key.startswith(_POOLS):
-                    pools[key] = decode(key, kv.value)
+                target[0][kv.key] = target[1](kv.key, kv.value)
             except _BAD_RECORD as exc:
-                bad.append((key, exc))
+                bad.append((kv.key, exc))
         return bad
 
     def put(self, key: str, value: str | None) -> bool:
         """Apply one change; True when it can matter to the dataplane."""
-        if key.startswith(_NODES):
-            return _put(self.nodes, key, None if value is None else decode(key, value))
-        if key.startswith(_POOLS):
-            return _put(self.pools, key, None if value is None else decode(key, value))
-        if key.startswith(BLOCKS_PREFIX):
-            info = None if value is None else block_info_from_json(value)
-            return _put(self.blocks, key, info)
-        return False
+        target = self._table(key)
+        if target is None:
+            return False
+        table, decode_one = target
+        return _put(table, key, None if value is None else decode_one(key, value))
 
     def view(self) -> ClusterView:
         return ClusterView(
@@ -213,6 +213,10 @@ class ClusterCache:
             sorted(self.pools.values(), key=lambda p: p.name),
             self.blocks.values(),
         )
+
+
+def _decode_block(_key: str, value: str) -> BlockInfo:
+    return block_info_from_json(value)
 
 
 def _put(table: dict, key: str, item: object) -> bool:  # type: ignore[type-arg]
