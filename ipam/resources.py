@@ -9,13 +9,13 @@ we do not implement are accepted only with a value that changes nothing here. Pu
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import netaddr
-import yaml
 
 from ipam.model import EncapMode, IPAMConfig, IPPool, IPReservation, Node
 from ipam.selector import SelectorError, parse_selector
@@ -220,29 +220,29 @@ def name_of(res: Resource) -> str:
 # ---------------------------------------------------------------------------- documents
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+@functools.cache
+def _strict_loader() -> type:
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one). Built on
+    first use: importing PyYAML costs ~18 ms, and the agent never parses a manifest."""
+    import yaml
 
+    def construct_mapping(loader: Any, node: Any) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise ResourceError(
+                    f"invalid YAML: line {mark.line + 1}, column {mark.column + 1}: "
+                    f"duplicate key {key!r}"
+                )
+            seen.add(key)
+        return dict(loader.construct_mapping(node, deep=True))
 
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            mark = key_node.start_mark
-            raise ResourceError(
-                f"invalid YAML: line {mark.line + 1}, column {mark.column + 1}: "
-                f"duplicate key {key!r}"
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
-)
+    loader: Any = type("StrictLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return loader
 
 
 def parse_documents(text: str) -> list[Resource]:
@@ -251,8 +251,10 @@ def parse_documents(text: str) -> list[Resource]:
     Empty documents are skipped; `kind: List` (and calicoctl's `<Kind>List`) documents
     contribute their `items`.
     """
+    import yaml
+
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_strict_loader()) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
