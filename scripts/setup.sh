@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
     python3 python3-venv python3-dev gcc sqlite3
-    iproute2 iputils-ping tcpdump iperf3 nftables iptables procps psmisc kmod cpio openssl
+    iproute2 iputils-ping tcpdump iperf3 nftables iptables procps psmisc kmod cpio openssl ethtool
     etcd-server etcd-client
     containernetworking-plugins
     qemu-system-x86 linux-image-amd64 busybox-static
