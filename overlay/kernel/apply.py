@@ -1,7 +1,7 @@
 """`Kernel`: read what is ours, apply plan() operations in netlink batches, report failures.
 
-Ops are executed in the order given (plan() orders them safely). Device ops go through
-pyroute2 one by one; every run of other ops between them is encoded with the lean encoder and
+Ops are executed in the order given (plan() orders them safely). Device ops go one acked
+request at a time; every run of other ops between them is encoded with the lean encoder and
 sent as one batch, in order, so a nexthop created earlier in the run exists when a route
 refers to it. A failing object never stops the rest.
 """
@@ -13,12 +13,12 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import netaddr
 
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
+from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
 from overlay.kernel.nat import NatError, apply_nat, read_nat
 from overlay.kernel.reader import read_dataplane
 from overlay.model import (
@@ -36,9 +36,6 @@ from overlay.model import (
     Route,
     VxlanDevice,
 )
-
-if TYPE_CHECKING:
-    from pyroute2 import IPRoute
 
 log = logging.getLogger("overlay.kernel")
 
@@ -105,29 +102,16 @@ class Kernel:
         self.netns = netns
         self.device_names = tuple(device_names)
         self._sock = RtnlSocket(netns)
-        self._ipr: IPRoute | None = None
         self._nexthops = use_nexthops
 
     def close(self) -> None:
         self._sock.close()
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
 
     def __enter__(self) -> Kernel:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def ipr(self) -> IPRoute:
-        if self._ipr is None:
-            # pyroute2 costs ~0.1 s to import: only device ops and reads need it.
-            from pyroute2 import IPRoute
-
-            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self._ipr
 
     def supports_nexthops(self) -> bool:
         """Probed once: can this kernel dump (hence hold) nexthop objects?"""
@@ -149,7 +133,7 @@ class Kernel:
         return self.supports_nexthops()
 
     def read(self) -> Dataplane:
-        dp = read_dataplane(self._sock, self.ipr, self.device_names, self.supports_nexthops())
+        dp = read_dataplane(self._sock, self.device_names, self.supports_nexthops())
         dp.nat = read_nat(self.netns)
         return dp
 
@@ -181,29 +165,26 @@ class Kernel:
             self._fail(op, errno.EIO, str(exc), result)
 
     def _apply_device(self, op: Op, result: ApplyResult) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
-
         dev = op.obj
         assert isinstance(dev, VxlanDevice | IpipDevice)
         try:
             if op.action is Action.SET:
-                changes = ensure_device(self.ipr, dev)
+                changes = ensure_device(self._sock, dev)
                 if changes:
                     log.info("event=device_set dev=%s changes=%r", dev.name, ",".join(changes))
                     result.resync = result.resync or any(
                         c == "created" or c.startswith("recreated") for c in changes
                     )
-            elif delete_device(self.ipr, dev.name):
+            elif delete_device(self._sock, dev.name):
                 log.info("event=device_deleted dev=%s", dev.name)
             result.done += 1
         except Unsupported as exc:
             self._fail(op, errno.EOPNOTSUPP, str(exc), result)
         except DeviceError as exc:
             self._fail(op, errno.EINVAL, str(exc), result)
-        except NetlinkError as exc:
-            self._fail(op, exc.code, str(exc), result)
+        except OSError as exc:  # the kernel refused a request
+            code = exc.errno or errno.EIO  # a timeout has none
+            self._fail(op, code, exc.strerror or os.strerror(code), result)
 
     def _fail(self, op: Op, code: int, text: str, result: ApplyResult) -> None:
         result.failed.append((op, code, text))

@@ -1,23 +1,25 @@
-"""Tunnel devices (vxlan.calico, tunl0) through pyroute2: read, ensure, delete.
+"""Tunnel devices (vxlan.calico, tunl0): read, ensure, delete, over the agent's RtnlSocket.
 
-Device changes are rare and few, so pyroute2's convenience beats a hand encoder here.
+Device changes are rare and few: one acked request at a time (linkmsg's encoders). Kernel
+errors surface as OSError with the kernel's errno.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-from typing import Any
+import socket
 
 import netaddr
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
+from overlay.kernel import linkmsg, nlmsg
+from overlay.kernel.batch import RtnlSocket
+from overlay.kernel.links import dump_retrying, get_link, request
 from overlay.model import Device, IpipDevice, VxlanDevice
 
 log = logging.getLogger("overlay.kernel")
 
-IFF_UP = 0x1
+IFF_UP = linkmsg.IFF_UP
 # Reported as the address of a device whose addresses are not exactly one host-prefix address:
 # it never equals a desired tunnel address, so plan() sees drift and re-sets the device.
 MESSY_ADDRESS = netaddr.IPAddress("0.0.0.0")
@@ -31,30 +33,20 @@ class DeviceError(Exception):
     """A device cannot be configured as asked (bad parent, EEXIST from a foreign device...)."""
 
 
-def _link(ipr: IPRoute, name: str) -> Any | None:
-    try:
-        links = ipr.link("get", ifname=name)
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
-            return None
-        raise
-    return links[0] if links else None
+def _ip(raw: bytes) -> netaddr.IPAddress:
+    return netaddr.IPAddress(int.from_bytes(raw, "big"), 4 if len(raw) == 4 else 6)
 
 
-def _info(link: Any) -> tuple[str, Any]:
-    info = link.get("IFLA_LINKINFO")
-    if info is None:
-        return "", None
-    return info.get("IFLA_INFO_KIND") or "", info.get("IFLA_INFO_DATA")
-
-
-def _addresses(ipr: IPRoute, index: int) -> list[tuple[netaddr.IPAddress, int]]:
+def _addresses(sock: RtnlSocket, index: int) -> list[tuple[netaddr.IPAddress, int]]:
     out = []
-    for msg in ipr.get_addr(index=index):
-        ip = netaddr.IPAddress(msg.get("IFA_ADDRESS"))
+    for a in dump_retrying(sock, linkmsg.dump_addrs(index), linkmsg.decode_addr):
+        raw = a.address or a.local
+        if a.index != index or a.family not in (socket.AF_INET, socket.AF_INET6) or not raw:
+            continue  # old kernels ignore the dump filter
+        ip = _ip(raw)
         if ip.version == 6 and ip.is_link_local():
             continue  # the kernel's own; never ours to manage
-        out.append((ip, int(msg["prefixlen"])))
+        out.append((ip, a.prefixlen))
     return out
 
 
@@ -66,130 +58,126 @@ def _tunnel_address(addrs: list[tuple[netaddr.IPAddress, int]]) -> netaddr.IPAdd
     return MESSY_ADDRESS
 
 
-def _name_of(ipr: IPRoute, index: int) -> str:
+def _name_of(sock: RtnlSocket, index: int) -> str:
     try:
-        return str(ipr.link("get", index=index)[0].get("IFLA_IFNAME"))
-    except NetlinkError:
+        link = get_link(sock, index=index) if index else None
+    except OSError:
         return ""
+    return link.name if link is not None else ""
 
 
-def read_device(ipr: IPRoute, name: str) -> Device | None:
+def read_device(sock: RtnlSocket, name: str) -> Device | None:
     """Our device `name` as a model value, or None if absent or not of our kind."""
-    link = _link(ipr, name)
+    link = get_link(sock, name)
     if link is None:
         return None
-    kind, data = _info(link)
-    addrs = _addresses(ipr, link["index"])
-    if kind == "vxlan" and data is not None:
-        local = data.get("IFLA_VXLAN_LOCAL") or data.get("IFLA_VXLAN_LOCAL6")
+    addrs = _addresses(sock, link.index)
+    if link.kind == "vxlan" and link.data is not None:
+        vx = linkmsg.vxlan_info(link.data)
         return VxlanDevice(
             name=name,
-            vni=int(data.get("IFLA_VXLAN_ID") or 0),
-            port=int(data.get("IFLA_VXLAN_PORT") or 0),
-            local=netaddr.IPAddress(local) if local else netaddr.IPAddress("0.0.0.0"),
-            parent=_name_of(ipr, int(data.get("IFLA_VXLAN_LINK") or 0)),
-            mac=str(link.get("IFLA_ADDRESS")).lower(),
-            mtu=int(link.get("IFLA_MTU")),
+            vni=vx.vni,
+            port=vx.port,
+            local=_ip(vx.local) if vx.local else netaddr.IPAddress("0.0.0.0"),
+            parent=_name_of(sock, vx.parent),
+            mac=link.mac,
+            mtu=link.mtu,
             address=_tunnel_address(addrs),
         )
-    if kind == "ipip":
+    if link.kind == "ipip":
         # tunl0 is the ipip module's fallback device and may exist untouched: it is ours only
         # once configured (up or addressed).
-        if not addrs and not link["flags"] & IFF_UP:
+        if not addrs and not link.flags & IFF_UP:
             return None
-        return IpipDevice(name=name, mtu=int(link.get("IFLA_MTU")), address=_tunnel_address(addrs))
+        return IpipDevice(name=name, mtu=link.mtu, address=_tunnel_address(addrs))
     return None
 
 
-def _vxlan_drift(link: Any, dev: VxlanDevice, parent_index: int) -> list[str]:
-    kind, data = _info(link)
-    if kind != "vxlan" or data is None:
-        return [f"kind={kind or 'unknown'}"]
-    local = data.get("IFLA_VXLAN_LOCAL") or data.get("IFLA_VXLAN_LOCAL6")
+def _vxlan_drift(link: linkmsg.RawLink, dev: VxlanDevice, parent_index: int) -> list[str]:
+    if link.kind != "vxlan" or link.data is None:
+        return [f"kind={link.kind or 'unknown'}"]
+    vx = linkmsg.vxlan_info(link.data)
     checks = {
-        "vni": (data.get("IFLA_VXLAN_ID"), dev.vni),
-        "port": (data.get("IFLA_VXLAN_PORT"), dev.port),
-        "local": (netaddr.IPAddress(local) if local else None, dev.local),
-        "parent": (data.get("IFLA_VXLAN_LINK"), parent_index),
-        "mac": (str(link.get("IFLA_ADDRESS")).lower(), dev.mac.lower()),
-        "learning": (bool(data.get("IFLA_VXLAN_LEARNING")), False),
+        "vni": (vx.vni, dev.vni),
+        "port": (vx.port, dev.port),
+        "local": (_ip(vx.local) if vx.local else None, dev.local),
+        "parent": (vx.parent, parent_index),
+        "mac": (link.mac, dev.mac.lower()),
+        "learning": (vx.learning, False),
     }
     return [f"{k}={have}->{want}" for k, (have, want) in checks.items() if have != want]
 
 
-def _sync_addresses(ipr: IPRoute, index: int, want: netaddr.IPAddress | None) -> bool:
+def _sync_addresses(sock: RtnlSocket, index: int, want: netaddr.IPAddress | None) -> bool:
     changed = False
-    have = _addresses(ipr, index)
+    have = _addresses(sock, index)
     for ip, plen in have:
         if want is not None and ip == want and plen == want.netmask_bits():
             continue
-        ipr.addr("del", index=index, address=str(ip), prefixlen=plen)
+        request(sock, linkmsg.address(False, index, ip.packed, plen))
         changed = True
     if want is not None and (want, want.netmask_bits()) not in have:
-        ipr.addr("add", index=index, address=str(want), prefixlen=want.netmask_bits())
+        request(sock, linkmsg.address(True, index, want.packed, want.netmask_bits()))
         changed = True
     return changed
 
 
-def _finish(ipr: IPRoute, link: Any, mtu: int, address: netaddr.IPAddress | None) -> list[str]:
+def _finish(
+    sock: RtnlSocket, link: linkmsg.RawLink, mtu: int, address: netaddr.IPAddress | None
+) -> list[str]:
     changes = []
-    index = link["index"]
-    if mtu and link.get("IFLA_MTU") != mtu:
+    if mtu and link.mtu != mtu:
         try:
-            ipr.link("set", index=index, mtu=mtu)
+            request(sock, linkmsg.set_link(link.index, mtu=mtu))
             changes.append(f"mtu={mtu}")
-        except NetlinkError as exc:
+        except OSError as exc:
             # e.g. larger than the parent allows: keep the device working, retry next sync.
             log.warning(
                 "event=device_mtu_failed dev=%s mtu=%d errno=%d error=%r",
-                link.get("IFLA_IFNAME"),
+                link.name,
                 mtu,
-                exc.code,
-                str(exc),
+                exc.errno,
+                exc.strerror,
             )
-    if _sync_addresses(ipr, index, address):
+    if _sync_addresses(sock, link.index, address):
         changes.append(f"address={address}")
-    if not link["flags"] & IFF_UP:
-        ipr.link("set", index=index, state="up")
+    if not link.flags & IFF_UP:
+        request(sock, linkmsg.set_link(link.index, up=True))
         changes.append("up")
     return changes
 
 
-def ensure_vxlan(ipr: IPRoute, dev: VxlanDevice) -> list[str]:
+def ensure_vxlan(sock: RtnlSocket, dev: VxlanDevice) -> list[str]:
     """Make `dev` exist as described; return what changed ("created", "recreated ...", ...).
 
     VNI, port, local, parent, MAC or learning drift needs delete + create (the kernel cannot
     change them in place); MTU, address and up state are fixed in place.
     """
-    parent = _link(ipr, dev.parent)
+    parent = get_link(sock, dev.parent)
     if parent is None:
         raise DeviceError(f"parent: interface {dev.parent!r} not found for {dev.name}")
     changes: list[str] = []
-    link = _link(ipr, dev.name)
+    link = get_link(sock, dev.name)
     if link is not None:
-        drift = _vxlan_drift(link, dev, parent["index"])
+        drift = _vxlan_drift(link, dev, parent.index)
         if drift:
-            ipr.link("del", index=link["index"])
+            request(sock, linkmsg.del_link(link.index))
             changes.append("recreated " + " ".join(drift))
             link = None
     if link is None:
-        local_key = "vxlan_local" if dev.local.version == 4 else "vxlan_local6"
-        kwargs = {local_key: str(dev.local)}
+        message = linkmsg.new_vxlan(
+            dev.name,
+            dev.vni,
+            dev.port,
+            parent.index,
+            dev.local.packed,
+            nlmsg.mac_bytes(dev.mac),
+            dev.mtu,
+        )
         try:
-            ipr.link(
-                "add",
-                ifname=dev.name,
-                kind="vxlan",
-                vxlan_id=dev.vni,
-                vxlan_port=dev.port,
-                vxlan_link=parent["index"],
-                vxlan_learning=0,
-                address=dev.mac,
-                **({"mtu": dev.mtu} if dev.mtu else {}),
-                **kwargs,
-            )
-        except NetlinkError as exc:
-            if exc.code == errno.EEXIST:
+            request(sock, message)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
                 raise DeviceError(
                     f"vni: cannot create {dev.name} with VNI {dev.vni} port {dev.port}: another "
                     "device already uses them; remove it or choose another VNI"
@@ -197,48 +185,48 @@ def ensure_vxlan(ipr: IPRoute, dev: VxlanDevice) -> list[str]:
             raise
         if not changes:
             changes.append("created")
-        link = _link(ipr, dev.name)
+        link = get_link(sock, dev.name)
         assert link is not None
-    return changes + _finish(ipr, link, dev.mtu, dev.address)
+    return changes + _finish(sock, link, dev.mtu, dev.address)
 
 
-def ensure_ipip(ipr: IPRoute, dev: IpipDevice) -> list[str]:
+def ensure_ipip(sock: RtnlSocket, dev: IpipDevice) -> list[str]:
     changes: list[str] = []
-    link = _link(ipr, dev.name)
-    if link is not None and _info(link)[0] != "ipip":
+    link = get_link(sock, dev.name)
+    if link is not None and link.kind != "ipip":
         raise DeviceError(f"name: {dev.name!r} exists but is not an ipip device")
     if link is None:
         try:
-            ipr.link("add", ifname=dev.name, kind="ipip")
-        except NetlinkError as exc:
-            if exc.code in (errno.EOPNOTSUPP, errno.EINVAL):
+            request(sock, linkmsg.new_ipip(dev.name))
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise Unsupported(f"kernel lacks ipip: cannot create {dev.name}") from exc
             raise
         changes.append("created")
-        link = _link(ipr, dev.name)
+        link = get_link(sock, dev.name)
         assert link is not None
-    return changes + _finish(ipr, link, dev.mtu, dev.address)
+    return changes + _finish(sock, link, dev.mtu, dev.address)
 
 
-def ensure_device(ipr: IPRoute, dev: Device) -> list[str]:
+def ensure_device(sock: RtnlSocket, dev: Device) -> list[str]:
     if isinstance(dev, VxlanDevice):
-        return ensure_vxlan(ipr, dev)
-    return ensure_ipip(ipr, dev)
+        return ensure_vxlan(sock, dev)
+    return ensure_ipip(sock, dev)
 
 
-def delete_device(ipr: IPRoute, name: str) -> bool:
+def delete_device(sock: RtnlSocket, name: str) -> bool:
     """Delete our device; False if it was already gone. The ipip fallback device cannot be
     deleted: it is unconfigured (addresses removed, set down) instead, as Calico does."""
-    link = _link(ipr, name)
+    link = get_link(sock, name)
     if link is None:
         return False
     try:
-        ipr.link("del", index=link["index"])
-    except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
+        request(sock, linkmsg.del_link(link.index))
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
             return False
-        if _info(link)[0] != "ipip":
+        if link.kind != "ipip":
             raise
-        _sync_addresses(ipr, link["index"], None)
-        ipr.link("set", index=link["index"], state="down")
+        _sync_addresses(sock, link.index, None)
+        request(sock, linkmsg.set_link(link.index, up=False))
     return True

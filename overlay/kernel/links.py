@@ -1,16 +1,52 @@
-"""The current network namespace's interfaces and route lookups, for underlay autodetection."""
+"""Links and addresses over rtnetlink: underlay autodetection's interface list and route
+lookups, and the link/dump helpers the tunnel devices and the dataplane reader share."""
 
 from __future__ import annotations
 
+import errno
 import socket
+from collections.abc import Callable
+from typing import TypeVar
 
 import netaddr
-from pyroute2 import IPRoute, NetlinkError
 
 from overlay.autodetect import Interface
+from overlay.kernel import linkmsg, nlmsg
+from overlay.kernel.batch import DumpInterrupted, RtnlSocket
 
-IFF_UP = 0x1
-IFF_LOWER_UP = 0x10000
+DUMP_RETRIES = 5
+T = TypeVar("T")
+
+
+def dump_retrying(sock: RtnlSocket, request: bytes, decode: Callable[[memoryview], T]) -> list[T]:
+    """Every decoded reply of a dump, redone if the kernel flags it as interrupted."""
+    # Decode while iterating: dump payloads view a buffer that the next recv overwrites.
+    for _ in range(DUMP_RETRIES):
+        try:
+            return [decode(payload) for _t, payload in sock.dump(request)]
+        except DumpInterrupted:
+            continue
+    raise DumpInterrupted(f"dump kept changing under us after {DUMP_RETRIES} tries")
+
+
+def request(sock: RtnlSocket, message: bytes) -> list[memoryview]:
+    """Send one acked request; its replies (copied), or OSError with the kernel's errno."""
+    return [memoryview(bytes(payload)) for _t, payload in sock.dump(message)]
+
+
+def get_link(sock: RtnlSocket, name: str = "", index: int = 0) -> linkmsg.RawLink | None:
+    """One link by index (if given) or name; None if there is no such link."""
+    try:
+        replies = request(sock, linkmsg.get_link(name, index))
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            return None
+        raise
+    return linkmsg.decode_link(replies[0]) if replies else None
+
+
+def _ip(raw: bytes) -> netaddr.IPAddress:
+    return netaddr.IPAddress(int.from_bytes(raw, "big"), 4 if len(raw) == 4 else 6)
 
 
 def list_interfaces() -> list[Interface]:
@@ -18,29 +54,29 @@ def list_interfaces() -> list[Interface]:
 
     `up` means administratively up AND carrier present (a veth whose peer is down is not).
     """
-    with IPRoute() as ipr:
-        links = ipr.get_links()
-        addrs = ipr.get_addr()
+    with RtnlSocket() as sock:
+        links = dump_retrying(sock, nlmsg.dump_links(), linkmsg.decode_link)
+        addrs = dump_retrying(sock, linkmsg.dump_addrs(), linkmsg.decode_addr)
     by_index: dict[int, list[netaddr.IPNetwork]] = {}
-    for msg in addrs:
-        if msg["family"] not in (socket.AF_INET, socket.AF_INET6):
+    for a in addrs:
+        if a.family not in (socket.AF_INET, socket.AF_INET6):
             continue
         # IFA_LOCAL is our end of a point-to-point link; IFA_ADDRESS would be the peer's.
-        text = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-        if text:
-            by_index.setdefault(msg["index"], []).append(
-                netaddr.IPNetwork(f"{text}/{msg['prefixlen']}")
-            )
+        raw = a.local or a.address
+        if raw:
+            version = 4 if len(raw) == 4 else 6
+            net = netaddr.IPNetwork((int.from_bytes(raw, "big"), a.prefixlen), version)
+            by_index.setdefault(a.index, []).append(net)
     out = []
-    for link in sorted(links, key=lambda m: m["index"]):
-        flags = link["flags"]
+    for link in sorted(links, key=lambda m: m.index):
+        flags = link.flags
         out.append(
             Interface(
-                name=link.get("IFLA_IFNAME"),
-                index=link["index"],
-                mtu=link.get("IFLA_MTU"),
-                up=bool(flags & IFF_UP and flags & IFF_LOWER_UP),
-                addresses=tuple(by_index.get(link["index"], ())),
+                name=link.name,
+                index=link.index,
+                mtu=link.mtu,
+                up=bool(flags & linkmsg.IFF_UP and flags & linkmsg.IFF_LOWER_UP),
+                addresses=tuple(by_index.get(link.index, ())),
             )
         )
     return out
@@ -52,16 +88,17 @@ def route_lookup(addr: netaddr.IPAddress) -> tuple[str, netaddr.IPAddress]:
     Raises LookupError when the route has no device or source (e.g. a blackhole), and
     OSError with the kernel's errno when there is no route at all.
     """
-    with IPRoute() as ipr:
+    with RtnlSocket() as sock:
         try:
-            routes = ipr.route("get", dst=str(addr))
-        except NetlinkError as e:
-            raise OSError(e.code, f"route lookup of {addr}: {e}") from None
-        if not routes:
+            replies = request(sock, linkmsg.get_route(addr.packed))
+        except OSError as e:
+            raise OSError(e.errno, f"route lookup of {addr}: {e.strerror}") from None
+        if not replies:
             raise LookupError(f"no route to {addr}")
-        oif = routes[0].get("RTA_OIF")
-        src = routes[0].get("RTA_PREFSRC")
-        if oif is None or src is None:
+        oif, src = linkmsg.decode_route_lookup(replies[0])
+        if not oif or not src:
             raise LookupError(f"route to {addr} has no outgoing interface or source address")
-        links = ipr.get_links(oif)
-    return links[0].get("IFLA_IFNAME"), netaddr.IPAddress(src)
+        link = get_link(sock, index=oif)
+    if link is None:
+        raise LookupError(f"route to {addr} leaves through interface {oif}, which is gone")
+    return link.name, _ip(src)

@@ -9,13 +9,14 @@ checking), and decoding 50k routes stays well under a second.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Iterable
 
 import netaddr
 
 from overlay.kernel import nlmsg
-from overlay.kernel.batch import DumpInterrupted, RtnlSocket
+from overlay.kernel.batch import RtnlSocket
+from overlay.kernel.devices import read_device
+from overlay.kernel.links import dump_retrying
 from overlay.model import (
     MAIN_TABLE,
     RT_PROTO,
@@ -27,11 +28,6 @@ from overlay.model import (
     VxlanDevice,
 )
 
-if TYPE_CHECKING:
-    from pyroute2 import IPRoute
-
-DUMP_RETRIES = 5
-T = TypeVar("T")
 ZERO_MAC = b"\0" * 6
 
 
@@ -53,20 +49,12 @@ class _Addrs:
         return netaddr.IPNetwork((int.from_bytes(raw, "big"), plen), version)
 
 
-def _retrying(sock: RtnlSocket, request: bytes, decode: Callable[[memoryview], T]) -> list[T]:
-    # Decode while iterating: dump payloads view a buffer that the next recv overwrites.
-    for _ in range(DUMP_RETRIES):
-        try:
-            return [decode(payload) for _t, payload in sock.dump(request)]
-        except DumpInterrupted:
-            continue
-    raise DumpInterrupted(f"dump kept changing under us after {DUMP_RETRIES} tries")
-
-
 def read_neighbours(sock: RtnlSocket, dev: str, ifindex: int, addrs: _Addrs) -> set[Neighbour]:
     out: set[Neighbour] = set()
     for family in (socket.AF_INET, socket.AF_INET6):
-        for n in _retrying(sock, nlmsg.dump_neighbours(family, ifindex), nlmsg.decode_neighbour):
+        for n in dump_retrying(
+            sock, nlmsg.dump_neighbours(family, ifindex), nlmsg.decode_neighbour
+        ):
             if n.ifindex != ifindex or not n.state & nlmsg.NUD_PERMANENT or len(n.lladdr) != 6:
                 continue
             out.add(Neighbour(dev=dev, ip=addrs.ip(n.dst), mac=nlmsg.format_mac(n.lladdr)))
@@ -76,7 +64,7 @@ def read_neighbours(sock: RtnlSocket, dev: str, ifindex: int, addrs: _Addrs) -> 
 def read_fdb(sock: RtnlSocket, dev: str, ifindex: int, addrs: _Addrs) -> set[FdbEntry]:
     out: set[FdbEntry] = set()
     request = nlmsg.dump_neighbours(nlmsg.AF_BRIDGE, ifindex)
-    for n in _retrying(sock, request, nlmsg.decode_neighbour):
+    for n in dump_retrying(sock, request, nlmsg.decode_neighbour):
         if (
             n.ifindex != ifindex
             or not n.state & nlmsg.NUD_PERMANENT
@@ -100,7 +88,7 @@ def read_nexthops(
     by_id: dict[int, NexthopKey] = {}
     ours: dict[NexthopKey, int] = {}
     all_ids: set[int] = set()
-    for nh in _retrying(sock, nlmsg.dump_nexthops(), nlmsg.decode_nexthop):
+    for nh in dump_retrying(sock, nlmsg.dump_nexthops(), nlmsg.decode_nexthop):
         all_ids.add(nh.id)
         if nh.is_group or nh.blackhole or not nh.gateway or nh.oif not in links:
             continue
@@ -123,7 +111,7 @@ def read_routes(
     nhids: dict[Route, int] = {}
     for family in (socket.AF_INET, socket.AF_INET6):
         request = nlmsg.dump_routes(family, MAIN_TABLE, RT_PROTO)
-        for r in _retrying(sock, request, nlmsg.decode_route):
+        for r in dump_retrying(sock, request, nlmsg.decode_route):
             if r.protocol != RT_PROTO or r.table != MAIN_TABLE:
                 continue  # old kernels ignore the dump filter
             dst = addrs.net(r.dst, r.dst_len)
@@ -148,17 +136,13 @@ def read_routes(
     return out, nhids
 
 
-def read_dataplane(
-    sock: RtnlSocket, ipr: IPRoute, device_names: Iterable[str], with_nexthops: bool
-) -> Dataplane:
-    from overlay.kernel.devices import read_device  # pyroute2: imported when first needed
-
+def read_dataplane(sock: RtnlSocket, device_names: Iterable[str], with_nexthops: bool) -> Dataplane:
     addrs = _Addrs()
     links = sock.links()
     index = {name: i for i, name in links.items()}
     dp = Dataplane()
     for name in device_names:
-        dev = read_device(ipr, name)
+        dev = read_device(sock, name)
         if dev is None:
             continue
         dp.devices[name] = dev
