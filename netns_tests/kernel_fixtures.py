@@ -6,6 +6,7 @@ neighbour host (veth1 192.0.2.2/24). Nothing touches the root namespace.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -83,6 +84,12 @@ def vxlan_device(vni: int = 4096, mac: str = "66:0a:0b:0c:0d:01") -> VxlanDevice
         mtu=1450,
         address=netaddr.IPAddress("10.127.0.1"),
     )
+
+
+def as_read(dev: VxlanDevice) -> VxlanDevice:
+    """`dev` as the kernel reader reports it when its TX checksum offload was left alone
+    (Linux turns it on for a new vxlan device)."""
+    return dataclasses.replace(dev, tx_checksum=True)
 
 
 def peer(i: int) -> tuple[Neighbour, FdbEntry, Nexthop, Route]:

@@ -14,7 +14,7 @@ from unittest.mock import ANY
 import netaddr
 import pytest
 
-from netns_tests.kernel_fixtures import ip, peer, peer_ops, underlay, vxlan_device
+from netns_tests.kernel_fixtures import as_read, ip, peer, peer_ops, underlay, vxlan_device
 from overlay.kernel import nlmsg
 from overlay.kernel.apply import Kernel, describe
 from overlay.kernel.monitor import Monitor
@@ -66,7 +66,7 @@ def test_roundtrip_device_peers_blackhole(kernel: Kernel) -> None:
 
     dp = kernel.read()
     peers = [peer(i) for i in range(3)]
-    assert dp.devices == {VXLAN_DEVICE: dev}
+    assert dp.devices == {VXLAN_DEVICE: as_read(dev)}
     assert dp.neighbours == {p[0] for p in peers}
     assert dp.fdb == {p[1] for p in peers}
     assert dp.nexthop_ids == {p[2].key: p[2].id for p in peers}
@@ -239,23 +239,23 @@ def test_device_drift_recreates_and_mtu_is_fixed_in_place(node: str, kernel: Ker
     assert kernel.read().devices[VXLAN_DEVICE].mtu == 1400
     result = kernel.apply([Op(Action.SET, vxlan_device())])
     assert result.failed == [] and not result.resync
-    assert kernel.read().devices[VXLAN_DEVICE] == vxlan_device()
+    assert kernel.read().devices[VXLAN_DEVICE] == as_read(vxlan_device())
     assert ip("-n", node, "-o", "link", "show", VXLAN_DEVICE).stdout.split(":")[0] == index_before
 
     drifted = vxlan_device(vni=4097)
     result = kernel.apply([Op(Action.SET, drifted)])
     assert result.failed == [] and result.resync
     dp = kernel.read()
-    assert dp.devices[VXLAN_DEVICE] == drifted
+    assert dp.devices[VXLAN_DEVICE] == as_read(drifted)
     assert "vxlan id 4097" in ip("-n", node, "-d", "link", "show", VXLAN_DEVICE).stdout
     # Recreation flushed the peers: the caller must re-plan (resync=True says so).
     assert dp.routes == set() and dp.neighbours == set()
 
     # A stray extra address is drift too, and is removed.
     ip("-n", node, "addr", "add", "10.5.5.5/24", "dev", VXLAN_DEVICE)
-    assert kernel.read().devices[VXLAN_DEVICE] != drifted
+    assert kernel.read().devices[VXLAN_DEVICE] != as_read(drifted)
     _apply_ok(kernel, [Op(Action.SET, drifted)])
-    assert kernel.read().devices[VXLAN_DEVICE] == drifted
+    assert kernel.read().devices[VXLAN_DEVICE] == as_read(drifted)
 
 
 def test_monitor_kicks_when_our_route_is_deleted(node: str, kernel: Kernel) -> None:

@@ -31,6 +31,7 @@ from ipam.store import ResourceStore
 from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
 from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, local_node_from
+from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Dataplane, PeerPath
 from overlay.reconciler import Outcome, Reconciler
 from overlay.status_http import StatusServer
@@ -65,6 +66,8 @@ class AgentConfig:
     resync_interval: float = 90.0
     mtu: int | None = None  # pod MTU override; None: underlay MTU - encapsulation overhead
     vtep_mac: str | None = None
+    # Calico's FeatureDetectOverride ChecksumOffloadBroken: auto (kernel <= 5.7), true, false.
+    checksum_offload_broken: str = "auto"
 
     @property
     def mtu_file(self) -> Path:
@@ -119,6 +122,11 @@ class Agent:
         self.node: Node | None = None
         self.pod_mtu = 1450
         self.nexthops = True
+        # Validated here: a bad value is an error at start, naming the option and the value.
+        self.tx_checksum_off = checksum_offload_broken(
+            os.uname().release, cfg.checksum_offload_broken
+        )
+        self._dataplane_cfg = DataplaneConfig(tx_checksum_off=self.tx_checksum_off)
         self._desired: Dataplane | None = None
         self._compute_cache = ComputeCache()  # per-peer pieces reused between views
         self._peers: list[PeerPath] = []  # as of the last pass, for status
@@ -177,7 +185,7 @@ class Agent:
 
     def _compute(self, view: ClusterView) -> Dataplane:
         assert self.local is not None
-        desired = self._compute_cache.update(view, self.local, DataplaneConfig(), peers=False)
+        desired = self._compute_cache.update(view, self.local, self._dataplane_cfg, peers=False)
         self._desired = desired
         return desired
 
@@ -208,6 +216,7 @@ class Agent:
             },
             "pod_mtu": self.pod_mtu,
             "nexthop_objects": self.nexthops,
+            "tx_checksum_offload": "off" if self.tx_checksum_off else "unchanged",
             "dataplane_synced": bool(rec and rec.last_sync_time is not None),
             "last_sync": last_sync,
             "reconciler": rec.__dict__ if rec else None,
@@ -338,6 +347,12 @@ class Agent:
         self.nexthops = kernel.supports_nexthops()
         if not self.nexthops:
             log.warning("event=no_nexthop_objects fallback=classic_routes")
+        if self.tx_checksum_off:
+            log.info(
+                "event=tx_checksum_offload_off kernel=%s override=%s devices=tunnel",
+                os.uname().release,
+                self.cfg.checksum_offload_broken,
+            )
         self.reconciler = Reconciler(
             kernel,
             self._compute,
@@ -458,6 +473,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resync-interval", type=float, default=AgentConfig.resync_interval)
     p.add_argument("--mtu", type=int, default=None, help="pod MTU (default: derived)")
     p.add_argument("--vtep-mac", default=None)
+    p.add_argument(
+        "--checksum-offload-broken",
+        default=AgentConfig.checksum_offload_broken,
+        help="auto | true | false: turn TX checksum offload off on the tunnel devices "
+        "(auto: on kernels up to 5.7, as Calico does)",
+    )
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-level", default="info")
@@ -482,8 +503,13 @@ def main(argv: list[str] | None = None) -> int:
         resync_interval=args.resync_interval,
         mtu=args.mtu,
         vtep_mac=args.vtep_mac,
+        checksum_offload_broken=args.checksum_offload_broken,
     )
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)
+    except ValueError as exc:
+        print(f"overlay-agent: error: {exc}", file=sys.stderr)
+        return 1
     agent.pause_gc_until_first_pass()
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())

@@ -47,6 +47,8 @@ def render(st: dict[str, Any]) -> str:
             else "classic routes (this kernel lacks nexthop objects, before 5.3)"
         ),
     ]
+    if st.get("tx_checksum_offload") == "off":
+        lines.append("Offload:     TX checksum offload off on the tunnel devices")
     if st.get("last_sync"):
         lines.append(f"Last sync:   {time.time() - st['last_sync']:.1f}s ago")
     else:

@@ -89,6 +89,9 @@ class DataplaneConfig:
     ipip_mtu: int | None = None  # None: underlay MTU - 20
     vxlan_vni: int = VXLAN_VNI
     vxlan_port: int = VXLAN_PORT
+    # Turn TX checksum offload off on our tunnel devices (Calico's ChecksumOffloadBroken,
+    # decided by the agent from the kernel release: kernel/ethtool.py).
+    tx_checksum_off: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vxlan_mtu", "ipip_mtu"):
@@ -655,6 +658,7 @@ def _peer_order(path: PeerPath) -> tuple[str, str]:
 def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[str, Device]:
     encaps = {e[0] for e in map(_encap, pools) if e is not None}
     devices: dict[str, Device] = {}
+    tx_checksum = False if cfg.tx_checksum_off else None
     if Path.VXLAN in encaps and me.vxlan_tunnel_addr is not None:
         devices[VXLAN_DEVICE] = VxlanDevice(
             name=VXLAN_DEVICE,
@@ -665,12 +669,14 @@ def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[s
             mac=me.vtep_mac,
             mtu=cfg.vxlan_mtu or me.underlay_mtu - VXLAN_OVERHEAD,
             address=me.vxlan_tunnel_addr,
+            tx_checksum=tx_checksum,
         )
     if Path.IPIP in encaps and me.ipip_tunnel_addr is not None:
         devices[IPIP_DEVICE] = IpipDevice(
             name=IPIP_DEVICE,
             mtu=cfg.ipip_mtu or me.underlay_mtu - IPIP_OVERHEAD,
             address=me.ipip_tunnel_addr,
+            tx_checksum=tx_checksum,
         )
     return devices
 

@@ -71,6 +71,9 @@ class VxlanDevice:
     mac: str  # lower-case aa:bb:cc:dd:ee:ff
     mtu: int
     address: netaddr.IPAddress | None  # tunnel address, programmed as /32
+    # TX checksum offload: False = must be off (see kernel/ethtool.py); None = left as the
+    # kernel has it. The kernel reader always reports True or False.
+    tx_checksum: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class IpipDevice:
     name: str
     mtu: int
     address: netaddr.IPAddress | None
+    tx_checksum: bool | None = None  # as for VxlanDevice
 
 
 Device = VxlanDevice | IpipDevice

@@ -71,7 +71,7 @@ def plan(
     recreated: set[str] = set()
     for name in sorted(desired.devices):
         want, have = desired.devices[name], actual.devices.get(name)
-        if have != want:
+        if not device_matches(want, have):
             sets.append(Op(Action.SET, want))
             if have is not None and may_recreate(want, have):
                 recreated.add(name)
@@ -151,11 +151,23 @@ def _nhid_in(actual: Dataplane, route: Route) -> int | None:
     return nhid
 
 
+def device_matches(want: Device, have: Device | None) -> bool:
+    """Whether the device as read (`have`) is as desired; a TX checksum offload the desired
+    state leaves alone (None) matches either setting."""
+    if have is not None and want.tx_checksum is None:
+        have = dataclasses.replace(have, tx_checksum=None)
+    return have == want
+
+
 def may_recreate(want: Device, have: Device) -> bool:
-    """Whether turning `have` into `want` may need a new device (more than MTU/address)."""
+    """Whether turning `have` into `want` may need a new device (more than MTU, address or
+    TX checksum offload, which change in place)."""
     if type(want) is not type(have):
         return True
-    return dataclasses.replace(have, mtu=want.mtu, address=want.address) != want
+    fixed = dataclasses.replace(
+        have, mtu=want.mtu, address=want.address, tx_checksum=want.tx_checksum
+    )
+    return fixed != want
 
 
 def wanted_nexthops(desired: Dataplane) -> set[NexthopKey]:

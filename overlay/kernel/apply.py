@@ -19,6 +19,7 @@ import netaddr
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
+from overlay.kernel.ethtool import Ethtool
 from overlay.kernel.nat import NatError, apply_nat, read_nat
 from overlay.kernel.reader import read_dataplane
 from overlay.model import (
@@ -102,10 +103,12 @@ class Kernel:
         self.netns = netns
         self.device_names = tuple(device_names)
         self._sock = RtnlSocket(netns)
+        self._ethtool = Ethtool(netns)  # TX checksum offload of our devices
         self._nexthops = use_nexthops
 
     def close(self) -> None:
         self._sock.close()
+        self._ethtool.close()
 
     def __enter__(self) -> Kernel:
         return self
@@ -133,7 +136,7 @@ class Kernel:
         return self.supports_nexthops()
 
     def read(self) -> Dataplane:
-        dp = read_dataplane(self._sock, self.device_names, self.supports_nexthops())
+        dp = read_dataplane(self._sock, self.device_names, self.supports_nexthops(), self._ethtool)
         dp.nat = read_nat(self.netns)
         return dp
 
@@ -169,7 +172,7 @@ class Kernel:
         assert isinstance(dev, VxlanDevice | IpipDevice)
         try:
             if op.action is Action.SET:
-                changes = ensure_device(self._sock, dev)
+                changes = ensure_device(self._sock, dev, self._ethtool)
                 if changes:
                     log.info("event=device_set dev=%s changes=%r", dev.name, ",".join(changes))
                     result.resync = result.resync or any(

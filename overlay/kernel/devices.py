@@ -14,6 +14,7 @@ import netaddr
 
 from overlay.kernel import linkmsg, nlmsg
 from overlay.kernel.batch import RtnlSocket
+from overlay.kernel.ethtool import Ethtool
 from overlay.kernel.links import dump_retrying, get_link, request
 from overlay.model import Device, IpipDevice, VxlanDevice
 
@@ -66,12 +67,21 @@ def _name_of(sock: RtnlSocket, index: int) -> str:
     return link.name if link is not None else ""
 
 
-def read_device(sock: RtnlSocket, name: str) -> Device | None:
-    """Our device `name` as a model value, or None if absent or not of our kind."""
+def read_device(sock: RtnlSocket, name: str, tool: Ethtool | None = None) -> Device | None:
+    """Our device `name` as a model value, or None if absent or not of our kind. Its TX
+    checksum offload is read only with an ethtool socket `tool` (else reported None)."""
     link = get_link(sock, name)
     if link is None:
         return None
     addrs = _addresses(sock, link.index)
+    tx = None
+    if tool is not None and link.kind in ("vxlan", "ipip"):
+        try:
+            tx = tool.tx_checksum(name)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None  # gone in between
+            raise
     if link.kind == "vxlan" and link.data is not None:
         vx = linkmsg.vxlan_info(link.data)
         return VxlanDevice(
@@ -83,13 +93,14 @@ def read_device(sock: RtnlSocket, name: str) -> Device | None:
             mac=link.mac,
             mtu=link.mtu,
             address=_tunnel_address(addrs),
+            tx_checksum=tx,
         )
     if link.kind == "ipip":
         # tunl0 is the ipip module's fallback device and may exist untouched: it is ours only
         # once configured (up or addressed).
         if not addrs and not link.flags & IFF_UP:
             return None
-        return IpipDevice(name=name, mtu=link.mtu, address=_tunnel_address(addrs))
+        return IpipDevice(name=name, mtu=link.mtu, address=_tunnel_address(addrs), tx_checksum=tx)
     return None
 
 
@@ -123,9 +134,10 @@ def _sync_addresses(sock: RtnlSocket, index: int, want: netaddr.IPAddress | None
 
 
 def _finish(
-    sock: RtnlSocket, link: linkmsg.RawLink, mtu: int, address: netaddr.IPAddress | None
+    sock: RtnlSocket, link: linkmsg.RawLink, dev: Device, tool: Ethtool | None
 ) -> list[str]:
     changes = []
+    mtu, address = dev.mtu, dev.address
     if mtu and link.mtu != mtu:
         try:
             request(sock, linkmsg.set_link(link.index, mtu=mtu))
@@ -144,14 +156,19 @@ def _finish(
     if not link.flags & IFF_UP:
         request(sock, linkmsg.set_link(link.index, up=True))
         changes.append("up")
+    want_tx = dev.tx_checksum
+    if want_tx is not None and tool is not None and tool.tx_checksum(link.name) != want_tx:
+        tool.set_tx_checksum(link.name, want_tx)
+        changes.append(f"tx_checksum={'on' if want_tx else 'off'}")
     return changes
 
 
-def ensure_vxlan(sock: RtnlSocket, dev: VxlanDevice) -> list[str]:
+def ensure_vxlan(sock: RtnlSocket, dev: VxlanDevice, tool: Ethtool | None = None) -> list[str]:
     """Make `dev` exist as described; return what changed ("created", "recreated ...", ...).
 
     VNI, port, local, parent, MAC or learning drift needs delete + create (the kernel cannot
-    change them in place); MTU, address and up state are fixed in place.
+    change them in place); MTU, address, up state and TX checksum offload (with an ethtool
+    socket `tool`) are fixed in place.
     """
     parent = get_link(sock, dev.parent)
     if parent is None:
@@ -187,10 +204,10 @@ def ensure_vxlan(sock: RtnlSocket, dev: VxlanDevice) -> list[str]:
             changes.append("created")
         link = get_link(sock, dev.name)
         assert link is not None
-    return changes + _finish(sock, link, dev.mtu, dev.address)
+    return changes + _finish(sock, link, dev, tool)
 
 
-def ensure_ipip(sock: RtnlSocket, dev: IpipDevice) -> list[str]:
+def ensure_ipip(sock: RtnlSocket, dev: IpipDevice, tool: Ethtool | None = None) -> list[str]:
     changes: list[str] = []
     link = get_link(sock, dev.name)
     if link is not None and link.kind != "ipip":
@@ -205,13 +222,13 @@ def ensure_ipip(sock: RtnlSocket, dev: IpipDevice) -> list[str]:
         changes.append("created")
         link = get_link(sock, dev.name)
         assert link is not None
-    return changes + _finish(sock, link, dev.mtu, dev.address)
+    return changes + _finish(sock, link, dev, tool)
 
 
-def ensure_device(sock: RtnlSocket, dev: Device) -> list[str]:
+def ensure_device(sock: RtnlSocket, dev: Device, tool: Ethtool | None = None) -> list[str]:
     if isinstance(dev, VxlanDevice):
-        return ensure_vxlan(sock, dev)
-    return ensure_ipip(sock, dev)
+        return ensure_vxlan(sock, dev, tool)
+    return ensure_ipip(sock, dev, tool)
 
 
 def delete_device(sock: RtnlSocket, name: str) -> bool:

@@ -16,6 +16,7 @@ import netaddr
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.devices import read_device
+from overlay.kernel.ethtool import Ethtool
 from overlay.kernel.links import dump_retrying
 from overlay.model import (
     MAIN_TABLE,
@@ -136,13 +137,18 @@ def read_routes(
     return out, nhids
 
 
-def read_dataplane(sock: RtnlSocket, device_names: Iterable[str], with_nexthops: bool) -> Dataplane:
+def read_dataplane(
+    sock: RtnlSocket,
+    device_names: Iterable[str],
+    with_nexthops: bool,
+    tool: Ethtool | None = None,
+) -> Dataplane:
     addrs = _Addrs()
     links = sock.links()
     index = {name: i for i, name in links.items()}
     dp = Dataplane()
     for name in device_names:
-        dev = read_device(sock, name)
+        dev = read_device(sock, name, tool)
         if dev is None:
             continue
         dp.devices[name] = dev

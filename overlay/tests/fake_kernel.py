@@ -251,6 +251,10 @@ class FakeKernel:
             have = self.devices.get(obj.name)
             if have is not None and _incompatible(obj, have):
                 self._wipe_device(obj.name)
+                have = None
+            if obj.tx_checksum is None:  # left alone: a new device offloads, like Linux's
+                tx = have.tx_checksum if have is not None else True
+                obj = dataclasses.replace(obj, tx_checksum=tx)
             self.devices[obj.name] = obj
         elif isinstance(obj, Neighbour):
             self._require_dev(obj.dev)
@@ -319,7 +323,11 @@ class FakeKernel:
 
 
 def _incompatible(want: Device, have: Device) -> bool:
-    """The fake kernel layer recreates a device for anything but an MTU/address change."""
+    """The fake kernel layer recreates a device for anything but an MTU, address or TX
+    checksum offload change."""
     if type(want) is not type(have):
         return True
-    return dataclasses.replace(have, mtu=want.mtu, address=want.address) != want
+    return (
+        dataclasses.replace(have, mtu=want.mtu, address=want.address, tx_checksum=want.tx_checksum)
+        != want
+    )

@@ -137,6 +137,16 @@ def test_ipip_device_mtu_and_no_l2_state() -> None:
     assert not dp.neighbours and not dp.fdb
 
 
+def test_tx_checksum_offload_is_turned_off_only_when_configured() -> None:
+    view = standard_view(pool(ALWAYS), pool(ipip=ALWAYS, name="p2", cidr=IPNetwork("10.9.0.0/16")))
+    assert {d.tx_checksum for d in compute(view, me(), DataplaneConfig()).devices.values()} == {
+        None
+    }
+    off = compute(view, me(), DataplaneConfig(tx_checksum_off=True)).devices
+    assert off.keys() == {VXLAN_DEVICE, IPIP_DEVICE}
+    assert {d.tx_checksum for d in off.values()} == {False}
+
+
 def test_configured_mtu_wins() -> None:
     view = standard_view(pool(ALWAYS))
     dp = compute(view, me(), DataplaneConfig(vxlan_mtu=1400))

@@ -161,6 +161,27 @@ def test_device_mtu_change_touches_only_the_device() -> None:
     assert converge(kernel, want2) == [Op(Action.SET, want2.devices[VXLAN_DEVICE])]
 
 
+def test_tx_checksum_offload_is_managed_only_when_asked_and_changes_in_place() -> None:
+    kernel = FakeKernel()
+    want = desired(standard_view(pool(ALWAYS)))
+    converge(kernel, want)
+    dev = want.devices[VXLAN_DEVICE]
+    assert dev.tx_checksum is None
+    # Left alone: whatever the device has (on, as Linux makes it, or turned off by hand).
+    assert kernel.read().devices[VXLAN_DEVICE].tx_checksum is True
+    assert plan(want, kernel.read()) == []
+    kernel.devices[VXLAN_DEVICE] = dataclasses.replace(dev, tx_checksum=False)
+    assert plan(want, kernel.read()) == []
+    # Asked off: one device op, and nothing hanging off the device is re-set.
+    kernel.devices[VXLAN_DEVICE] = dataclasses.replace(dev, tx_checksum=True)
+    off = dataclasses.replace(
+        want, devices={VXLAN_DEVICE: dataclasses.replace(dev, tx_checksum=False)}
+    )
+    assert converge(kernel, off) == [Op(Action.SET, off.devices[VXLAN_DEVICE])]
+    assert kernel.read().devices[VXLAN_DEVICE].tx_checksum is False
+    assert plan(off, kernel.read()) == []
+
+
 def test_incompatible_device_change_reprograms_its_dependents() -> None:
     kernel = FakeKernel()
     want = desired(standard_view(pool(ALWAYS)))
@@ -214,4 +235,5 @@ def test_duplicate_nexthop_made_by_someone_else_goes_within_two_passes() -> None
     smaller = Dataplane(devices=want.devices)
     converge(kernel, smaller)
     converge(kernel, smaller)
-    assert kernel.read() == Dataplane(devices=want.devices)
+    assert plan(smaller, kernel.read()) == []
+    assert kernel.read() == Dataplane(devices=kernel.devices)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import netaddr
 import pytest
 
-from netns_tests.kernel_fixtures import ip, underlay, vxlan_device
+from netns_tests.kernel_fixtures import as_read, ip, underlay, vxlan_device
 from overlay.kernel import links
 from overlay.kernel.apply import Kernel
 from overlay.kernel.batch import in_netns
@@ -59,12 +59,12 @@ def test_extra_addresses_read_as_messy_and_are_fixed(node: str, kernel: Kernel) 
     assert kernel.apply([Op(Action.SET, dev)]).failed == []
     # The kernel's IPv6 link-local address of the up device is never counted as ours.
     assert "fe80::" in ip("-n", node, "-6", "addr", "show", "dev", VXLAN_DEVICE).stdout
-    assert kernel.read().devices[VXLAN_DEVICE] == dev
+    assert kernel.read().devices[VXLAN_DEVICE] == as_read(dev)
     ip("-n", node, "addr", "add", "10.127.9.9/24", "dev", VXLAN_DEVICE)
     assert kernel.read().devices[VXLAN_DEVICE].address == MESSY_ADDRESS
     result = kernel.apply([Op(Action.SET, dev)])
     assert result.failed == [] and not result.resync  # fixed in place
-    assert kernel.read().devices[VXLAN_DEVICE] == dev
+    assert kernel.read().devices[VXLAN_DEVICE] == as_read(dev)
     assert "10.127.9.9" not in ip("-n", node, "addr", "show", "dev", VXLAN_DEVICE).stdout
 
 
@@ -76,7 +76,7 @@ def test_learning_device_is_recreated_without_learning(node: str, kernel: Kernel
     result = kernel.apply([Op(Action.SET, dev)])
     assert result.failed == [] and result.resync
     assert "nolearning" in ip("-n", node, "-d", "link", "show", VXLAN_DEVICE).stdout
-    assert kernel.read().devices[VXLAN_DEVICE] == dev
+    assert kernel.read().devices[VXLAN_DEVICE] == as_read(dev)
 
 
 def test_delete_is_idempotent(kernel: Kernel) -> None:
@@ -94,3 +94,18 @@ def test_point_to_point_address_lists_our_end(node: str) -> None:
     assert by_name["veth0"].up and by_name["veth0"].mtu == 1500
     iface, src = in_netns(node, lambda: links.route_lookup(netaddr.IPAddress("192.0.2.2")))
     assert (iface, src) == ("veth0", netaddr.IPAddress("192.0.2.1"))
+
+
+def test_tx_checksum_offload_is_turned_off_in_place_and_otherwise_left_alone(
+    node: str, kernel: Kernel
+) -> None:
+    dev = dataclasses.replace(vxlan_device(), tx_checksum=False)
+    assert kernel.apply([Op(Action.SET, vxlan_device())]).failed == []
+    assert kernel.read().devices[VXLAN_DEVICE].tx_checksum is True  # Linux's default
+    result = kernel.apply([Op(Action.SET, dev)])
+    assert result.failed == [] and not result.resync  # in place: nothing on it is lost
+    assert kernel.read().devices[VXLAN_DEVICE] == dev
+    assert "tx-checksumming: off" in ip("netns", "exec", node, "ethtool", "-k", VXLAN_DEVICE).stdout
+    # Not asked for (None): a device with offload off keeps it off.
+    assert kernel.apply([Op(Action.SET, vxlan_device())]).failed == []
+    assert kernel.read().devices[VXLAN_DEVICE].tx_checksum is False
