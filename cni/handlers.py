@@ -66,7 +66,7 @@ class Plumbing(Protocol):
 
 
 class KernelPlumbing:
-    """The real plumbing (cni.pod, imported lazily: it pulls in pyroute2)."""
+    """The real plumbing (cni.pod, imported lazily)."""
 
     def setup(
         self, netns: str, ifname: str, workload: str, addresses: Sequence[str], mtu: int, mac: str
