@@ -15,9 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from overlay.kernel import nlmsg
-
-# Shared with nlmsg: the package's attribute and header packers.
-from overlay.kernel.nlmsg import _attr, _message, _u32
+from overlay.kernel.nlmsg import attr, message, u32_attr
 
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
@@ -58,7 +56,7 @@ def _family(addr: bytes) -> int:
 
 
 def _name(name: str) -> bytes:
-    return _attr(nlmsg.IFLA_IFNAME, name.encode() + b"\0")
+    return attr(nlmsg.IFLA_IFNAME, name.encode() + b"\0")
 
 
 def _ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
@@ -66,17 +64,17 @@ def _ifinfo(index: int = 0, flags: int = 0, change: int = 0) -> bytes:
 
 
 def _linkinfo(kind: str, data: bytes = b"") -> bytes:
-    inner = _attr(IFLA_INFO_KIND, kind.encode())
+    inner = attr(IFLA_INFO_KIND, kind.encode())
     if data:
-        inner += _attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
-    return _attr(IFLA_LINKINFO | NLA_F_NESTED, inner)
+        inner += attr(IFLA_INFO_DATA | NLA_F_NESTED, data)
+    return attr(IFLA_LINKINFO | NLA_F_NESTED, inner)
 
 
 # --- encoding --------------------------------------------------------------------------------
 def get_link(name: str = "", index: int = 0) -> bytes:
     """RTM_GETLINK for one link, by index if given, else by name (ENODEV if absent)."""
     body = _ifinfo(index) + (_name(name) if name else b"")
-    return _message(nlmsg.RTM_GETLINK, REQUEST_FLAGS, body)
+    return message(nlmsg.RTM_GETLINK, REQUEST_FLAGS, body)
 
 
 def new_vxlan(
@@ -84,20 +82,20 @@ def new_vxlan(
 ) -> bytes:
     """Create (never replace) a VXLAN device without learning, bound to `parent` and `local`."""
     data = (
-        _u32(IFLA_VXLAN_ID, vni)
-        + _attr(IFLA_VXLAN_PORT, _BE16.pack(port))
-        + _u32(IFLA_VXLAN_LINK, parent)
-        + _attr(IFLA_VXLAN_LEARNING, _U8.pack(0))
-        + _attr(IFLA_VXLAN_LOCAL if len(local) == 4 else IFLA_VXLAN_LOCAL6, local)
+        u32_attr(IFLA_VXLAN_ID, vni)
+        + attr(IFLA_VXLAN_PORT, _BE16.pack(port))
+        + u32_attr(IFLA_VXLAN_LINK, parent)
+        + attr(IFLA_VXLAN_LEARNING, _U8.pack(0))
+        + attr(IFLA_VXLAN_LOCAL if len(local) == 4 else IFLA_VXLAN_LOCAL6, local)
     )
-    body = _ifinfo() + _name(name) + _attr(nlmsg.IFLA_ADDRESS, mac)
+    body = _ifinfo() + _name(name) + attr(nlmsg.IFLA_ADDRESS, mac)
     if mtu:
-        body += _u32(nlmsg.IFLA_MTU, mtu)
-    return _message(nlmsg.RTM_NEWLINK, CREATE_FLAGS, body + _linkinfo("vxlan", data))
+        body += u32_attr(nlmsg.IFLA_MTU, mtu)
+    return message(nlmsg.RTM_NEWLINK, CREATE_FLAGS, body + _linkinfo("vxlan", data))
 
 
 def new_ipip(name: str) -> bytes:
-    return _message(nlmsg.RTM_NEWLINK, CREATE_FLAGS, _ifinfo() + _name(name) + _linkinfo("ipip"))
+    return message(nlmsg.RTM_NEWLINK, CREATE_FLAGS, _ifinfo() + _name(name) + _linkinfo("ipip"))
 
 
 def set_link(index: int, *, mtu: int = 0, up: bool | None = None) -> bytes:
@@ -105,12 +103,12 @@ def set_link(index: int, *, mtu: int = 0, up: bool | None = None) -> bytes:
     flags = IFF_UP if up else 0
     body = _ifinfo(index, flags, IFF_UP if up is not None else 0)
     if mtu:
-        body += _u32(nlmsg.IFLA_MTU, mtu)
-    return _message(nlmsg.RTM_NEWLINK, REQUEST_FLAGS, body)
+        body += u32_attr(nlmsg.IFLA_MTU, mtu)
+    return message(nlmsg.RTM_NEWLINK, REQUEST_FLAGS, body)
 
 
 def del_link(index: int) -> bytes:
-    return _message(nlmsg.RTM_DELLINK, REQUEST_FLAGS, _ifinfo(index))
+    return message(nlmsg.RTM_DELLINK, REQUEST_FLAGS, _ifinfo(index))
 
 
 def dump_addrs(index: int = 0) -> bytes:
@@ -123,17 +121,17 @@ def address(action_new: bool, index: int, ip: bytes, prefixlen: int) -> bytes:
     family = _family(ip)
     body = IFADDRMSG.pack(family, prefixlen, 0, 0, index)
     if family == socket.AF_INET:  # IPv4 keys on IFA_LOCAL; IFA_ADDRESS is the peer/prefix
-        body += _attr(IFA_LOCAL, ip)
-    body += _attr(IFA_ADDRESS, ip)
+        body += attr(IFA_LOCAL, ip)
+    body += attr(IFA_ADDRESS, ip)
     if action_new:
-        return _message(RTM_NEWADDR, CREATE_FLAGS, body)
-    return _message(RTM_DELADDR, REQUEST_FLAGS, body)
+        return message(RTM_NEWADDR, CREATE_FLAGS, body)
+    return message(RTM_DELADDR, REQUEST_FLAGS, body)
 
 
 def get_route(dst: bytes) -> bytes:
     """RTM_GETROUTE lookup of one host address: which device and source would be used."""
     hdr = nlmsg.RTMSG.pack(_family(dst), len(dst) * 8, 0, 0, 0, 0, 0, 0, 0)
-    return _message(nlmsg.RTM_GETROUTE, REQUEST_FLAGS, hdr + _attr(nlmsg.RTA_DST, dst))
+    return message(nlmsg.RTM_GETROUTE, REQUEST_FLAGS, hdr + attr(nlmsg.RTA_DST, dst))
 
 
 # --- decoding --------------------------------------------------------------------------------

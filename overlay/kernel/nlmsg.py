@@ -109,16 +109,16 @@ _U32 = struct.Struct("=I")
 
 
 # --- encoding --------------------------------------------------------------------------------
-def _attr(kind: int, payload: bytes) -> bytes:
+def attr(kind: int, payload: bytes) -> bytes:
     length = 4 + len(payload)
     return _ATTR.pack(length, kind) + payload + b"\0" * (-length & 3)
 
 
-def _u32(kind: int, value: int) -> bytes:
+def u32_attr(kind: int, value: int) -> bytes:
     return _ATTR.pack(8, kind) + _U32.pack(value)
 
 
-def _message(msg_type: int, flags: int, body: bytes) -> bytes:
+def message(msg_type: int, flags: int, body: bytes) -> bytes:
     return NLMSG_HDR.pack(16 + len(body), msg_type, flags, 0, 0) + body
 
 
@@ -160,8 +160,8 @@ def nexthop(
 ) -> bytes:
     """RTM_NEWNEXTHOP (create or replace) or RTM_DELNEXTHOP (by id only)."""
     if not action_new:
-        body = NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _u32(NHA_ID, nhid)
-        return _message(RTM_DELNEXTHOP, DEL_FLAGS, body)
+        body = NHMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + u32_attr(NHA_ID, nhid)
+        return message(RTM_DELNEXTHOP, DEL_FLAGS, body)
     s = _NEXTHOP_NEW[len(gateway)]
     return s.pack(
         s.size, RTM_NEWNEXTHOP, SET_FLAGS, 0, 0,
@@ -218,18 +218,18 @@ def route(
         rtype, scope = 0, RT_SCOPE_NOWHERE
     parts = [
         RTMSG.pack(family, dst_len, 0, 0, rt_table, protocol, scope, rtype, rtflags),
-        _attr(RTA_DST, dst),
-        _u32(RTA_TABLE, table),
+        attr(RTA_DST, dst),
+        u32_attr(RTA_TABLE, table),
     ]
     if action_new:
         if nhid:
-            parts.append(_u32(RTA_NH_ID, nhid))
+            parts.append(u32_attr(RTA_NH_ID, nhid))
         else:
             if gateway:
-                parts.append(_attr(RTA_GATEWAY, gateway))
+                parts.append(attr(RTA_GATEWAY, gateway))
             if oif:
-                parts.append(_u32(RTA_OIF, oif))
-    return _message(msg_type, flags, b"".join(parts))
+                parts.append(u32_attr(RTA_OIF, oif))
+    return message(msg_type, flags, b"".join(parts))
 
 
 def neighbour(action_new: bool, ifindex: int, ip: bytes, mac: bytes) -> bytes:
@@ -242,8 +242,8 @@ def neighbour(action_new: bool, ifindex: int, ip: bytes, mac: bytes) -> bytes:
             4 + len(ip), NDA_DST, ip,
             4 + len(mac), NDA_LLADDR, mac,
         )  # fmt: skip
-    body = NDMSG.pack(_family(ip), ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip)
-    return _message(RTM_DELNEIGH, DEL_FLAGS, body)
+    body = NDMSG.pack(_family(ip), ifindex, NUD_PERMANENT, 0, 0) + attr(NDA_DST, ip)
+    return message(RTM_DELNEIGH, DEL_FLAGS, body)
 
 
 def fdb(action_new: bool, ifindex: int, mac: bytes, dst: bytes) -> bytes:
@@ -258,27 +258,29 @@ def fdb(action_new: bool, ifindex: int, mac: bytes, dst: bytes) -> bytes:
         )  # fmt: skip
     body = (
         NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
-        + _attr(NDA_LLADDR, mac)
-        + _attr(NDA_DST, dst)
+        + attr(NDA_LLADDR, mac)
+        + attr(NDA_DST, dst)
     )
-    return _message(RTM_DELNEIGH, DEL_FLAGS, body)
+    return message(RTM_DELNEIGH, DEL_FLAGS, body)
 
 
 def dump_request(msg_type: int, header: bytes, attrs: bytes = b"") -> bytes:
-    return _message(msg_type, DUMP_FLAGS, header + attrs)
+    return message(msg_type, DUMP_FLAGS, header + attrs)
 
 
 def dump_routes(family: int, table: int, protocol: int) -> bytes:
     # With NETLINK_GET_STRICT_CHK the kernel filters by table and protocol itself.
     hdr = RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, protocol, 0, 0, 0)
-    return dump_request(RTM_GETROUTE, hdr, _u32(RTA_TABLE, table))
+    return dump_request(RTM_GETROUTE, hdr, u32_attr(RTA_TABLE, table))
 
 
 def dump_neighbours(family: int, ifindex: int) -> bytes:
     # Strict checking wants the device as NDA_IFINDEX for inet and in the header for bridge.
     if family == AF_BRIDGE:
         return dump_request(RTM_GETNEIGH, NDMSG.pack(family, ifindex, 0, 0, 0))
-    return dump_request(RTM_GETNEIGH, NDMSG.pack(family, 0, 0, 0, 0), _u32(NDA_IFINDEX, ifindex))
+    return dump_request(
+        RTM_GETNEIGH, NDMSG.pack(family, 0, 0, 0, 0), u32_attr(NDA_IFINDEX, ifindex)
+    )
 
 
 def dump_nexthops() -> bytes:

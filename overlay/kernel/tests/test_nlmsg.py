@@ -80,7 +80,7 @@ def test_nexthop_message_layout() -> None:
 
 def test_error_ack_with_extended_message() -> None:
     text = b"Nexthop id does not exist\0"
-    attr = nlmsg._attr(nlmsg.NLMSGERR_ATTR_MSG, text)
+    attr = nlmsg.attr(nlmsg.NLMSGERR_ATTR_MSG, text)
     payload = memoryview((-22).to_bytes(4, "little", signed=True) + bytes(16) + attr)
     assert nlmsg.parse_error(payload) == (22, "Nexthop id does not exist")
 
