@@ -14,7 +14,7 @@ from unittest.mock import ANY
 import netaddr
 import pytest
 
-from netns_tests.kernel_fixtures import as_read, ip, peer, peer_ops, underlay, vxlan_device
+from netns_tests.kernel_fixtures import as_read, ip, peer, peer_ops, vxlan_device
 from overlay.kernel import nlmsg
 from overlay.kernel.apply import Kernel, describe
 from overlay.kernel.monitor import Monitor
@@ -37,19 +37,6 @@ pytestmark = [
 
 BLACKHOLE = Route(dst=netaddr.IPNetwork("10.127.0.0/26"), blackhole=True)
 DEV_ROUTE = Route(dst=netaddr.IPNetwork("10.126.0.9/32"), dev=VXLAN_DEVICE)
-
-
-@pytest.fixture
-def node() -> Iterator[str]:
-    with underlay() as (ns, _other):
-        yield ns
-
-
-@pytest.fixture
-def kernel(node: str) -> Iterator[Kernel]:
-    k = Kernel(netns=node)
-    yield k
-    k.close()
 
 
 def _apply_ok(k: Kernel, ops: list[Op]) -> None:

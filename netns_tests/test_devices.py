@@ -9,12 +9,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-from collections.abc import Iterator
 
 import netaddr
 import pytest
 
-from netns_tests.kernel_fixtures import as_read, ip, underlay, vxlan_device
+from netns_tests.kernel_fixtures import as_read, ip, vxlan_device
 from overlay.kernel import links
 from overlay.kernel.apply import Kernel
 from overlay.kernel.batch import in_netns
@@ -25,18 +24,6 @@ pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
 ]
-
-
-@pytest.fixture
-def node() -> Iterator[str]:
-    with underlay() as (ns, _other):
-        yield ns
-
-
-@pytest.fixture
-def kernel(node: str) -> Iterator[Kernel]:
-    with Kernel(netns=node) as k:
-        yield k
 
 
 def test_foreign_device_with_our_vni_is_a_device_error(node: str, kernel: Kernel) -> None:
