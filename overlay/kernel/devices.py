@@ -15,7 +15,7 @@ import netaddr
 from overlay.kernel import linkmsg, nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.ethtool import Ethtool
-from overlay.kernel.links import dump_retrying, get_link, request
+from overlay.kernel.links import address_of, dump_retrying, get_link, request
 from overlay.model import Device, IpipDevice, VxlanDevice
 
 log = logging.getLogger("overlay.kernel")
@@ -34,17 +34,13 @@ class DeviceError(Exception):
     """A device cannot be configured as asked (bad parent, EEXIST from a foreign device...)."""
 
 
-def _ip(raw: bytes) -> netaddr.IPAddress:
-    return netaddr.IPAddress(int.from_bytes(raw, "big"), 4 if len(raw) == 4 else 6)
-
-
 def _addresses(sock: RtnlSocket, index: int) -> list[tuple[netaddr.IPAddress, int]]:
     out = []
     for a in dump_retrying(sock, linkmsg.dump_addrs(index), linkmsg.decode_addr):
         raw = a.address or a.local
         if a.index != index or a.family not in (socket.AF_INET, socket.AF_INET6) or not raw:
             continue  # old kernels ignore the dump filter
-        ip = _ip(raw)
+        ip = address_of(raw)
         if ip.version == 6 and ip.is_link_local():
             continue  # the kernel's own; never ours to manage
         out.append((ip, a.prefixlen))
@@ -88,7 +84,7 @@ def read_device(sock: RtnlSocket, name: str, tool: Ethtool | None = None) -> Dev
             name=name,
             vni=vx.vni,
             port=vx.port,
-            local=_ip(vx.local) if vx.local else netaddr.IPAddress("0.0.0.0"),
+            local=address_of(vx.local) if vx.local else netaddr.IPAddress("0.0.0.0"),
             parent=_name_of(sock, vx.parent),
             mac=link.mac,
             mtu=link.mtu,
@@ -111,7 +107,7 @@ def _vxlan_drift(link: linkmsg.RawLink, dev: VxlanDevice, parent_index: int) -> 
     checks = {
         "vni": (vx.vni, dev.vni),
         "port": (vx.port, dev.port),
-        "local": (_ip(vx.local) if vx.local else None, dev.local),
+        "local": (address_of(vx.local) if vx.local else None, dev.local),
         "parent": (vx.parent, parent_index),
         "mac": (link.mac, dev.mac.lower()),
         "learning": (vx.learning, False),

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from overlay.kernel import nlmsg
-from overlay.kernel.nlmsg import attr, message, u32_attr
+from overlay.kernel.nlmsg import attr, family_of, message, u32_attr
 
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
@@ -49,10 +49,6 @@ RTA_PREFSRC = 7
 _U8 = struct.Struct("=B")
 _U32 = struct.Struct("=I")
 _BE16 = struct.Struct("!H")
-
-
-def _family(addr: bytes) -> int:
-    return socket.AF_INET if len(addr) == 4 else socket.AF_INET6
 
 
 def _name(name: str) -> bytes:
@@ -118,7 +114,7 @@ def dump_addrs(index: int = 0) -> bytes:
 
 def address(action_new: bool, index: int, ip: bytes, prefixlen: int) -> bytes:
     """RTM_NEWADDR (create, EEXIST if present) or RTM_DELADDR for one address of a link."""
-    family = _family(ip)
+    family = family_of(ip)
     body = IFADDRMSG.pack(family, prefixlen, 0, 0, index)
     if family == socket.AF_INET:  # IPv4 keys on IFA_LOCAL; IFA_ADDRESS is the peer/prefix
         body += attr(IFA_LOCAL, ip)
@@ -130,7 +126,7 @@ def address(action_new: bool, index: int, ip: bytes, prefixlen: int) -> bytes:
 
 def get_route(dst: bytes) -> bytes:
     """RTM_GETROUTE lookup of one host address: which device and source would be used."""
-    hdr = nlmsg.RTMSG.pack(_family(dst), len(dst) * 8, 0, 0, 0, 0, 0, 0, 0)
+    hdr = nlmsg.RTMSG.pack(family_of(dst), len(dst) * 8, 0, 0, 0, 0, 0, 0, 0)
     return message(nlmsg.RTM_GETROUTE, REQUEST_FLAGS, hdr + attr(nlmsg.RTA_DST, dst))
 
 

@@ -45,7 +45,8 @@ def get_link(sock: RtnlSocket, name: str = "", index: int = 0) -> linkmsg.RawLin
     return linkmsg.decode_link(replies[0]) if replies else None
 
 
-def _ip(raw: bytes) -> netaddr.IPAddress:
+def address_of(raw: bytes) -> netaddr.IPAddress:
+    """An address as netlink carries it (4 or 16 bytes, network order)."""
     return netaddr.IPAddress(int.from_bytes(raw, "big"), 4 if len(raw) == 4 else 6)
 
 
@@ -101,4 +102,4 @@ def route_lookup(addr: netaddr.IPAddress) -> tuple[str, netaddr.IPAddress]:
         link = get_link(sock, index=oif)
     if link is None:
         raise LookupError(f"route to {addr} leaves through interface {oif}, which is gone")
-    return link.name, _ip(src)
+    return link.name, address_of(src)

@@ -139,7 +139,7 @@ _NEXTHOP_NEW = {n: _layout("BBBBI", "I", f"{n}s", "I") for n in (4, 16)}
 _ROUTE_NHID = {n: _layout("BBBBBBBBI", f"{n}s", "I", "I") for n in (4, 16)}
 
 
-def _family(addr: bytes) -> int:
+def family_of(addr: bytes) -> int:
     return socket.AF_INET if len(addr) == 4 else socket.AF_INET6
 
 
@@ -165,7 +165,7 @@ def nexthop(
     s = _NEXTHOP_NEW[len(gateway)]
     return s.pack(
         s.size, RTM_NEWNEXTHOP, SET_FLAGS, 0, 0,
-        _family(gateway), RT_SCOPE_UNIVERSE, protocol, 0, RTNH_F_ONLINK if onlink else 0,
+        family_of(gateway), RT_SCOPE_UNIVERSE, protocol, 0, RTNH_F_ONLINK if onlink else 0,
         8, NHA_ID, nhid,
         4 + len(gateway), NHA_GATEWAY, gateway,
         8, NHA_OIF, oif,
@@ -191,7 +191,7 @@ def route(
     (directly connected, scope link), or `blackhole`. Deletes match on dst, table and
     protocol, so a foreign route with the same prefix but another protocol is never hit.
     """
-    family = _family(dst)
+    family = family_of(dst)
     if action_new and nhid and not blackhole:  # the hot shape: one pack
         s = _ROUTE_NHID[len(dst)]
         return s.pack(
@@ -238,11 +238,11 @@ def neighbour(action_new: bool, ifindex: int, ip: bytes, mac: bytes) -> bytes:
         s = _NEIGH_NEW[len(ip)]
         return s.pack(
             s.size, RTM_NEWNEIGH, SET_FLAGS, 0, 0,
-            _family(ip), ifindex, NUD_PERMANENT, 0, 0,
+            family_of(ip), ifindex, NUD_PERMANENT, 0, 0,
             4 + len(ip), NDA_DST, ip,
             4 + len(mac), NDA_LLADDR, mac,
         )  # fmt: skip
-    body = NDMSG.pack(_family(ip), ifindex, NUD_PERMANENT, 0, 0) + attr(NDA_DST, ip)
+    body = NDMSG.pack(family_of(ip), ifindex, NUD_PERMANENT, 0, 0) + attr(NDA_DST, ip)
     return message(RTM_DELNEIGH, DEL_FLAGS, body)
 
 
