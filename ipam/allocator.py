@@ -509,6 +509,7 @@ class IPAM:
         pools = self._pools_for(version, node, requested)
         if not pools:
             raise PoolExhausted(f"no enabled IPv{version} pool applies to node {node!r}")
+        self._release_unselected(version, node, pools)
         need = num
         tried: set[netaddr.IPNetwork] = set()
 
@@ -747,6 +748,30 @@ class IPAM:
             self._ds.delete(akey, kv.mod_revision)
 
     # ==== affine block cache ==============================================================
+
+    def _release_unselected(self, version: int, node: str, usable: list[IPPool]) -> None:
+        """Calico's rule at each assignment: an EMPTY block still affine to `node` whose pool
+        no longer selects the node (its selector or the node's labels changed) gives up its
+        affinity, so that it neither counts against the node's block cap nor stays out of
+        other nodes' reach. A block with addresses keeps it until they are released; a
+        block outside every pool (the pool was deleted) is left alone, as Calico does."""
+        strays = [
+            cidr
+            for cidr in self._affine_blocks(node, version, fresh=False)
+            if not any(cidr in p.cidr for p in usable)
+        ]
+        if not strays:
+            return
+        pools = [p for p in self._res.list_pools() if p.version == version]
+        for cidr in strays:
+            pool = next((p for p in pools if cidr in p.cidr), None)
+            if pool is None or self._select_for_node([pool], node):
+                continue  # a pool that still selects the node, e.g. one left out by request
+            kv = self._ds.get(block_key(cidr))
+            if kv is not None and not Block.from_json(kv.value).empty:
+                continue  # cheap check first; the release re-checks under its CAS
+            with contextlib.suppress(MaxRetries):  # cleanup only: the next assignment retries
+                self.release_block_affinity(node, cidr, require_empty=True)
 
     def _affine_blocks(self, node: str, version: int, fresh: bool) -> list[netaddr.IPNetwork]:
         with self._lock:

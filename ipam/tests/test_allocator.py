@@ -192,6 +192,46 @@ def test_disabled_pools_and_node_selectors_are_respected() -> None:
     assert_consistent(ipam)
 
 
+def test_an_empty_block_whose_pool_no_longer_selects_the_node_loses_its_affinity() -> None:
+    # Calico releases such affinities at the next assignment: the block is no longer the
+    # node's to fill, and it counted against the node's block cap.
+    ds = MemoryDatastore()
+    zone_a = pool("10.2.0.0/24", 29, node_selector="zone == 'a'")
+    res = FakeResources([zone_a], nodes={"n1": Node("n1", labels={"zone": "a"})})
+    ipam = IPAM(ds, res)
+    held = ipam.auto_assign("h1", "n1").ipv4[0]
+    old = held.cidr
+    res.nodes["n1"] = Node("n1", labels={"zone": "b"})  # relabelled: zone_a stops selecting it
+    res.pools.append(pool("10.3.0.0/24", 29))
+    ipam.auto_assign("h2", "n1")
+    # Still holding an address: the affinity stays until that address goes.
+    assert ds.get(affinity_key("n1", old)) is not None
+    assert block_of(ds, str(old)).affinity == "host:n1"
+    ipam.release_by_handle("h1")
+    got = ipam.auto_assign("h3", "n1").ipv4[0]
+    assert got.ip in NET("10.3.0.0/24")
+    assert ds.get(affinity_key("n1", old)) is None
+    assert ds.get(block_key(old)) is None  # empty and unowned: deleted
+    assert old not in ipam.affine_blocks("n1")
+    assert_consistent(ipam)
+
+
+def test_affinities_in_pools_that_still_select_the_node_or_in_no_pool_are_kept() -> None:
+    ds = MemoryDatastore()
+    res = FakeResources([pool("10.2.0.0/24", 29), pool("10.3.0.0/24", 29)])
+    ipam = IPAM(ds, res)
+    a = ipam.auto_assign("h1", "n1", pools=[NET("10.2.0.0/24")]).ipv4[0].cidr
+    ipam.release_by_handle("h1")
+    # A request naming another pool leaves the empty block of a selecting pool alone.
+    ipam.auto_assign("h2", "n1", pools=[NET("10.3.0.0/24")])
+    assert ds.get(affinity_key("n1", a)) is not None
+    # A block whose pool was deleted is not ours to judge (Calico skips it too).
+    res.pools = [p for p in res.pools if p.cidr != NET("10.2.0.0/24")]
+    ipam.auto_assign("h3", "n1")
+    assert ds.get(affinity_key("n1", a)) is not None
+    assert_consistent(ipam)
+
+
 def test_assign_specific_ip() -> None:
     ipam, ds, res = make("10.0.0.0/24")
     got = ipam.assign_ip("10.0.0.77", "h1", "n1", {"pod": "a"})
