@@ -149,6 +149,11 @@ class Utilization:
     orphan_blocks: list[BlockUsage]  # blocks inside no configured pool
 
 
+# Calico's EmptyBlockMinReclaimAge: how long an empty block stays its node's before another
+# node that finds no free block CIDR may take it over.
+EMPTY_BLOCK_MIN_RECLAIM_AGE = datetime.timedelta(minutes=1)
+
+
 def fnv32(text: str) -> int:
     """FNV-1 32-bit hash (Calico seeds its block order with it)."""
     h = 0x811C9DC5
@@ -169,6 +174,20 @@ def random_block_order(pool: IPPool, node: str) -> Iterator[netaddr.IPNetwork]:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
+
+
+def _claimed_after(claim_time: str | None, when: datetime.datetime) -> bool:
+    """Whether a block's affinityClaimTime is later than `when` (no time or an unreadable
+    one counts as long ago, as a zero time does in Calico)."""
+    if not claim_time:
+        return False
+    try:
+        claimed = datetime.datetime.fromisoformat(claim_time.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    if claimed.tzinfo is None:
+        claimed = claimed.replace(tzinfo=datetime.UTC)
+    return claimed > when
 
 
 def _with_prefix(ip: netaddr.IPAddress, block: netaddr.IPNetwork) -> netaddr.IPNetwork:
@@ -639,7 +658,8 @@ class IPAM:
     def _claim_free_block(
         self, node: str, pools: list[IPPool], reserved: list[netaddr.IPNetwork]
     ) -> netaddr.IPNetwork | None:
-        """Claim the first block CIDR (in the node's random order) that has no block."""
+        """Claim the first block CIDR (in the node's random order) that has no block; when
+        every CIDR has one, reclaim an empty block of another node's."""
         existing = set(self._ds.keys(BLOCKS_PREFIX).keys)  # keys only: values are large
         for pool in pools:
             for cidr in random_block_order(pool, node):
@@ -648,6 +668,32 @@ class IPAM:
                 if any(cidr in r for r in reserved):
                     continue  # wholly reserved
                 if self._claim(cidr, node):
+                    return cidr
+        return self._reclaim_empty_block(node, pools, reserved)
+
+    def _reclaim_empty_block(
+        self, node: str, pools: list[IPPool], reserved: list[netaddr.IPNetwork]
+    ) -> netaddr.IPNetwork | None:
+        """Calico's last resort before borrowing: take over an empty block that another node
+        claimed at least a minute ago (a younger one is about to be used, and the age keeps
+        two nodes from passing a block back and forth). The release re-checks emptiness
+        under its compare-and-swap, so a block that gains an address stays where it is."""
+        listed = {kv.key: kv for kv in self._ds.list(BLOCKS_PREFIX).items}
+        oldest = datetime.datetime.now(datetime.UTC) - EMPTY_BLOCK_MIN_RECLAIM_AGE
+        for pool in pools:
+            for cidr in random_block_order(pool, node):
+                kv = listed.get(block_key(cidr))
+                if kv is None or any(cidr in r for r in reserved):
+                    continue
+                block = Block.from_json(kv.value)
+                owner = block.host
+                if owner is None or owner == node or not block.empty:
+                    continue
+                if _claimed_after(block.affinity_claim_time, oldest):
+                    continue
+                if self.release_block_affinity(owner, cidr, require_empty=True) and self._claim(
+                    cidr, node
+                ):
                     return cidr
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import random
 from pathlib import Path
 
@@ -229,6 +230,45 @@ def test_affinities_in_pools_that_still_select_the_node_or_in_no_pool_are_kept()
     res.pools = [p for p in res.pools if p.cidr != NET("10.2.0.0/24")]
     ipam.auto_assign("h3", "n1")
     assert ds.get(affinity_key("n1", a)) is not None
+    assert_consistent(ipam)
+
+
+def _age_claim(ds: MemoryDatastore, cidr: netaddr.IPNetwork, seconds: float) -> None:
+    """Backdate a block's affinityClaimTime (a minute cannot pass in a unit test)."""
+    kv = ds.get(block_key(cidr))
+    assert kv is not None
+    block = Block.from_json(kv.value)
+    when = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=seconds)
+    block.affinity_claim_time = when.isoformat()
+    ds.update(kv.key, block.to_json(), kv.mod_revision)
+
+
+def test_an_empty_block_of_another_node_is_reclaimed_when_no_block_is_free() -> None:
+    # Two /29 blocks in the pool: n1 claims one and empties it, n2 holds an address in the
+    # other. With strict affinity n3 cannot borrow, so only a reclaim can serve it.
+    ipam, ds, res = make("10.0.0.0/28", config=IPAMConfig(strict_affinity=True))
+    n1 = IPAM(ds, res)  # n1's own client, whose cache still lists the block afterwards
+    empty = n1.auto_assign("h1", "n1").ipv4[0].cidr
+    n1.release_by_handle("h1")
+    busy = ipam.auto_assign("h2", "n2").ipv4[0].cidr
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("h3", "n3")  # n1 claimed its block just now: not yet reclaimable
+    _age_claim(ds, empty, seconds=61)
+    _age_claim(ds, busy, seconds=61)
+    got = ipam.auto_assign("h3", "n3").ipv4[0]
+    assert got.cidr == empty
+    assert block_of(ds, str(empty)).affinity == "host:n3"
+    assert ds.get(affinity_key("n1", empty)) is None
+    assert ipam.affine_blocks("n1") == []
+    assert ipam.affine_blocks("n3") == [empty]
+    # n2's block holds an address, however old its claim: never taken.
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("h4", "n4")
+    assert block_of(ds, str(busy)).affinity == "host:n2"
+    # n1, which lost its block, does not fill it from its stale cache: it finds none free.
+    with pytest.raises(PoolExhausted):
+        n1.auto_assign("h5", "n1")
+    assert [n.ip for n in ipam.ips_by_handle("h5")] == []
     assert_consistent(ipam)
 
 
