@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from netns_tests.lab_fixtures import Lab
 from netns_tests.vm.ipip_smoke import Frame, drain, packet_socket_in
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
@@ -383,6 +384,42 @@ def test_deleted_ipip_nexthop_is_restored_within_a_second(ipip_lab: lab.LabState
     assert elapsed < bound, f"nexthop restored only after {elapsed:.2f}s"
     res = ping(first_pod(ipip_lab, 0), peer)
     assert res.returncode == 0, res.stdout
+
+
+def _tunl0_tx_checksumming(ns: str) -> str:
+    out = _ip("netns", "exec", ns, "ethtool", "-k", IPIP_DEVICE).stdout
+    return next(line.split(":")[1].strip() for line in out.splitlines()
+                if line.startswith("tx-checksumming:"))  # fmt: skip
+
+
+def test_checksum_offload_broken_turns_tunl0_tx_offload_off(ipip_lab: lab.LabState) -> None:
+    # Calico's ChecksumOffloadBroken covers tunl0 as well as vxlan.calico. This kernel is
+    # newer than 5.7, so only the override turns it off; it then stays off (drift repair).
+    fixture = Lab(ipip_lab)
+    node = ipip_lab.nodes[2]
+    bound, _slowdown = repair_bound()
+    assert _tunl0_tx_checksumming(node.netns) == "on"
+    argv = fixture.stop_agent(node)
+    try:
+        fixture.start_agent(node, [*argv, "--checksum-offload-broken", "true"])
+        fixture.wait_agent(node, peers=2, timeout=AGENT_SYNC_TIMEOUT_S)
+        assert _tunl0_tx_checksumming(node.netns) == "off"
+        assert fixture.status(node)["tx_checksum_offload"] == "off"
+        _ip("netns", "exec", node.netns, "ethtool", "-K", IPIP_DEVICE, "tx", "on")
+        start = time.monotonic()
+        took = wait_for(lambda: _tunl0_tx_checksumming(node.netns) == "off", timeout=15)
+        assert took is not None, f"tunl0 offload stayed on\n{agent_logs(ipip_lab)}"
+        elapsed = time.monotonic() - start
+        print(f"\ntunl0 tx offload turned off again in {elapsed:.3f}s (bound {bound:.2f}s)")
+        assert elapsed < bound
+        res = ping(first_pod(ipip_lab, 0), first_pod(ipip_lab, 2))
+        assert res.returncode == 0, res.stdout
+    finally:
+        fixture.stop_agent(node)
+        _ip("netns", "exec", node.netns, "ethtool", "-K", IPIP_DEVICE, "tx", "on")
+        fixture.start_agent(node, argv)
+        fixture.wait_agent(node, peers=2, timeout=AGENT_SYNC_TIMEOUT_S)
+    assert _tunl0_tx_checksumming(node.netns) == "on"  # left alone again
 
 
 def _set_pool_mode(state: lab.LabState, mode: str) -> None:
