@@ -30,7 +30,13 @@ from ipam.model import IPPool, Node
 from ipam.store import ResourceStore
 from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
-from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, local_node_from
+from overlay.compute import (
+    ComputeCache,
+    DataplaneConfig,
+    LocalNode,
+    local_node_from,
+    unrouted_pools,
+)
 from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Dataplane, PeerPath
 from overlay.reconciler import Outcome, Reconciler
@@ -182,6 +188,8 @@ class Agent:
             node.ipv4_ipip_tunnel_addr,
             self.pod_mtu,
         )
+        for p in unrouted_pools(pools):
+            log.warning("event=pool_not_routed pool=%s cidr=%s reason=ipv4_only", p.name, p.cidr)
 
     def _compute(self, view: ClusterView) -> Dataplane:
         assert self.local is not None
@@ -220,7 +228,12 @@ class Agent:
             "dataplane_synced": bool(rec and rec.last_sync_time is not None),
             "last_sync": last_sync,
             "reconciler": rec.__dict__ if rec else None,
-            "warnings": nodes.check_node_address(self.node) if self.node else [],
+            "warnings": (nodes.check_node_address(self.node) if self.node else [])
+            + [
+                f"IPv6 pool {p.name} ({p.cidr}): its pod addresses do not reach other nodes "
+                "(this agent routes IPv4 only)"
+                for p in unrouted_pools(self._pools)
+            ],
             "peers": [
                 {
                     "node": p.node,

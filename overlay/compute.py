@@ -693,6 +693,12 @@ def compute(
     return state.update(view, me, cfg or DataplaneConfig())
 
 
+def unrouted_pools(pools: list[IPPool]) -> list[IPPool]:
+    """The enabled pools whose addresses this dataplane does not route between nodes:
+    IPv6 ones, since compute is IPv4-only. The agent says so in its log and status."""
+    return [p for p in pools if p.version == 6 and not p.disabled]
+
+
 def local_node_from(node: Node, underlay_iface: str, underlay_mtu: int = 1500) -> LocalNode:
     """A LocalNode from our own Node resource (the agent registered it, so it is complete)."""
     if node.ipv4_address is None:

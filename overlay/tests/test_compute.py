@@ -6,7 +6,14 @@ import pytest
 from netaddr import IPAddress, IPNetwork
 
 from ipam.model import EncapMode, Node
-from overlay.compute import ComputeCache, DataplaneConfig, LocalNode, compute, local_node_from
+from overlay.compute import (
+    ComputeCache,
+    DataplaneConfig,
+    LocalNode,
+    compute,
+    local_node_from,
+    unrouted_pools,
+)
 from overlay.model import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
@@ -414,3 +421,10 @@ def test_a_node_removed_as_the_tunnel_goes_away_leaves_no_decision_behind() -> N
     for view in (with_e, empty, again, back):
         assert compute(view, me(), DataplaneConfig(), cache) == desired(view)
     assert not compute(back, me(), DataplaneConfig(), cache).routes
+
+
+def test_enabled_ipv6_pools_are_the_unrouted_ones() -> None:
+    v4 = pool(EncapMode.ALWAYS)
+    v6 = pool(EncapMode.ALWAYS, name="v6", cidr=IPNetwork("fd00::/48"))
+    off = pool(EncapMode.ALWAYS, name="v6-off", cidr=IPNetwork("fd01::/48"), disabled=True)
+    assert unrouted_pools([v4, v6, off]) == [v6]
