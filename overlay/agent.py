@@ -74,6 +74,9 @@ class AgentConfig:
     vtep_mac: str | None = None
     # Calico's FeatureDetectOverride ChecksumOffloadBroken: auto (kernel <= 5.7), true, false.
     checksum_offload_broken: str = "auto"
+    # How often the underlay is detected again, to follow a new address or interface (Felix
+    # re-checks the parent every 10 s); 0 turns that off.
+    underlay_check_interval: float = 10.0
 
     @property
     def mtu_file(self) -> Path:
@@ -132,6 +135,11 @@ class Agent:
         self.tx_checksum_off = checksum_offload_broken(
             os.uname().release, cfg.checksum_offload_broken
         )
+        if not cfg.underlay_check_interval >= 0:  # also refuses NaN
+            raise ValueError(
+                f"underlay_check_interval: {cfg.underlay_check_interval!r} is not a number of "
+                "seconds >= 0"
+            )
         self._dataplane_cfg = DataplaneConfig(tx_checksum_off=self.tx_checksum_off)
         self._desired: Dataplane | None = None
         self._compute_cache = ComputeCache()  # per-peer pieces reused between views
@@ -141,6 +149,8 @@ class Agent:
         self._pools: list[IPPool] = []
         self._underlay: autodetect.Underlay | None = None
         self._underlay_mtu = 1500
+        self._underlay_missing = False  # the last check found no underlay (warned once)
+        self._register_lock = threading.Lock()
         self.reconciler: Reconciler | None = None
         self._ipam: IPAM | None = None
         self._store: ResourceStore | None = None
@@ -149,14 +159,16 @@ class Agent:
 
     # --- start-up ---------------------------------------------------------------------------
 
-    def _detect_underlay(self) -> None:
+    def _find_underlay(self) -> tuple[autodetect.Underlay, int]:
+        """The underlay (interface, address with prefix) and its MTU, as the host has them now."""
         from overlay.kernel import links
 
         interfaces = links.list_interfaces()
-        self._underlay = autodetect.detect(
-            self.cfg.autodetect, interfaces, route_lookup=links.route_lookup
-        )
-        self._underlay_mtu = autodetect.host_mtu(interfaces, underlay=self._underlay.interface)
+        found = autodetect.detect(self.cfg.autodetect, interfaces, route_lookup=links.route_lookup)
+        return found, autodetect.host_mtu(interfaces, underlay=found.interface)
+
+    def _detect_underlay(self) -> None:
+        self._underlay, self._underlay_mtu = self._find_underlay()
         log.info(
             "event=underlay_detected method=%s interface=%s address=%s mtu=%d",
             self.cfg.autodetect,
@@ -165,8 +177,57 @@ class Agent:
             self._underlay_mtu,
         )
 
+    def check_underlay(self, store: ResourceStore, ipam: IPAM) -> bool:
+        """Detect the underlay again (calico-node's address monitor, Felix's parent check).
+        When its interface, address or MTU moved: register the new address, so that peers
+        follow, and recompute our own dataplane (the tunnel device's parent and local
+        address, same-subnet routes, MTUs). True when it moved. A failed detection keeps
+        the last underlay: an interface that flaps must not take the node's address away."""
+        old, old_mtu = self._underlay, self._underlay_mtu
+        assert old is not None
+        try:
+            found, mtu = self._find_underlay()
+        except autodetect.AutodetectError as exc:
+            if not self._underlay_missing:
+                log.warning("event=underlay_check_failed keeping=%s error=%s", old.address, exc)
+            self._underlay_missing = True
+            return False
+        self._underlay_missing = False
+        # Text, not ==: netaddr's equality ignores the host bits of an address with prefix.
+        if (found.interface, str(found.address), mtu) == (old.interface, str(old.address), old_mtu):
+            return False
+        log.warning(
+            "event=underlay_changed interface=%s address=%s mtu=%d was_interface=%s "
+            "was_address=%s was_mtu=%d",
+            found.interface, found.address, mtu, old.interface, old.address, old_mtu,
+        )  # fmt: skip
+        self._underlay, self._underlay_mtu = found, mtu
+        try:
+            self.register(store, ipam)
+        except DatastoreError:
+            self._underlay, self._underlay_mtu = old, old_mtu  # seen as a change again next time
+            raise
+        if self.reconciler is not None:
+            self.reconciler.kick("underlay changed", drift=False, recompute=True)
+        return True
+
+    def _watch_underlay(self, store: ResourceStore, ipam: IPAM) -> None:
+        interval = self.cfg.underlay_check_interval
+        while not self.stop_event.wait(interval):
+            try:
+                self.check_underlay(store, ipam)
+            except DatastoreError as exc:
+                log.warning("event=register_failed error=%s", exc)
+            except Exception:  # the check must outlive any one failure
+                log.exception("event=underlay_check_error")
+
     def register(self, store: ResourceStore, ipam: IPAM) -> None:
-        """Create/update our Node and tunnel addresses; recompute MTU and the local node."""
+        """Create/update our Node and tunnel addresses; recompute MTU and the local node.
+        Called by the watch thread (pools changed) and the underlay check: one at a time."""
+        with self._register_lock:
+            self._register(store, ipam)
+
+    def _register(self, store: ResourceStore, ipam: IPAM) -> None:
         assert self._underlay is not None
         node = nodes.register_node(
             store, ipam, self.cfg.node_name, self._underlay.address, vtep_mac=self.cfg.vtep_mac
@@ -376,6 +437,10 @@ class Agent:
         threads = [
             threading.Thread(target=self.watcher.run, args=(self.stop_event,), daemon=True),
         ]
+        if self.cfg.underlay_check_interval > 0:
+            threads.append(
+                threading.Thread(target=self._watch_underlay, args=(store, ipam), daemon=True)
+            )
         monitor = Monitor(
             lambda reason: self.reconciler.kick(reason) if self.reconciler else None,
             # Exact deletions are repaired without re-reading the whole kernel.
@@ -492,6 +557,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="auto | true | false: turn TX checksum offload off on the tunnel devices "
         "(auto: on kernels up to 5.7, as Calico does)",
     )
+    p.add_argument(
+        "--underlay-check-interval",
+        type=float,
+        default=AgentConfig.underlay_check_interval,
+        help="seconds between checks for a new underlay address or interface (0: never)",
+    )
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-level", default="info")
@@ -517,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         mtu=args.mtu,
         vtep_mac=args.vtep_mac,
         checksum_offload_broken=args.checksum_offload_broken,
+        underlay_check_interval=args.underlay_check_interval,
     )
     try:
         agent = Agent(cfg)

@@ -113,6 +113,7 @@ class Reconciler:
         self._dirty = False
         self._need_read = True  # nothing known about the kernel yet
         self._drift_kicked = False
+        self._recompute = False  # compute()'s other inputs changed: the view alone did not
         self._gone: list[GoneKey] = []  # deleted behind our back, known exactly: no re-read
         self._next_attempt = 0.0
         self._stats = ReconcilerStats()
@@ -132,13 +133,21 @@ class Reconciler:
             self._cond.notify_all()
 
     def kick(
-        self, reason: str, *, drift: bool = True, gone: Sequence[GoneKey] | None = None
+        self,
+        reason: str,
+        *,
+        drift: bool = True,
+        gone: Sequence[GoneKey] | None = None,
+        recompute: bool = False,
     ) -> None:
         """Ask for a pass. `drift`: the kernel changed behind us, so re-read it first, unless
-        `gone` names exactly what was deleted: then forget those objects and skip the read."""
+        `gone` names exactly what was deleted: then forget those objects and skip the read.
+        `recompute`: what compute() depends on besides the view changed (this node's
+        underlay), so the desired state of the current view is computed again."""
         log.debug("kick reason=%r drift=%s gone=%d", reason, drift, len(gone or ()))
         with self._cond:
             self._dirty = True
+            self._recompute = self._recompute or recompute
             if drift:
                 self._drift_kicked = True
                 if gone is None:
@@ -207,8 +216,11 @@ class Reconciler:
             read = self._need_read or resync_due or self._actual is None
             drift_check = self._drift_kicked or resync_due
             gone, self._gone = self._gone, []
+            recompute, self._recompute = self._recompute, False
             self._dirty = self._need_read = self._drift_kicked = False
 
+        if recompute:
+            self._computed = None  # also for the retries, should this pass fail
         ops: list[Op] = []
         try:
             if read:
@@ -216,7 +228,7 @@ class Reconciler:
                 self._last_read = self._clock()
             elif gone and self._actual is not None:
                 lost = forget(self._actual, gone)
-                if not lost and view is self._applied_view:
+                if not lost and view is self._applied_view and not recompute:
                     # Only our own deletions echoed back by the monitor: nothing to do.
                     return Outcome.IDLE
             actual = self._actual

@@ -163,6 +163,36 @@ def test_compute_error_is_counted_and_does_not_touch_the_kernel() -> None:
     assert rec.stats().last_error == "ValueError: bad pool p9"
 
 
+def test_a_recompute_kick_follows_a_new_underlay_with_the_same_view() -> None:
+    # The agent's underlay moved (new address and interface): the view is the same object,
+    # but compute's other input changed, and a kick with recompute must not reuse the last
+    # desired state, not even on the retry after a failed pass.
+    local = {"me": me()}
+    kernel = FakeKernel(links=("lo", "eth0", "eth1"))
+    rec = Reconciler(
+        kernel, lambda v: compute(v, local["me"], DataplaneConfig()), clock=FakeClock()
+    )
+    view = standard_view(pool(CROSS))
+    first_sync(rec, view)
+    moved = me(underlay_iface="eth1", underlay=IPNetwork("10.0.1.99/24"))
+    local["me"] = moved
+    rec.kick("nothing new", drift=False)  # a plain kick reuses what it computed
+    assert rec.run_once() is Outcome.SYNCED and rec.stats().last_ops == 0
+    rec.kick("underlay changed", drift=False, recompute=True)
+    kernel.fail_next("read")
+    rec.kick("route deleted")  # a re-read that fails: the retry must still recompute
+    assert rec.run_once() is Outcome.FAILED
+    rec._next_attempt = 0.0  # skip the backoff wait
+    assert rec.run_once() is Outcome.SYNCED
+    while rec.stats().dirty:
+        assert rec.run_once() is Outcome.SYNCED
+    want = compute(view, moved, DataplaneConfig())
+    assert plan(want, kernel.read()) == []
+    dev = kernel.devices[VXLAN_DEVICE]
+    assert isinstance(dev, VxlanDevice)
+    assert (dev.parent, str(dev.local)) == ("eth1", "10.0.1.99")
+
+
 def test_device_change_is_followed_by_a_reread_pass() -> None:
     rec, kernel, _ = make()
     view = standard_view(pool(ALWAYS))

@@ -1,0 +1,112 @@
+"""Agent.check_underlay(): when the underlay counts as moved, and what a failure keeps.
+
+The host side is stubbed here (no interfaces are read): `_find_underlay` returns what a
+detection would find and `register` records its calls. The whole path on a real kernel,
+with peers following, is netns_tests/test_underlay_change.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import netaddr
+import pytest
+
+from ipam.datastore.base import DatastoreError
+from overlay import autodetect
+from overlay.agent import Agent, AgentConfig
+from overlay.autodetect import Underlay
+
+ETH0 = Underlay("eth0", netaddr.IPNetwork("192.168.1.12/24"))
+
+
+class Host:
+    """What detection finds next, and the registrations the agent made."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.found: tuple[Underlay, int] | Exception = (ETH0, 1500)
+        self.registered: list[tuple[str | None, str, int]] = []
+        self.fail_register: Exception | None = None
+        agent._underlay, agent._underlay_mtu = ETH0, 1500
+        agent._find_underlay = self.find  # type: ignore[method-assign]
+        agent.register = self.register  # type: ignore[method-assign,assignment]
+        self.agent = agent
+
+    def find(self) -> tuple[Underlay, int]:
+        if isinstance(self.found, Exception):
+            raise self.found
+        return self.found
+
+    def register(self, _store: object, _ipam: object) -> None:
+        if self.fail_register is not None:
+            raise self.fail_register
+        u = self.agent._underlay
+        assert u is not None
+        self.registered.append((u.interface, str(u.address), self.agent._underlay_mtu))
+
+    def check(self) -> bool:
+        return self.agent.check_underlay(None, None)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(Agent(AgentConfig("n1", "memory://", tmp_path, str(tmp_path / "cni.sock"))))
+
+
+def test_nothing_moved_registers_nothing(host: Host) -> None:
+    assert not host.check()
+    assert host.registered == []
+
+
+@pytest.mark.parametrize(
+    ("found", "why"),
+    [
+        ((Underlay("eth0", netaddr.IPNetwork("192.168.1.77/24")), 1500), "new host part"),
+        ((Underlay("eth0", netaddr.IPNetwork("192.168.1.12/25")), 1500), "new prefix"),
+        ((Underlay("eth1", netaddr.IPNetwork("192.168.1.12/24")), 1500), "new interface"),
+        ((ETH0, 9000), "new MTU"),
+    ],
+)
+def test_any_move_registers_the_new_underlay(
+    host: Host, found: tuple[Underlay, int], why: str
+) -> None:
+    host.found = found
+    assert host.check(), why
+    assert host.registered == [(found[0].interface, str(found[0].address), found[1])]
+    assert not host.check()  # registered once, then steady
+
+
+def test_a_failed_detection_keeps_the_underlay_and_warns_once(
+    host: Host, caplog: pytest.LogCaptureFixture
+) -> None:
+    host.found = autodetect.AutodetectError("cidr=192.168.1.0/24: no address in it")
+    with caplog.at_level(logging.WARNING):
+        assert not host.check()
+        assert not host.check()
+    assert host.registered == []
+    assert host.agent._underlay == ETH0
+    assert [r.message for r in caplog.records].count(
+        "event=underlay_check_failed keeping=192.168.1.12/24 "
+        "error=cidr=192.168.1.0/24: no address in it"
+    ) == 1
+
+
+def test_a_datastore_error_keeps_the_old_underlay_so_the_next_check_retries(host: Host) -> None:
+    moved = Underlay("eth1", netaddr.IPNetwork("192.168.1.77/24"))
+    host.found = (moved, 1500)
+    host.fail_register = DatastoreError("database is locked")
+    with pytest.raises(DatastoreError):
+        host.check()
+    assert host.agent._underlay == ETH0
+    host.fail_register = None
+    assert host.check()
+    assert host.registered == [("eth1", "192.168.1.77/24", 1500)]
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan])
+def test_a_bad_check_interval_is_refused_naming_it(tmp_path: Path, bad: float) -> None:
+    cfg = AgentConfig("n1", "memory://", tmp_path, str(tmp_path / "s"), underlay_check_interval=bad)
+    with pytest.raises(ValueError, match=rf"underlay_check_interval: {bad!r} is not a number"):
+        Agent(cfg)
