@@ -339,7 +339,7 @@ def has_route(sock: socket.socket, dst: netaddr.IPNetwork) -> bool:
     """Whether our route to `dst` is in the main table: one `ip route get fibmatch` request,
     not a dump (a 50k-route dump every few ms would take a core from the agent)."""
     body = nlmsg.RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
-    body += nlmsg._attr(nlmsg.RTA_DST, dst.first.to_bytes(4, "big"))
+    body += nlmsg.attr(nlmsg.RTA_DST, dst.first.to_bytes(4, "big"))
     sock.send(nlmsg.NLMSG_HDR.pack(16 + len(body), nlmsg.RTM_GETROUTE, 1, 1, 0) + body)
     for msg_type, _flags, _seq, payload in nlmsg.iter_messages(sock.recv(65536)):
         if msg_type == nlmsg.RTM_NEWROUTE:

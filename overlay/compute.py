@@ -26,6 +26,9 @@ Design notes (why it looks like this):
   result never depends on the history (a property test holds it to a fresh compute).
 - Duplicate VXLAN tunnel addresses or VTEP MACs would make neighbour/FDB entries flap: our
   own always win, else the node first by name; the others get no VTEP, and say why.
+- Tunnel ingress filter (Calico's all-vxlan-net / all-hosts-net): while a tunnel device
+  exists, its packets are accepted from the underlay addresses of the cluster's nodes only,
+  and never from our pods. The address set is kept with reference counts, like the rest.
 - IPv4 only for now: IPv6 pools and blocks are ignored.
 """
 
@@ -56,6 +59,7 @@ from overlay.model import (
     Path,
     PeerPath,
     Route,
+    TunnelFilter,
     VxlanDevice,
 )
 from overlay.view import BlockInfo, ClusterView, vtep_mac
@@ -254,6 +258,8 @@ class ComputeCache:
         self.l2: dict[str, tuple[Neighbour, FdbEntry]] = {}
         self.neighbours: set[Neighbour] = set()
         self.fdb: set[FdbEntry] = set()
+        # Underlay addresses of every node (ours too), counted: two nodes may share one.
+        self.host_refs: dict[netaddr.IPAddress, int] = {}
         # Peers for introspection: (node, pool) pairs some block routes through, sorted.
         self.peer_refs: dict[_PeerKey, int] = {}
         self.peer_paths: dict[_PeerKey, PeerPath] = {}
@@ -335,7 +341,19 @@ class ComputeCache:
             nexthops=set(self.nexthop_refs),
             routes=set(self.routes),
             nat=nat,
+            tunnel_filter=self._tunnel_filter(devices),
         )
+
+    def _tunnel_filter(self, devices: dict[str, Device]) -> TunnelFilter | None:
+        """Filter each tunnel we have a device for; no device, no filter (Calico's rules
+        exist only while the encapsulation is in use)."""
+        vxlan = devices.get(VXLAN_DEVICE)
+        port = vxlan.port if isinstance(vxlan, VxlanDevice) else None
+        ipip = IPIP_DEVICE in devices
+        if port is None and not ipip:
+            return None
+        # frozenset() of a dict reuses the keys' stored hashes.
+        return TunnelFilter(frozenset(self.host_refs), port, ipip)
 
     def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
         """Enabled pools (new pods may land in them any moment) and the ones holding blocks
@@ -355,14 +373,22 @@ class ComputeCache:
         changed = {name for name, _ in current.items() ^ self.node_ids.items()}
         self.node_ids = current
         touched = set(changed)
+        hosts = self.host_refs
         for name in changed:
             old = self.nodes.pop(name, None)
             if old is not None:
                 touched |= self._claim(name, old.candidate, add=False)
+                if old.underlay is not None:
+                    if hosts[old.underlay] == 1:
+                        del hosts[old.underlay]
+                    else:
+                        hosts[old.underlay] -= 1
             node = view.nodes.get(name)
             if node is not None:
                 piece = self.nodes[name] = _node_piece(name, node)
                 touched |= self._claim(name, piece.candidate, add=True)
+                if piece.underlay is not None:
+                    hosts[piece.underlay] = hosts.get(piece.underlay, 0) + 1
         for name in touched:
             self._resolve_vtep(name)
         return touched

@@ -21,6 +21,9 @@ VXLAN_PORT = 4789
 VXLAN_OVERHEAD = 50
 IPIP_OVERHEAD = 20
 
+# Host-side names of pod interfaces (cni/pod.py VETH_PREFIX; Calico's InterfacePrefix).
+WORKLOAD_IFACE_PREFIX = "cali"
+
 # Route/nexthop protocol that marks an object as ours (Calico's exclusive protocol is 80 too).
 RT_PROTO = 80
 MAIN_TABLE = 254
@@ -151,6 +154,28 @@ class NatOutgoing:
 
 
 @dataclass(frozen=True)
+class TunnelFilter:
+    """Who may send us tunnelled packets (Calico's all-vxlan-net / all-hosts-net rules):
+    VXLAN (UDP `vxlan_port`) and IP-in-IP (IP protocol 4) are accepted only from the
+    underlay addresses of cluster nodes, and never from our pods, whose traffic NAT-outgoing
+    would otherwise send out with this node's address. Anyone else who can reach the port
+    could inject packets into pods: VXLAN and IP-in-IP carry no authentication."""
+
+    hosts: frozenset[netaddr.IPAddress]
+    vxlan_port: int | None  # None: no VXLAN device, nothing to filter
+    ipip: bool
+
+
+@dataclass(frozen=True)
+class TunnelHosts:
+    """A change of TunnelFilter.hosts alone, made in place (at 50k nodes, rewriting the
+    whole set for each node that comes or goes would cost ~0.2 s of nft every time)."""
+
+    add: frozenset[netaddr.IPAddress]
+    remove: frozenset[netaddr.IPAddress]
+
+
+@dataclass(frozen=True)
 class PeerPath:
     """For introspection: the path chosen to a peer, and why."""
 
@@ -180,6 +205,7 @@ class Dataplane:
     # settled() knows it is true.
     nhids_verified: bool = False
     nat: NatOutgoing | None = None
+    tunnel_filter: TunnelFilter | None = None
     # Desired only; empty from ComputeCache.update(peers=False) (see ComputeCache.peers()).
     peers: list[PeerPath] = field(default_factory=list)
 
@@ -208,5 +234,15 @@ class Op(NamedTuple):
     (A tuple: a first pass makes one per kernel object, 200k at 50k peers.)"""
 
     action: Action
-    obj: VxlanDevice | IpipDevice | Neighbour | FdbEntry | Nexthop | Route | NatOutgoing
+    obj: (
+        VxlanDevice
+        | IpipDevice
+        | Neighbour
+        | FdbEntry
+        | Nexthop
+        | Route
+        | NatOutgoing
+        | TunnelFilter
+        | TunnelHosts
+    )
     nhid: int | None = None

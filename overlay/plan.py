@@ -42,6 +42,7 @@ from overlay.model import (
     NexthopKey,
     Op,
     Route,
+    TunnelHosts,
 )
 
 # First nexthop id we hand out. High, so ids that people or other tools pick by hand
@@ -131,6 +132,20 @@ def plan(
         else:
             deletes.append(Op(Action.DELETE, actual.nat))  # type: ignore[arg-type]
 
+    # The tunnel ingress filter: one nftables table; when only its address set differs,
+    # the addresses are added and removed in place.
+    want_f, have_f = desired.tunnel_filter, actual.tunnel_filter
+    filter_delete = []
+    if want_f != have_f:
+        if want_f is None:
+            assert have_f is not None
+            filter_delete.append(Op(Action.DELETE, have_f))  # after the devices, below
+        elif have_f is None or (want_f.vxlan_port, want_f.ipip) != (have_f.vxlan_port, have_f.ipip):
+            sets.append(Op(Action.SET, want_f))
+        else:
+            change = TunnelHosts(want_f.hosts - have_f.hosts, have_f.hosts - want_f.hosts)
+            sets.append(Op(Action.SET, change))
+
     # 6.-8.
     deletes += nh_deletes
     deletes += [Op(Action.DELETE, n) for n in neigh_deletes]
@@ -140,7 +155,7 @@ def plan(
         for name in sorted(actual.devices)
         if name not in desired.devices
     ]
-    return sets + deletes
+    return sets + deletes + filter_delete
 
 
 def _nhid_in(actual: Dataplane, route: Route) -> int | None:
@@ -228,6 +243,7 @@ def settled(
         routes=set(desired.routes),
         foreign_nexthop_ids=set(actual.foreign_nexthop_ids),
         nat=desired.nat,
+        tunnel_filter=desired.tunnel_filter,
         nhids_verified=True,
     )
 

@@ -22,6 +22,7 @@ from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensu
 from overlay.kernel.ethtool import Ethtool
 from overlay.kernel.nat import NatError, apply_nat, read_nat
 from overlay.kernel.reader import read_dataplane
+from overlay.kernel.tunnel_filter import FilterError, apply_filter, apply_hosts, read_filter
 from overlay.model import (
     IPIP_DEVICE,
     RT_PROTO,
@@ -35,6 +36,8 @@ from overlay.model import (
     Nexthop,
     Op,
     Route,
+    TunnelFilter,
+    TunnelHosts,
     VxlanDevice,
 )
 
@@ -88,6 +91,10 @@ def describe(op: Op) -> str:
         return f"event=fdb_{verb} dev={obj.dev} mac={obj.mac} dst={obj.dst}"
     if isinstance(obj, NatOutgoing):
         return f"event=nat_{verb}"
+    if isinstance(obj, TunnelFilter):
+        return f"event=tunnel_filter_{verb} vxlan_port={obj.vxlan_port} ipip={obj.ipip}"
+    if isinstance(obj, TunnelHosts):
+        return f"event=tunnel_filter_hosts_set added={len(obj.add)} removed={len(obj.remove)}"
     return f"event=device_{verb} dev={obj.name}"
 
 
@@ -138,6 +145,7 @@ class Kernel:
     def read(self) -> Dataplane:
         dp = read_dataplane(self._sock, self.device_names, self.supports_nexthops(), self._ethtool)
         dp.nat = read_nat(self.netns)
+        dp.tunnel_filter = read_filter(self.netns)
         return dp
 
     # --- apply -----------------------------------------------------------------------------
@@ -146,25 +154,34 @@ class Kernel:
         nexthops = self.supports_nexthops()
         links = {name: i for i, name in self._sock.links().items()}
         run: list[Op] = []
+        tables: list[Op] = []  # nftables: after the routes, which matter more and go faster
         for op in ops:
             if isinstance(op.obj, (VxlanDevice, IpipDevice)):  # a tuple: faster than a union
                 self._apply_batch(run, links, nexthops, result)
                 run = []
                 self._apply_device(op, result)
                 links = {name: i for i, name in self._sock.links().items()}
-            elif isinstance(op.obj, NatOutgoing):
-                self._apply_nat(op, result)
+            elif isinstance(op.obj, (NatOutgoing, TunnelFilter, TunnelHosts)):
+                tables.append(op)
             else:
                 run.append(op)
         self._apply_batch(run, links, nexthops, result)
+        for op in tables:
+            self._apply_table(op, result)
         return result
 
-    def _apply_nat(self, op: Op, result: ApplyResult) -> None:
-        assert isinstance(op.obj, NatOutgoing)
+    def _apply_table(self, op: Op, result: ApplyResult) -> None:
+        obj = op.obj
         try:
-            apply_nat(op.obj if op.action is Action.SET else None, self.netns)
+            if isinstance(obj, NatOutgoing):
+                apply_nat(obj if op.action is Action.SET else None, self.netns)
+            elif isinstance(obj, TunnelFilter):
+                apply_filter(obj if op.action is Action.SET else None, self.netns)
+            else:
+                assert isinstance(obj, TunnelHosts)
+                apply_hosts(obj, self.netns)
             result.done += 1
-        except NatError as exc:
+        except (NatError, FilterError) as exc:
             self._fail(op, errno.EIO, str(exc), result)
 
     def _apply_device(self, op: Op, result: ApplyResult) -> None:

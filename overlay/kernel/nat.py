@@ -8,36 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 from collections.abc import Iterable
 
 import netaddr
 
+from overlay.kernel import nft
 from overlay.model import NatOutgoing
 
 log = logging.getLogger("overlay.kernel")
 
 FAMILY = "ip"
 TABLE = "overlay-nat"
-NFT_TIMEOUT_S = 10.0
 
 
 class NatError(Exception):
     pass
-
-
-def _nft(
-    args: list[str], netns: str | None, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    return subprocess.run(
-        [*prefix, "nft", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=NFT_TIMEOUT_S,
-        check=False,
-    )
 
 
 def _v4(nets: Iterable[netaddr.IPNetwork]) -> list[netaddr.IPNetwork]:
@@ -73,7 +58,7 @@ def render(nat: NatOutgoing | None) -> str:
 
 def apply_nat(nat: NatOutgoing | None, netns: str | None = None) -> None:
     script = render(nat)
-    proc = _nft(["-f", "-"], netns, script)
+    proc = nft.run(["-f", "-"], netns, script)
     if proc.returncode != 0:
         raise NatError(f"nft -f - failed (rc={proc.returncode}): {proc.stderr.strip()}")
     if nat is None or not _v4(nat.sources):
@@ -104,9 +89,9 @@ def _parse_elem(elem: object) -> list[netaddr.IPNetwork]:
 
 def read_nat(netns: str | None = None) -> NatOutgoing | None:
     """Our NAT-outgoing state, or None when the table is absent."""
-    proc = _nft(["-j", "list", "table", FAMILY, TABLE], netns)
+    proc = nft.run(["-j", "list", "table", FAMILY, TABLE], netns)
     if proc.returncode != 0:
-        if "No such file or directory" in proc.stderr:
+        if nft.missing_table(proc):
             return None
         raise NatError(f"nft list table failed (rc={proc.returncode}): {proc.stderr.strip()}")
     sets: dict[str, frozenset[netaddr.IPNetwork]] = {}

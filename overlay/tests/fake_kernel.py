@@ -30,10 +30,12 @@ from overlay.model import (
     NexthopKey,
     Op,
     Route,
+    TunnelFilter,
+    TunnelHosts,
     VxlanDevice,
 )
 
-KINDS = ("device", "neighbour", "fdb", "nexthop", "route", "nat")
+KINDS = ("device", "neighbour", "fdb", "nexthop", "route", "nat", "filter")
 
 
 @dataclass
@@ -62,6 +64,8 @@ def kind_of(obj: object) -> str:
         return "route"
     if isinstance(obj, NatOutgoing):
         return "nat"
+    if isinstance(obj, TunnelFilter | TunnelHosts):
+        return "filter"
     raise TypeError(f"not a dataplane object: {obj!r}")
 
 
@@ -80,6 +84,7 @@ class FakeKernel:
         self.nexthops_supported = nexthops_supported
         self.devices: dict[str, Device] = {}
         self.nat: NatOutgoing | None = None
+        self.tunnel_filter: TunnelFilter | None = None
         self.neighbours: dict[Hashable, _Entry] = {}
         self.fdb: dict[Hashable, _Entry] = {}
         self.nexthops: dict[int, _Entry] = {}
@@ -114,6 +119,7 @@ class FakeKernel:
             if e.nhid is not None:
                 dp.route_nhids[route] = e.nhid
         dp.nat = self.nat
+        dp.tunnel_filter = self.tunnel_filter
         return dp
 
     def apply(self, ops: list[Op]) -> FakeApplyResult:
@@ -238,6 +244,16 @@ class FakeKernel:
         obj = op.obj
         if isinstance(obj, NatOutgoing):  # one table, replaced whole
             self.nat = obj if op.action is Action.SET else None
+            return
+        if isinstance(obj, TunnelFilter):  # one table, replaced whole
+            self.tunnel_filter = obj if op.action is Action.SET else None
+            return
+        if isinstance(obj, TunnelHosts):  # set elements, like nft: the table must exist
+            f = self.tunnel_filter
+            if f is None:
+                raise KernelError(errno.ENOENT, "no table overlay-filter")
+            hosts = (f.hosts | obj.add) - obj.remove
+            self.tunnel_filter = dataclasses.replace(f, hosts=hosts)
             return
         if op.action is Action.SET:
             self._set(obj, op.nhid)

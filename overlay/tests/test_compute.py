@@ -17,6 +17,7 @@ from overlay.compute import (
 from overlay.model import (
     IPIP_DEVICE,
     VXLAN_DEVICE,
+    VXLAN_PORT,
     FdbEntry,
     IpipDevice,
     NatOutgoing,
@@ -24,6 +25,7 @@ from overlay.model import (
     NexthopKey,
     Path,
     Route,
+    TunnelFilter,
     VxlanDevice,
 )
 from overlay.tests.scenarios import LAYOUT, desired, me, node, pool, standard_view
@@ -428,3 +430,28 @@ def test_enabled_ipv6_pools_are_the_unrouted_ones() -> None:
     v6 = pool(EncapMode.ALWAYS, name="v6", cidr=IPNetwork("fd00::/48"))
     off = pool(EncapMode.ALWAYS, name="v6-off", cidr=IPNetwork("fd01::/48"), disabled=True)
     assert unrouted_pools([v4, v6, off]) == [v6]
+
+
+def test_the_tunnel_filter_admits_every_node_address_for_the_tunnels_in_use() -> None:
+    everyone = frozenset(IPAddress(u.split("/")[0]) for u, _v, _i, _b in LAYOUT.values())
+    vxlan = desired(standard_view(pool(EncapMode.CROSS_SUBNET)))
+    assert vxlan.tunnel_filter == TunnelFilter(everyone, VXLAN_PORT, ipip=False)
+    ipip = desired(standard_view(pool(ipip=EncapMode.ALWAYS)))
+    assert ipip.tunnel_filter == TunnelFilter(everyone, None, ipip=True)
+    assert desired(standard_view(pool())).tunnel_filter is None  # no tunnel, no filter
+    # Two nodes on one address: it stays admitted until both are gone.
+    a, b = node("a"), node("b")
+    twin = Node(name="b2", ipv4_address=IPNetwork("10.0.1.6/24"))
+    p = pool(EncapMode.ALWAYS)
+    cache = ComputeCache()
+    first = compute(
+        ClusterView(nodes=[a, b, twin], pools=(p,), blocks=[]), me(), DataplaneConfig(), cache
+    )
+    assert first.tunnel_filter is not None and IPAddress("10.0.1.6") in first.tunnel_filter.hosts
+    fewer = ClusterView(nodes=[a, twin], pools=(p,), blocks=[])
+    second = compute(fewer, me(), DataplaneConfig(), cache).tunnel_filter
+    assert second is not None and IPAddress("10.0.1.6") in second.hosts
+    alone = ClusterView(nodes=[a], pools=(p,), blocks=[])
+    third = compute(alone, me(), DataplaneConfig(), cache).tunnel_filter
+    assert third == TunnelFilter(frozenset({IPAddress("10.0.1.5")}), VXLAN_PORT, ipip=False)
+    assert third == compute(alone, me(), DataplaneConfig()).tunnel_filter  # no history

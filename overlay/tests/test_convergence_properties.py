@@ -27,6 +27,8 @@ from overlay.model import (
     NexthopKey,
     Op,
     Route,
+    TunnelFilter,
+    TunnelHosts,
     VxlanDevice,
 )
 from overlay.plan import NHID_BASE, device_matches, may_recreate, plan, wanted_nexthops
@@ -266,6 +268,9 @@ def assert_only_differences_touched(want: Dataplane, actual: Dataplane, ops: lis
         obj = op.obj
         if isinstance(obj, NatOutgoing):  # one whole table: touched only when it differs
             assert (want.nat and want.nat.normalized()) != (actual.nat and actual.nat.normalized())
+            continue
+        if isinstance(obj, TunnelFilter | TunnelHosts):  # likewise
+            assert want.tunnel_filter != actual.tunnel_filter
             continue
         if op.action is Action.DELETE:
             if isinstance(obj, Nexthop):

@@ -49,7 +49,7 @@ def test_plan_of_state_as_read_is_empty() -> None:
     assert plan(want, kernel.read()) == []
 
 
-def test_first_plan_order_is_devices_l2_nexthops_routes() -> None:
+def test_first_plan_order_is_devices_l2_nexthops_routes_then_the_filter() -> None:
     ops = plan(desired(standard_view(pool(CROSS))), Dataplane())
     assert kinds(ops) == [
         ("set", "VxlanDevice"),
@@ -57,6 +57,7 @@ def test_first_plan_order_is_devices_l2_nexthops_routes() -> None:
         ("set", "FdbEntry"),
         ("set", "Nexthop"),
         ("set", "Route"),
+        ("set", "TunnelFilter"),
     ]
     nh_ids = {op.obj.key: op.obj.id for op in ops if isinstance(op.obj, Nexthop)}
     for op in ops:
@@ -64,7 +65,7 @@ def test_first_plan_order_is_devices_l2_nexthops_routes() -> None:
             assert op.nhid == (nh_ids[op.obj.nexthop] if op.obj.nexthop else None)
 
 
-def test_teardown_order_is_routes_nexthops_l2_devices() -> None:
+def test_teardown_order_is_routes_nexthops_l2_devices_then_the_filter() -> None:
     kernel = FakeKernel()
     converge(kernel, desired(standard_view(pool(ALWAYS))))
     ops = converge(kernel, Dataplane())
@@ -74,6 +75,7 @@ def test_teardown_order_is_routes_nexthops_l2_devices() -> None:
         ("delete", "Neighbour"),
         ("delete", "FdbEntry"),
         ("delete", "VxlanDevice"),
+        ("delete", "TunnelFilter"),
     ]
     assert kernel.read() == Dataplane()
     assert kernel.missing_deletes == 0

@@ -7,11 +7,11 @@ from collections.abc import Callable
 from functools import partial
 
 import pytest
-from netaddr import IPNetwork
+from netaddr import IPAddress, IPNetwork
 
 from ipam.model import EncapMode
 from overlay.compute import DataplaneConfig, compute
-from overlay.model import VXLAN_DEVICE, Action, Dataplane, Route, VxlanDevice
+from overlay.model import VXLAN_DEVICE, Action, Dataplane, Route, TunnelHosts, VxlanDevice
 from overlay.plan import plan
 from overlay.reconciler import Outcome, Reconciler
 from overlay.tests.fake_kernel import FakeKernel
@@ -83,7 +83,11 @@ def test_view_update_applies_only_the_difference_without_rereading() -> None:
     assert rec.run_once() is Outcome.SYNCED
     assert kernel.reads == reads
     new_ops = [op for op, _ in kernel.log[logged:]]
-    assert new_ops and all(op.action is Action.DELETE for op in new_ops)
+    gone = IPAddress("10.0.1.8")  # d's underlay address: it leaves the tunnel filter
+    filters = [op.obj for op in new_ops if isinstance(op.obj, TunnelHosts)]
+    assert filters == [TunnelHosts(add=frozenset(), remove=frozenset({gone}))]
+    others = [op for op in new_ops if not isinstance(op.obj, TunnelHosts)]
+    assert others and all(op.action is Action.DELETE for op in others)
     assert converged(kernel, view2)
 
 

@@ -1,0 +1,147 @@
+"""The tunnel ingress filter with nftables: one table `ip overlay-filter`.
+
+What Calico's static INPUT rules do for VXLAN and IP-in-IP, in one table of our own:
+- VXLAN (UDP to the VXLAN port) and IP-in-IP (IP protocol 4) addressed to this node are
+  dropped unless they come from the address set `hosts`, the cluster nodes' underlay
+  addresses: VXLAN and IP-in-IP carry no authentication, so anyone who can reach the port
+  could otherwise put packets into our pods.
+- Both are dropped when they come from a pod (an interface named cali*), to this node
+  (input) or through it (forward): NAT-outgoing would send them on with this node's
+  address, which every other node trusts.
+The chains only ever drop, so another firewall's verdicts stand. Each rule carries a
+comment naming it; the reader rebuilds the model from the set and those comments, so a
+deleted rule, set or table reads back as different and is written again. Changes of the
+address set alone are made element by element (`add element` / `delete element`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+
+import netaddr
+
+from overlay.kernel import nft
+from overlay.model import WORKLOAD_IFACE_PREFIX, TunnelFilter, TunnelHosts
+
+log = logging.getLogger("overlay.kernel")
+
+FAMILY = "ip"
+TABLE = "overlay-filter"
+IPPROTO_IPIP = 4
+
+
+class FilterError(Exception):
+    pass
+
+
+def _rules(f: TunnelFilter) -> list[tuple[str, str, str]]:
+    """(chain, match, comment) of every rule the filter needs."""
+    pods = f'iifname "{WORKLOAD_IFACE_PREFIX}*"'
+    out = []
+    if f.vxlan_port is not None:
+        vxlan = f"udp dport {f.vxlan_port}"
+        out += [
+            ("input", f"{pods} {vxlan}", f"vxlan {f.vxlan_port} from pods"),
+            ("input", f"{vxlan} ip saddr != @hosts", f"vxlan {f.vxlan_port} from unknown hosts"),
+            ("forward", f"{pods} {vxlan}", f"vxlan {f.vxlan_port} from pods"),
+        ]
+    if f.ipip:
+        ipip = f"ip protocol {IPPROTO_IPIP}"
+        out += [
+            ("input", f"{pods} {ipip}", "ipip from pods"),
+            ("input", f"{ipip} ip saddr != @hosts", "ipip from unknown hosts"),
+            ("forward", f"{pods} {ipip}", "ipip from pods"),
+        ]
+    return out
+
+
+def _elements(hosts: Iterable[netaddr.IPAddress]) -> str:
+    return ", ".join(sorted(str(h) for h in hosts))
+
+
+def render(f: TunnelFilter | None) -> str:
+    """The nft script that replaces our table (and only deletes it when `f` is None)."""
+    # "add" then "delete" makes the delete succeed whether or not the table existed; the
+    # whole script is one transaction, so the rules never disappear in between.
+    head = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
+    if f is None:
+        return head
+    elements = f" elements = {{ {_elements(f.hosts)} }};" if f.hosts else ""
+    lines = [f"table {FAMILY} {TABLE} {{", f"  set hosts {{ type ipv4_addr;{elements} }}"]
+    rules = _rules(f)
+    for chain in ("input", "forward"):
+        lines.append(f"  chain {chain} {{")
+        lines.append(f"    type filter hook {chain} priority filter; policy accept;")
+        lines += [f'    {match} drop comment "{c}"' for ch, match, c in rules if ch == chain]
+        lines.append("  }")
+    lines.append("}")
+    return head + "\n".join(lines) + "\n"
+
+
+def render_hosts(change: TunnelHosts) -> str:
+    """The nft script that adds and removes set elements in place."""
+    script = ""
+    if change.add:
+        script += f"add element {FAMILY} {TABLE} hosts {{ {_elements(change.add)} }}\n"
+    if change.remove:
+        script += f"delete element {FAMILY} {TABLE} hosts {{ {_elements(change.remove)} }}\n"
+    return script
+
+
+def apply_filter(f: TunnelFilter | None, netns: str | None = None) -> None:
+    _run(render(f), netns)
+    if f is None:
+        log.info("event=tunnel_filter_deleted table=%s", TABLE)
+    else:
+        log.info(
+            "event=tunnel_filter_set table=%s vxlan_port=%s ipip=%s hosts=%d",
+            TABLE, f.vxlan_port, f.ipip, len(f.hosts),
+        )  # fmt: skip
+
+
+def apply_hosts(change: TunnelHosts, netns: str | None = None) -> None:
+    script = render_hosts(change)
+    if script:
+        _run(script, netns)
+    log.info(
+        "event=tunnel_filter_hosts_set table=%s added=%s removed=%s",
+        TABLE, _elements(change.add).replace(" ", ""), _elements(change.remove).replace(" ", ""),
+    )  # fmt: skip
+
+
+def _run(script: str, netns: str | None) -> None:
+    proc = nft.run(["-f", "-"], netns, script)
+    if proc.returncode != 0:
+        raise FilterError(f"nft -f - failed (rc={proc.returncode}): {proc.stderr.strip()}")
+
+
+def read_filter(netns: str | None = None) -> TunnelFilter | None:
+    """Our filter as the kernel holds it, or None when the table is absent. A tunnel
+    counts as filtered only when all three of its rules are there."""
+    proc = nft.run(["-j", "list", "table", FAMILY, TABLE], netns)
+    if nft.missing_table(proc):
+        return None
+    if proc.returncode != 0:
+        raise FilterError(f"nft list table failed (rc={proc.returncode}): {proc.stderr.strip()}")
+    hosts: frozenset[netaddr.IPAddress] = frozenset()
+    found: set[tuple[str, str]] = set()
+    ports: set[int] = set()
+    for item in json.loads(proc.stdout).get("nftables", []):
+        s = item.get("set")
+        if s and s.get("table") == TABLE and s.get("name") == "hosts":
+            hosts = frozenset(netaddr.IPAddress(e) for e in s.get("elem", []) if isinstance(e, str))
+        r = item.get("rule")
+        if r and r.get("table") == TABLE and isinstance(r.get("comment"), str):
+            found.add((r["chain"], r["comment"]))
+            words = r["comment"].split()
+            if len(words) > 1 and words[0] == "vxlan" and words[1].isdigit():
+                ports.add(int(words[1]))
+
+    def complete(f: TunnelFilter) -> bool:
+        return {(chain, c) for chain, _, c in _rules(f)} <= found
+
+    port = next((p for p in sorted(ports) if complete(TunnelFilter(hosts, p, False))), None)
+    ipip = complete(TunnelFilter(hosts, None, True))
+    return TunnelFilter(hosts, port, ipip)
