@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from netns_tests import injection
 from netns_tests.lab_fixtures import Lab
 from netns_tests.vm.ipip_smoke import Frame, drain, packet_socket_in
 from overlay.kernel import nlmsg
@@ -420,6 +421,41 @@ def test_checksum_offload_broken_turns_tunl0_tx_offload_off(ipip_lab: lab.LabSta
         fixture.start_agent(node, argv)
         fixture.wait_agent(node, peers=2, timeout=AGENT_SYNC_TIMEOUT_S)
     assert _tunl0_tx_checksumming(node.netns) == "on"  # left alone again
+
+
+def test_ipip_from_a_host_that_is_no_node_is_dropped(
+    ipip_lab: lab.LabState, tmp_path: Path
+) -> None:
+    # IP-in-IP has no authentication: a stranger on node1's subnet wraps an echo to node1's
+    # pod. Dropped by node1's tunnel filter; once the stranger is a Node, let in (control).
+    fixture, node1 = Lab(ipip_lab), ipip_lab.nodes[0]
+    pod1, pod3 = first_pod(ipip_lab, 0), first_pod(ipip_lab, 2)
+    target = next(p for p in ipip_lab.pods if p.name == pod1.name)
+    owner = next(p for p in ipip_lab.pods if p.name == pod3.name)
+    src = injection.unused_address(owner)
+    inner = injection.echo(src, injection.ip_of(target))
+    quiet = 3.0  # under emulation a packet let through would still arrive well within this
+    sock = packet_socket_in(target.netns, "eth0")
+    try:
+        with injection.stranger(ipip_lab, node1.subnet) as (ns, addr):
+            injection.send(ns, inner, pod1.node_ip, ipip=True)
+            got = wait_for(lambda: injection.arrived(sock, src), timeout=quiet)
+            assert got is None, "a stranger's IP-in-IP packet reached the pod"
+            manifest = tmp_path / "node.json"
+            manifest.write_text(json.dumps(injection.node_manifest("stranger", f"{addr}/24")))
+            fixture.overlayctl("apply", "-f", str(manifest))
+            try:
+                admitted = wait_for(lambda: addr in injection.filter_hosts(node1.netns), 60)
+                assert admitted is not None, "node1 never admitted the new node's address"
+                injection.send(ns, inner, pod1.node_ip, ipip=True)
+                got = wait_for(lambda: injection.arrived(sock, src), timeout=30)
+                assert got is not None, "the control packet did not arrive"
+            finally:
+                fixture.overlayctl("delete", "node", "stranger")
+            gone = wait_for(lambda: addr not in injection.filter_hosts(node1.netns), 60)
+            assert gone is not None, "a deleted node's address stayed in node1's filter"
+    finally:
+        sock.close()
 
 
 def _set_pool_mode(state: lab.LabState, mode: str) -> None:

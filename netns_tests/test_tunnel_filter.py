@@ -17,15 +17,15 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import netaddr
 import pytest
 
+from netns_tests import injection
 from netns_tests.lab_fixtures import Lab, poll, running_lab
-from netns_tests.vm.ipip_smoke import drain, packet_socket_in
+from netns_tests.vm.ipip_smoke import packet_socket_in
 from overlay.kernel.tunnel_filter import (
     TABLE,
     apply_filter,
@@ -34,7 +34,7 @@ from overlay.kernel.tunnel_filter import (
     render,
 )
 from overlay.lab import netns
-from overlay.model import VXLAN_PORT, VXLAN_VNI, TunnelFilter, TunnelHosts
+from overlay.model import VXLAN_PORT, TunnelFilter, TunnelHosts
 from overlay.view import vtep_mac
 
 pytestmark = [
@@ -109,105 +109,44 @@ def lab3() -> Iterator[Lab]:
         yield lab
 
 
-def vxlan_payload(lab: Lab, inner_src: str) -> bytes:
-    """A VXLAN packet for node1's VTEP whose inner packet is an ICMP echo to node1's pod."""
-    from scapy.layers.inet import ICMP, IP
-    from scapy.layers.l2 import Ether
-    from scapy.layers.vxlan import VXLAN
-
-    pod = lab.pod(1).ip
-    assert pod is not None
-    inner = (
-        Ether(dst=vtep_mac(lab.node(1).name), src="66:00:00:00:00:99")
-        / IP(src=inner_src, dst=pod.split("/")[0])
-        / ICMP(id=0x4F56)
-        / b"overlay-injected"
-    )
-    return bytes(VXLAN(vni=VXLAN_VNI, flags=0x08) / inner)
+def payload(lab: Lab) -> tuple[bytes, str]:
+    """A VXLAN packet for node1's VTEP carrying an echo to node1's pod, and its inner
+    source (an unused address of node3's block)."""
+    src = injection.unused_address(lab.pod(3))
+    inner = injection.echo(src, injection.ip_of(lab.pod(1)))
+    return injection.vxlan(vtep_mac(lab.node(1).name), inner), src
 
 
-def send_udp(ns: str, payload: bytes, dst: str, port: int = VXLAN_PORT, count: int = 3) -> None:
-    script = (
-        "import socket, sys, time\n"
-        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "for _ in range(int(sys.argv[3])):\n"
-        "    s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[4])))\n"
-        "    time.sleep(0.05)\n"
-    )
-    argv = ["python3", "-c", script, payload.hex(), dst, str(count), str(port)]
-    netns.run(netns.exec_argv(ns, argv))
-
-
-def injected_seen(sock: socket.socket, inner_src: str, wait: float) -> bool:
-    """Whether the injected echo reached the pod within `wait` seconds."""
-    seen, _ = poll(
-        lambda: any(f.src == inner_src for f in drain(sock) if f.proto == 1),
-        timeout=wait,
-        interval=0.05,
-    )
-    return bool(seen)
-
-
-def inner_source(lab: Lab) -> str:
-    """An address in node3's block that no pod has (the echo's replies go nowhere)."""
-    pod = lab.pod(3).ip
-    assert pod is not None
-    block = netaddr.IPNetwork(pod.split("/")[0] + "/26").cidr
-    return str(block.network + 50)
-
-
-def filter_hosts(ns: str) -> set[str]:
-    f = read_filter(ns)
-    return {str(h) for h in f.hosts} if f is not None else set()
-
-
-@pytest.fixture
-def stranger(lab3: Lab) -> Iterator[tuple[str, str]]:
-    """A namespace on node1's subnet that is no node: (netns, address)."""
-    ns, port, addr = f"ovx{os.getpid() % 100000}", f"{lab3.name}-x", "192.168.1.99"
-    router = lab3.state.router_netns
-    netns.add(ns)
-    try:
-        netns.run(["ip", "-n", router, "link", "add", port, "type", "veth", "peer", "name",
-                   "eth0", "netns", ns])  # fmt: skip
-        netns.batch(router, [f"link set {port} master br1", f"link set {port} up"])
-        netns.batch(ns, ["link set lo up", f"addr add {addr}/24 dev eth0", "link set eth0 up",
-                         "route add default via 192.168.1.1"])  # fmt: skip
-        yield ns, addr
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+def seen(sock: socket.socket, src: str, wait: float) -> bool:
+    found, _ = poll(lambda: injection.arrived(sock, src), timeout=wait, interval=0.05)
+    return bool(found)
 
 
 @pytest.mark.slow
-def test_vxlan_from_a_host_that_is_no_node_is_dropped(
-    lab3: Lab, stranger: tuple[str, str], tmp_path: Path
-) -> None:
-    ns, addr = stranger
+def test_vxlan_from_a_host_that_is_no_node_is_dropped(lab3: Lab, tmp_path: Path) -> None:
     node1 = lab3.node(1)
-    assert lab3.node(1).subnet == "192.168.1.0/24"
-    src = inner_source(lab3)
-    payload = vxlan_payload(lab3, src)
+    data, src = payload(lab3)
     sock = packet_socket_in(lab3.pod(1).netns, "eth0")
     try:
-        send_udp(ns, payload, lab3.address(node1))
-        assert not injected_seen(sock, src, wait=1.0), "a stranger's VXLAN reached the pod"
-        # The control: registered as a Node, the same sender is let in.
-        manifest = tmp_path / "node.json"
-        manifest.write_text(json.dumps({
-            "apiVersion": "projectcalico.org/v3", "kind": "Node",
-            "metadata": {"name": "stranger"}, "spec": {"bgp": {"ipv4Address": f"{addr}/24"}},
-        }))  # fmt: skip
-        lab3.overlayctl("apply", "-f", str(manifest))
-        try:
-            admitted, took = poll(lambda: addr in filter_hosts(node1.netns), timeout=10)
-            assert admitted, "node1 never added the new node's address to its filter"
-            print(f"\nnew node's address in node1's filter after {took:.2f}s")
-            send_udp(ns, payload, lab3.address(node1))
-            assert injected_seen(sock, src, wait=5.0), "the control packet did not arrive"
-        finally:
-            lab3.overlayctl("delete", "node", "stranger")
-        removed, _ = poll(lambda: addr not in filter_hosts(node1.netns), timeout=10)
-        assert removed, "a deleted node's address stayed in node1's filter"
+        with injection.stranger(lab3.state, node1.subnet) as (ns, addr):
+            injection.send(ns, data, lab3.address(node1))
+            assert not seen(sock, src, wait=1.0), "a stranger's VXLAN reached the pod"
+            # The control: registered as a Node, the same sender is let in.
+            manifest = tmp_path / "node.json"
+            manifest.write_text(json.dumps(injection.node_manifest("stranger", f"{addr}/24")))
+            lab3.overlayctl("apply", "-f", str(manifest))
+            try:
+                admitted, took = poll(
+                    lambda: addr in injection.filter_hosts(node1.netns), timeout=10
+                )
+                assert admitted, "node1 never added the new node's address to its filter"
+                print(f"\nnew node's address in node1's filter after {took:.2f}s")
+                injection.send(ns, data, lab3.address(node1))
+                assert seen(sock, src, wait=5.0), "the control packet did not arrive"
+            finally:
+                lab3.overlayctl("delete", "node", "stranger")
+            removed, _ = poll(lambda: addr not in injection.filter_hosts(node1.netns), timeout=10)
+            assert removed, "a deleted node's address stayed in node1's filter"
     finally:
         sock.close()
 
@@ -215,25 +154,25 @@ def test_vxlan_from_a_host_that_is_no_node_is_dropped(
 @pytest.mark.slow
 def test_vxlan_sent_by_a_pod_is_dropped_although_nat_gives_it_a_node_address(lab3: Lab) -> None:
     node1, node3 = lab3.node(1), lab3.node(3)
-    src = inner_source(lab3)
-    payload = vxlan_payload(lab3, src)
+    data, src = payload(lab3)
+    pod3 = lab3.pod(3).netns
     sock = packet_socket_in(lab3.pod(1).netns, "eth0")
     try:
-        send_udp(lab3.pod(3).netns, payload, lab3.address(node1))
-        assert not injected_seen(sock, src, wait=1.0), "a pod's VXLAN reached another pod"
+        injection.send(pod3, data, lab3.address(node1))
+        assert not seen(sock, src, wait=1.0), "a pod's VXLAN reached another pod"
         # The control: without node3's table the pod's packet leaves masqueraded as node3,
         # which node1 trusts, and the injection works.
         argv = lab3.stop_agent(node3)  # it would put the table back
         try:
             nft(node3.netns, "delete", "table", "ip", TABLE)
-            send_udp(lab3.pod(3).netns, payload, lab3.address(node1))
-            assert injected_seen(sock, src, wait=5.0), "the control packet did not arrive"
+            injection.send(pod3, data, lab3.address(node1))
+            assert seen(sock, src, wait=5.0), "the control packet did not arrive"
         finally:
             lab3.start_agent(node3, argv)
             lab3.wait_agent(node3, peers=2)
         assert read_filter(node3.netns) is not None  # a restarted agent restores it
-        drain(sock)
-        send_udp(lab3.pod(3).netns, payload, lab3.address(node1))
-        assert not injected_seen(sock, src, wait=1.0)
+        injection.arrived(sock, src)  # drains the socket
+        injection.send(pod3, data, lab3.address(node1))
+        assert not seen(sock, src, wait=1.0)
     finally:
         sock.close()
