@@ -258,8 +258,12 @@ class ComputeCache:
         self.l2: dict[str, tuple[Neighbour, FdbEntry]] = {}
         self.neighbours: set[Neighbour] = set()
         self.fdb: set[FdbEntry] = set()
-        # Underlay addresses of every node (ours too), counted: two nodes may share one.
+        # Underlay addresses of every node (ours too), counted: two nodes may share one;
+        # and the set handed out last, reused while they stay the same (then plan() sees
+        # the very same object and compares nothing).
         self.host_refs: dict[netaddr.IPAddress, int] = {}
+        self.hosts: frozenset[netaddr.IPAddress] = frozenset()
+        self.hosts_changed = False
         # Peers for introspection: (node, pool) pairs some block routes through, sorted.
         self.peer_refs: dict[_PeerKey, int] = {}
         self.peer_paths: dict[_PeerKey, PeerPath] = {}
@@ -352,8 +356,10 @@ class ComputeCache:
         ipip = IPIP_DEVICE in devices
         if port is None and not ipip:
             return None
-        # frozenset() of a dict reuses the keys' stored hashes.
-        return TunnelFilter(frozenset(self.host_refs), port, ipip)
+        if self.hosts_changed:
+            self.hosts = frozenset(self.host_refs)  # of a dict: reuses the stored hashes
+            self.hosts_changed = False
+        return TunnelFilter(self.hosts, port, ipip)
 
     def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
         """Enabled pools (new pods may land in them any moment) and the ones holding blocks
@@ -379,6 +385,7 @@ class ComputeCache:
             if old is not None:
                 touched |= self._claim(name, old.candidate, add=False)
                 if old.underlay is not None:
+                    self.hosts_changed = True
                     if hosts[old.underlay] == 1:
                         del hosts[old.underlay]
                     else:
@@ -388,6 +395,7 @@ class ComputeCache:
                 piece = self.nodes[name] = _node_piece(name, node)
                 touched |= self._claim(name, piece.candidate, add=True)
                 if piece.underlay is not None:
+                    self.hosts_changed = True
                     hosts[piece.underlay] = hosts.get(piece.underlay, 0) + 1
         for name in touched:
             self._resolve_vtep(name)

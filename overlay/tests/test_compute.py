@@ -455,3 +455,16 @@ def test_the_tunnel_filter_admits_every_node_address_for_the_tunnels_in_use() ->
     third = compute(alone, me(), DataplaneConfig(), cache).tunnel_filter
     assert third == TunnelFilter(frozenset({IPAddress("10.0.1.5")}), VXLAN_PORT, ipip=False)
     assert third == compute(alone, me(), DataplaneConfig()).tunnel_filter  # no history
+
+
+def test_the_filter_address_set_is_the_same_object_while_no_node_changes() -> None:
+    # plan() then compares the filter by identity: a view that only moves blocks must not
+    # cost a comparison of every node address (50k at the largest scale).
+    p = pool(EncapMode.ALWAYS)
+    view = standard_view(p)
+    cache = ComputeCache()
+    first = compute(view, me(), DataplaneConfig(), cache).tunnel_filter
+    fewer_blocks = ClusterView(nodes=list(view.nodes.values()), pools=(p,), blocks=[])
+    second = compute(fewer_blocks, me(), DataplaneConfig(), cache).tunnel_filter
+    assert first is not None and second is not None
+    assert second.hosts is first.hosts
