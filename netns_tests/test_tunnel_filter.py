@@ -59,8 +59,8 @@ def test_the_filter_reads_back_as_written_and_hosts_change_in_place(node: str) -
     assert read_filter(node) == f
     text = nft(node, "list", "table", "ip", TABLE)
     assert 'iifname "cali*" udp dport 4789 drop' in text
-    assert "udp dport 4789 ip saddr != @hosts drop" in text
-    assert "ip protocol ipencap ip saddr != @hosts drop" in text  # nft names protocol 4 so
+    assert "udp dport 4789 ip saddr != @hosts ip saddr != @external drop" in text
+    assert "ip protocol ipencap ip saddr != @hosts ip saddr != @external drop" in text
     before = nft(node, "-a", "list", "chain", "ip", TABLE, "input")
     apply_hosts(TunnelHosts(add=frozenset({C}), remove=frozenset({A})), node)
     assert read_filter(node) == TunnelFilter(frozenset({B, C}), VXLAN_PORT, ipip=True)
@@ -79,8 +79,17 @@ def test_a_vxlan_only_filter_has_no_ipip_rules_and_an_empty_set_drops_all(node: 
     apply_filter(f, node)
     assert read_filter(node) == f
     text = nft(node, "list", "table", "ip", TABLE)
-    assert "ipip" not in text and "udp dport 8472 ip saddr != @hosts drop" in text
+    assert "ipencap" not in text and "udp dport 8472 ip saddr != @hosts" in text
     assert render(f).count("drop") == 3
+
+
+def test_external_networks_read_back_and_count_as_known(node: str) -> None:
+    external = frozenset(netaddr.IPNetwork(n) for n in ("203.0.113.0/24", "198.51.100.7/32"))
+    f = TunnelFilter(frozenset({A}), VXLAN_PORT, ipip=False, external=external)
+    apply_filter(f, node)
+    assert read_filter(node) == f
+    text = nft(node, "list", "table", "ip", TABLE)
+    assert "udp dport 4789 ip saddr != @hosts ip saddr != @external drop" in text
 
 
 def test_a_deleted_rule_reads_back_as_a_different_filter(node: str) -> None:
@@ -149,6 +158,32 @@ def test_vxlan_from_a_host_that_is_no_node_is_dropped(lab3: Lab, tmp_path: Path)
             assert removed, "a deleted node's address stayed in node1's filter"
     finally:
         sock.close()
+
+
+@pytest.mark.slow
+def test_a_host_in_external_nodes_is_admitted_without_being_a_node(lab3: Lab) -> None:
+    # Calico's externalNodesList: the operator admits a sender that is no node.
+    node1 = lab3.node(1)
+    data, src = payload(lab3)
+    sock = packet_socket_in(lab3.pod(1).netns, "eth0")
+    argv = lab3.stop_agent(node1)
+    try:
+        with injection.stranger(lab3.state, node1.subnet) as (ns, addr):
+            lab3.start_agent(node1, [*argv, "--external-nodes", f"{addr}/32"])
+            lab3.wait_agent(node1, peers=2)
+            f = read_filter(node1.netns)
+            assert f is not None and {str(n) for n in f.external} == {f"{addr}/32"}
+            injection.send(ns, data, lab3.address(node1))
+            assert seen(sock, src, wait=5.0), "an admitted external host's VXLAN was dropped"
+    finally:
+        sock.close()
+        pid = node1.agent_pid
+        if pid is not None and netns.alive(pid):
+            lab3.stop_agent(node1)
+        lab3.start_agent(node1, argv)
+        lab3.wait_agent(node1, peers=2)
+    restored = read_filter(node1.netns)
+    assert restored is not None and restored.external == frozenset()
 
 
 @pytest.mark.slow

@@ -77,6 +77,8 @@ class AgentConfig:
     # How often the underlay is detected again, to follow a new address or interface (Felix
     # re-checks the parent every 10 s); 0 turns that off.
     underlay_check_interval: float = 10.0
+    # Hosts that are no node but may send us VXLAN / IP-in-IP (Calico's externalNodesList).
+    external_nodes: tuple[str, ...] = ()
 
     @property
     def mtu_file(self) -> Path:
@@ -117,6 +119,16 @@ class KeyValueFormatter(logging.Formatter):
         return prefix + msg.replace("\n", "\n" + prefix)
 
 
+def _external_node(text: str) -> netaddr.IPNetwork:
+    try:
+        net = netaddr.IPNetwork(text.strip())
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        net = None
+    if net is None or net.version != 4 or ("/" in text and net.ip != net.network):
+        raise ValueError(f"external_nodes: {text!r} is not an IPv4 address or network (CIDR)")
+    return net
+
+
 def _pool_key(pools: list[IPPool]) -> str:
     return repr(sorted((p.name, repr(p)) for p in pools))
 
@@ -140,7 +152,10 @@ class Agent:
                 f"underlay_check_interval: {cfg.underlay_check_interval!r} is not a number of "
                 "seconds >= 0"
             )
-        self._dataplane_cfg = DataplaneConfig(tx_checksum_off=self.tx_checksum_off)
+        self._dataplane_cfg = DataplaneConfig(
+            tx_checksum_off=self.tx_checksum_off,
+            external_nodes=frozenset(map(_external_node, cfg.external_nodes)),
+        )
         self._desired: Dataplane | None = None
         self._compute_cache = ComputeCache()  # per-peer pieces reused between views
         self._peers: list[PeerPath] = []  # as of the last pass, for status
@@ -563,6 +578,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=AgentConfig.underlay_check_interval,
         help="seconds between checks for a new underlay address or interface (0: never)",
     )
+    p.add_argument(
+        "--external-nodes",
+        default="",
+        help="CIDR[,CIDR...]: hosts that are no node but may send VXLAN / IP-in-IP to this one",
+    )
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-level", default="info")
@@ -589,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         vtep_mac=args.vtep_mac,
         checksum_offload_broken=args.checksum_offload_broken,
         underlay_check_interval=args.underlay_check_interval,
+        external_nodes=tuple(x for x in args.external_nodes.split(",") if x.strip()),
     )
     try:
         agent = Agent(cfg)

@@ -96,8 +96,16 @@ class DataplaneConfig:
     # Turn TX checksum offload off on our tunnel devices (Calico's ChecksumOffloadBroken,
     # decided by the agent from the kernel release: kernel/ethtool.py).
     tx_checksum_off: bool = False
+    # Senders of tunnelled packets admitted besides the nodes (Calico's externalNodesList).
+    external_nodes: frozenset[netaddr.IPNetwork] = frozenset()
 
     def __post_init__(self) -> None:
+        for net in self.external_nodes:
+            if net.version != 4:
+                raise ValueError(f"external_nodes: {net} is not an IPv4 network")
+        # Merged (the kernel's interval set rejects overlaps), so that it reads back equal.
+        merged = frozenset(netaddr.cidr_merge(list(self.external_nodes)))
+        object.__setattr__(self, "external_nodes", merged)
         for name in ("vxlan_mtu", "ipip_mtu"):
             value = getattr(self, name)
             if value is not None:
@@ -345,10 +353,12 @@ class ComputeCache:
             nexthops=set(self.nexthop_refs),
             routes=set(self.routes),
             nat=nat,
-            tunnel_filter=self._tunnel_filter(devices),
+            tunnel_filter=self._tunnel_filter(devices, cfg),
         )
 
-    def _tunnel_filter(self, devices: dict[str, Device]) -> TunnelFilter | None:
+    def _tunnel_filter(
+        self, devices: dict[str, Device], cfg: DataplaneConfig
+    ) -> TunnelFilter | None:
         """Filter each tunnel we have a device for; no device, no filter (Calico's rules
         exist only while the encapsulation is in use)."""
         vxlan = devices.get(VXLAN_DEVICE)
@@ -359,7 +369,7 @@ class ComputeCache:
         if self.hosts_changed:
             self.hosts = frozenset(self.host_refs)  # of a dict: reuses the stored hashes
             self.hosts_changed = False
-        return TunnelFilter(self.hosts, port, ipip)
+        return TunnelFilter(self.hosts, port, ipip, cfg.external_nodes)
 
     def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
         """Enabled pools (new pods may land in them any moment) and the ones holding blocks

@@ -164,6 +164,8 @@ class TunnelFilter:
     hosts: frozenset[netaddr.IPAddress]
     vxlan_port: int | None  # None: no VXLAN device, nothing to filter
     ipip: bool
+    # Admitted as well: hosts that are no node (Calico's externalNodesList), merged CIDRs.
+    external: frozenset[netaddr.IPNetwork] = frozenset()
 
 
 @dataclass(frozen=True)

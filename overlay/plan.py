@@ -42,6 +42,7 @@ from overlay.model import (
     NexthopKey,
     Op,
     Route,
+    TunnelFilter,
     TunnelHosts,
 )
 
@@ -140,7 +141,7 @@ def plan(
         if want_f is None:
             assert have_f is not None
             filter_delete.append(Op(Action.DELETE, have_f))  # after the devices, below
-        elif have_f is None or (want_f.vxlan_port, want_f.ipip) != (have_f.vxlan_port, have_f.ipip):
+        elif have_f is None or _filter_rules(want_f) != _filter_rules(have_f):
             sets.append(Op(Action.SET, want_f))
         else:
             change = TunnelHosts(want_f.hosts - have_f.hosts, have_f.hosts - want_f.hosts)
@@ -156,6 +157,11 @@ def plan(
         if name not in desired.devices
     ]
     return sets + deletes + filter_delete
+
+
+def _filter_rules(f: TunnelFilter) -> tuple[object, ...]:
+    """What of a tunnel filter a change of its node addresses leaves as it is."""
+    return (f.vxlan_port, f.ipip, f.external)
 
 
 def _nhid_in(actual: Dataplane, route: Route) -> int | None:

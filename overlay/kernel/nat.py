@@ -72,21 +72,6 @@ def apply_nat(nat: NatOutgoing | None, netns: str | None = None) -> None:
         )
 
 
-def _parse_elem(elem: object) -> list[netaddr.IPNetwork]:
-    if isinstance(elem, str):
-        return [netaddr.IPNetwork(elem)]
-    if isinstance(elem, dict):
-        if "prefix" in elem:
-            p = elem["prefix"]
-            return [netaddr.IPNetwork(f"{p['addr']}/{p['len']}")]
-        if "range" in elem:
-            lo, hi = elem["range"]
-            return list(netaddr.IPRange(lo, hi).cidrs())
-        if "elem" in elem:  # element with options (timeout, comment...)
-            return _parse_elem(elem["elem"]["val"] if isinstance(elem["elem"], dict) else elem)
-    raise NatError(f"nft: unexpected set element {elem!r}")
-
-
 def read_nat(netns: str | None = None) -> NatOutgoing | None:
     """Our NAT-outgoing state, or None when the table is absent."""
     proc = nft.run(["-j", "list", "table", FAMILY, TABLE], netns)
@@ -100,7 +85,10 @@ def read_nat(netns: str | None = None) -> NatOutgoing | None:
         if s and s.get("table") == TABLE:
             nets: list[netaddr.IPNetwork] = []
             for elem in s.get("elem", []):
-                nets.extend(_parse_elem(elem))
+                try:
+                    nets.extend(nft.parse_element(elem))
+                except ValueError as exc:
+                    raise NatError(str(exc)) from None
             sets[s["name"]] = frozenset(nets)
     if "sources" not in sets:
         return None

@@ -3,8 +3,9 @@
 What Calico's static INPUT rules do for VXLAN and IP-in-IP, in one table of our own:
 - VXLAN (UDP to the VXLAN port) and IP-in-IP (IP protocol 4) addressed to this node are
   dropped unless they come from the address set `hosts`, the cluster nodes' underlay
-  addresses: VXLAN and IP-in-IP carry no authentication, so anyone who can reach the port
-  could otherwise put packets into our pods.
+  addresses, or from `external` (networks the operator admits): VXLAN and IP-in-IP carry
+  no authentication, so anyone who can reach the port could otherwise put packets into
+  our pods.
 - Both are dropped when they come from a pod (an interface named cali*), to this node
   (input) or through it (forward): NAT-outgoing would send them on with this node's
   address, which every other node trusts.
@@ -44,21 +45,24 @@ def _rules(f: TunnelFilter) -> list[tuple[str, str, str]]:
         vxlan = f"udp dport {f.vxlan_port}"
         out += [
             ("input", f"{pods} {vxlan}", f"vxlan {f.vxlan_port} from pods"),
-            ("input", f"{vxlan} ip saddr != @hosts", f"vxlan {f.vxlan_port} from unknown hosts"),
+            ("input", f"{vxlan} {_UNKNOWN}", f"vxlan {f.vxlan_port} from unknown hosts"),
             ("forward", f"{pods} {vxlan}", f"vxlan {f.vxlan_port} from pods"),
         ]
     if f.ipip:
         ipip = f"ip protocol {IPPROTO_IPIP}"
         out += [
             ("input", f"{pods} {ipip}", "ipip from pods"),
-            ("input", f"{ipip} ip saddr != @hosts", "ipip from unknown hosts"),
+            ("input", f"{ipip} {_UNKNOWN}", "ipip from unknown hosts"),
             ("forward", f"{pods} {ipip}", "ipip from pods"),
         ]
     return out
 
 
-def _elements(hosts: Iterable[netaddr.IPAddress]) -> str:
-    return ", ".join(sorted(str(h) for h in hosts))
+_UNKNOWN = "ip saddr != @hosts ip saddr != @external"
+
+
+def _elements(items: Iterable[netaddr.IPAddress | netaddr.IPNetwork]) -> str:
+    return ", ".join(sorted(str(h) for h in items))
 
 
 def render(f: TunnelFilter | None) -> str:
@@ -68,8 +72,13 @@ def render(f: TunnelFilter | None) -> str:
     head = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
     if f is None:
         return head
-    elements = f" elements = {{ {_elements(f.hosts)} }};" if f.hosts else ""
-    lines = [f"table {FAMILY} {TABLE} {{", f"  set hosts {{ type ipv4_addr;{elements} }}"]
+    hosts = f" elements = {{ {_elements(f.hosts)} }};" if f.hosts else ""
+    external = f" elements = {{ {_elements(f.external)} }};" if f.external else ""
+    lines = [
+        f"table {FAMILY} {TABLE} {{",
+        f"  set hosts {{ type ipv4_addr;{hosts} }}",
+        f"  set external {{ type ipv4_addr; flags interval;{external} }}",
+    ]
     rules = _rules(f)
     for chain in ("input", "forward"):
         lines.append(f"  chain {chain} {{")
@@ -96,8 +105,8 @@ def apply_filter(f: TunnelFilter | None, netns: str | None = None) -> None:
         log.info("event=tunnel_filter_deleted table=%s", TABLE)
     else:
         log.info(
-            "event=tunnel_filter_set table=%s vxlan_port=%s ipip=%s hosts=%d",
-            TABLE, f.vxlan_port, f.ipip, len(f.hosts),
+            "event=tunnel_filter_set table=%s vxlan_port=%s ipip=%s hosts=%d external=%s",
+            TABLE, f.vxlan_port, f.ipip, len(f.hosts), _elements(f.external).replace(" ", ""),
         )  # fmt: skip
 
 
@@ -126,12 +135,19 @@ def read_filter(netns: str | None = None) -> TunnelFilter | None:
     if proc.returncode != 0:
         raise FilterError(f"nft list table failed (rc={proc.returncode}): {proc.stderr.strip()}")
     hosts: frozenset[netaddr.IPAddress] = frozenset()
+    external: list[netaddr.IPNetwork] = []
     found: set[tuple[str, str]] = set()
     ports: set[int] = set()
     for item in json.loads(proc.stdout).get("nftables", []):
         s = item.get("set")
         if s and s.get("table") == TABLE and s.get("name") == "hosts":
             hosts = frozenset(netaddr.IPAddress(e) for e in s.get("elem", []) if isinstance(e, str))
+        if s and s.get("table") == TABLE and s.get("name") == "external":
+            for elem in s.get("elem", []):
+                try:
+                    external.extend(nft.parse_element(elem))
+                except ValueError as exc:
+                    raise FilterError(str(exc)) from None
         r = item.get("rule")
         if r and r.get("table") == TABLE and isinstance(r.get("comment"), str):
             found.add((r["chain"], r["comment"]))
@@ -144,4 +160,4 @@ def read_filter(netns: str | None = None) -> TunnelFilter | None:
 
     port = next((p for p in sorted(ports) if complete(TunnelFilter(hosts, p, False))), None)
     ipip = complete(TunnelFilter(hosts, None, True))
-    return TunnelFilter(hosts, port, ipip)
+    return TunnelFilter(hosts, port, ipip, frozenset(netaddr.cidr_merge(external)))

@@ -8,7 +8,6 @@ with peers following, is netns_tests/test_underlay_change.py.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import netaddr
@@ -103,10 +102,3 @@ def test_a_datastore_error_keeps_the_old_underlay_so_the_next_check_retries(host
     host.fail_register = None
     assert host.check()
     assert host.registered == [("eth1", "192.168.1.77/24", 1500)]
-
-
-@pytest.mark.parametrize("bad", [-1.0, math.nan])
-def test_a_bad_check_interval_is_refused_naming_it(tmp_path: Path, bad: float) -> None:
-    cfg = AgentConfig("n1", "memory://", tmp_path, str(tmp_path / "s"), underlay_check_interval=bad)
-    with pytest.raises(ValueError, match=rf"underlay_check_interval: {bad!r} is not a number"):
-        Agent(cfg)
