@@ -48,6 +48,8 @@ def test_status_lists_each_peer_with_its_path_and_why(lab3: Lab) -> None:
     assert "different subnet" in vxlan
     assert f"Node:        {lab3.node(1).name}" in res.stdout
     assert "reachable" in res.stdout and "nexthop objects" in res.stdout
+    want = "Filter:      vxlan accepted only from 3 node addresses; never from pods"
+    assert want in res.stdout, res.stdout
 
 
 def test_status_json_parses_and_matches_the_node(lab3: Lab) -> None:
@@ -58,6 +60,7 @@ def test_status_json_parses_and_matches_the_node(lab3: Lab) -> None:
     assert doc["datastore"]["reachable"] and doc["dataplane_synced"]
     assert doc["underlay"] == {"interface": "eth0", "address": "192.168.2.13/24", "mtu": 1500}
     assert doc["pod_mtu"] == 1450
+    assert doc["tunnel_filter"] == {"tunnels": ["vxlan"], "node_addresses": 3, "external": []}
     paths = {p["node"]: p["path"] for p in doc["peers"]}
     # node3 is alone on its subnet: both peers are across the router.
     assert paths == {lab3.node(1).name: "vxlan", lab3.node(2).name: "vxlan"}

@@ -129,6 +129,18 @@ def _external_node(text: str) -> netaddr.IPNetwork:
     return net
 
 
+def _filter_status(desired: Dataplane | None) -> dict[str, Any] | None:
+    f = desired.tunnel_filter if desired is not None else None
+    if f is None:
+        return None
+    tunnels = (["vxlan"] if f.vxlan_port is not None else []) + (["ipip"] if f.ipip else [])
+    return {
+        "tunnels": tunnels,
+        "node_addresses": len(f.hosts),
+        "external": sorted(str(n) for n in f.external),
+    }
+
+
 def _pool_key(pools: list[IPPool]) -> str:
     return repr(sorted((p.name, repr(p)) for p in pools))
 
@@ -301,6 +313,7 @@ class Agent:
             "pod_mtu": self.pod_mtu,
             "nexthop_objects": self.nexthops,
             "tx_checksum_offload": "off" if self.tx_checksum_off else "unchanged",
+            "tunnel_filter": _filter_status(self._desired),
             "dataplane_synced": bool(rec and rec.last_sync_time is not None),
             "last_sync": last_sync,
             "reconciler": rec.__dict__ if rec else None,

@@ -47,6 +47,13 @@ def render(st: dict[str, Any]) -> str:
             else "classic routes (this kernel lacks nexthop objects, before 5.3)"
         ),
     ]
+    f = st.get("tunnel_filter")
+    if f:
+        extra = f" and {', '.join(f['external'])}" if f["external"] else ""
+        lines.append(
+            f"Filter:      {'/'.join(f['tunnels'])} accepted only from "
+            f"{f['node_addresses']} node addresses{extra}; never from pods"
+        )
     if st.get("tx_checksum_offload") == "off":
         lines.append("Offload:     TX checksum offload off on the tunnel devices")
     if st.get("last_sync"):
