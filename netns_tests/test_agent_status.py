@@ -112,6 +112,8 @@ def test_metrics_count_syncs_and_drift_repairs(lab3: Lab) -> None:
     }
     assert expected <= set(before), sorted(before)
     assert before["overlay_peers"] == 2 and before["overlay_routes"] == 3  # 2 remote + blackhole
+    assert before["overlay_tunnel_filter_hosts"] == 3  # the three nodes' underlay addresses
+    assert before["overlay_underlay_changes_total"] == 0
     assert before["overlay_syncs_total"] >= 1 and before["overlay_kernel_ops_total"] > 0
 
     kernel = snapshot(node.netns)

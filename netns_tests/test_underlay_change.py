@@ -129,6 +129,7 @@ def test_a_node_whose_address_moves_to_another_interface_is_followed_everywhere(
         assert old not in ip(ns, "route", "show", "proto", OUR_PROTO)
         assert old not in netns.run(["bridge", "-n", ns, "fdb", "show", "dev", VXLAN_DEV])
     assert "event=underlay_changed interface=eth1" in lab3.log_since(node2, 0)
+    assert lab3.metrics(node2)["overlay_underlay_changes_total"] == 1
 
     # Traffic: direct from node1's pod, VXLAN from node3's pod (ARP on the new link may
     # need a moment: poll the ping).

@@ -177,6 +177,7 @@ class Agent:
         self._underlay: autodetect.Underlay | None = None
         self._underlay_mtu = 1500
         self._underlay_missing = False  # the last check found no underlay (warned once)
+        self._underlay_changes = 0
         self._register_lock = threading.Lock()
         self.reconciler: Reconciler | None = None
         self._ipam: IPAM | None = None
@@ -234,6 +235,7 @@ class Agent:
         except DatastoreError:
             self._underlay, self._underlay_mtu = old, old_mtu  # seen as a change again next time
             raise
+        self._underlay_changes += 1
         if self.reconciler is not None:
             self.reconciler.kick("underlay changed", drift=False, recompute=True)
         return True
@@ -380,8 +382,18 @@ class Agent:
                     ),
                     "overlay_fdb_entries": ("gauge", "Permanent FDB entries", len(desired.fdb)),
                     "overlay_peers": ("gauge", "Remote nodes", len(self._peers)),
+                    "overlay_tunnel_filter_hosts": (
+                        "gauge",
+                        "Node addresses the tunnel filter admits (0: no filter)",
+                        len(desired.tunnel_filter.hosts) if desired.tunnel_filter else 0,
+                    ),
                 }
             )
+        m["overlay_underlay_changes_total"] = (
+            "counter",
+            "Times the underlay address, interface or MTU was found changed",
+            self._underlay_changes,
+        )
         return m
 
     # --- main loop ----------------------------------------------------------------------------

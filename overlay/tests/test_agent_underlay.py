@@ -75,6 +75,7 @@ def test_any_move_registers_the_new_underlay(
     assert host.check(), why
     assert host.registered == [(found[0].interface, str(found[0].address), found[1])]
     assert not host.check()  # registered once, then steady
+    assert host.agent.metrics()["overlay_underlay_changes_total"][2] == 1
 
 
 def test_a_failed_detection_keeps_the_underlay_and_warns_once(
