@@ -4,6 +4,10 @@ pyroute2's IPRoute costs milliseconds per object on this path (an asyncio loop p
 a socket set-up per IPRoute); packing the messages with `struct` and sending each batch in
 one write costs microseconds. A socket acts in the network namespace it was created in, so
 the pod's socket is made while the calling thread visits the pod (`visit`).
+
+The netlink constants below repeat a few of overlay/kernel/nlmsg.py's on purpose: cni/
+depends on nothing of overlay/ (DESIGN.md: cni -> socket -> overlay), and these numbers
+are the kernel's ABI, which does not change.
 """
 
 from __future__ import annotations
