@@ -26,6 +26,8 @@ import pytest
 from netns_tests import injection
 from netns_tests.lab_fixtures import Lab, poll, running_lab
 from netns_tests.vm.ipip_smoke import packet_socket_in
+from overlay.kernel.nat import TABLE as NAT_TABLE
+from overlay.kernel.nat import read_nat
 from overlay.kernel.tunnel_filter import (
     TABLE,
     apply_filter,
@@ -129,6 +131,42 @@ def payload(lab: Lab) -> tuple[bytes, str]:
 def seen(sock: socket.socket, src: str, wait: float) -> bool:
     found, _ = poll(lambda: injection.arrived(sock, src), timeout=wait, interval=0.05)
     return bool(found)
+
+
+@pytest.mark.slow
+def test_our_nft_tables_are_repaired_within_a_second_without_echo_passes(lab3: Lab) -> None:
+    # nftables changes are not rtnetlink events: the monitor watches the netfilter group,
+    # and tells our own nft runs (echoes) from anyone else's by the committing pid.
+    node = lab3.node(2)
+    want, want_nat = read_filter(node.netns), read_nat(node.netns)
+    assert want is not None and want_nat is not None
+    peer = lab3.address(lab3.node(1))
+
+    def filter_back() -> bool:
+        return read_filter(node.netns) == want
+
+    def nat_back() -> bool:
+        return read_nat(node.netns) == want_nat
+
+    cases = [
+        ("filter table deleted", ["delete", "table", "ip", TABLE], filter_back),
+        ("accept put before our drops", ["insert", "rule", "ip", TABLE, "input", "accept"],
+         filter_back),
+        ("node address taken out", ["delete", "element", "ip", TABLE, "hosts", "{", peer, "}"],
+         filter_back),
+        ("NAT table deleted", ["delete", "table", "ip", NAT_TABLE], nat_back),
+    ]  # fmt: skip
+    repairs = lab3.metrics(node)["overlay_drift_repairs_total"]
+    for what, args, repaired in cases:
+        nft(node.netns, *args)
+        ok, took = poll(repaired, timeout=1.0, interval=0.02)
+        assert ok, f"{what}: not repaired within 1 s\n{lab3.log_since(node, 0)[-2000:]}"
+        print(f"\n{what}: repaired in {took * 1000:.0f} ms")
+    assert lab3.metrics(node)["overlay_drift_repairs_total"] >= repairs + len(cases)
+    # Our own rewrites echo back as nftables events too: they must not start more passes.
+    syncs = lab3.metrics(node)["overlay_syncs_total"]
+    busy, _ = poll(lambda: lab3.metrics(node)["overlay_syncs_total"] != syncs, timeout=1.5)
+    assert not busy, "the agent keeps passing over its own nftables changes"
 
 
 @pytest.mark.slow

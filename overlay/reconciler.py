@@ -42,6 +42,10 @@ class KernelPort(Protocol):
 
     def apply(self, ops: list[Op]) -> ApplyResultLike: ...
 
+    def own_nft_pids(self) -> frozenset[int]:
+        """Pids of the nft processes it ran: their transactions are our own changes."""
+        ...
+
 
 class Outcome(enum.Enum):
     NO_VIEW = "no-view"  # nothing applied: the datastore has not been read yet
@@ -219,6 +223,8 @@ class Reconciler:
             recompute, self._recompute = self._recompute, False
             self._dirty = self._need_read = self._drift_kicked = False
 
+        echoes = bool(gone)
+        gone = _foreign(gone, self._kernel)
         if recompute:
             self._computed = None  # also for the retries, should this pass fail
         ops: list[Op] = []
@@ -226,10 +232,10 @@ class Reconciler:
             if read:
                 self._actual = self._kernel.read()
                 self._last_read = self._clock()
-            elif gone and self._actual is not None:
+            elif echoes and self._actual is not None:
                 lost = forget(self._actual, gone)
                 if not lost and view is self._applied_view and not recompute:
-                    # Only our own deletions echoed back by the monitor: nothing to do.
+                    # Only our own changes echoed back by the monitor: nothing to do.
                     return Outcome.IDLE
             actual = self._actual
             assert actual is not None
@@ -331,6 +337,18 @@ class Reconciler:
         return Outcome.FAILED
 
 
+def _foreign(gone: list[GoneKey], kernel: KernelPort) -> list[GoneKey]:
+    """`gone` without the nftables transactions our own nft runs made (("nat" |
+    "tunnel_filter", pid, "") keys): those echo what we just wrote."""
+    if not any(k[0] in _TABLE_KINDS for k in gone):
+        return gone
+    own = kernel.own_nft_pids()
+    return [k for k in gone if k[0] not in _TABLE_KINDS or k[1] not in own]
+
+
+_TABLE_KINDS = ("nat", "tunnel_filter")
+
+
 def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
     """Drop from `actual` (in place) the objects the kernel reported deleted; return how
     many it still held (0: the deletions were ours, already accounted for)."""
@@ -359,7 +377,14 @@ def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
     actual.neighbours.difference_update(lost_neigh)
     lost_fdb = [f for f in actual.fdb if (f.dev, f.mac) in fdb] if fdb else []
     actual.fdb.difference_update(lost_fdb)
-    return len(lost_nh) + len(lost_routes) + len(lost_neigh) + len(lost_fdb)
+    # A table someone else changed counts as gone: writing it again replaces it whole.
+    kinds = {k[0] for k in gone}
+    lost_tables = 0
+    if "nat" in kinds and actual.nat is not None:
+        actual.nat, lost_tables = None, lost_tables + 1
+    if "tunnel_filter" in kinds and actual.tunnel_filter is not None:
+        actual.tunnel_filter, lost_tables = None, lost_tables + 1
+    return len(lost_nh) + len(lost_routes) + len(lost_neigh) + len(lost_fdb) + lost_tables
 
 
 def _count(done: Any) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import netaddr
 
-from overlay.kernel import nlmsg
+from overlay.kernel import nft, nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
 from overlay.kernel.ethtool import Ethtool
@@ -136,6 +136,9 @@ class Kernel:
                 )
                 self._nexthops = False
         return self._nexthops
+
+    def own_nft_pids(self) -> frozenset[int]:
+        return nft.own_pids()
 
     @property
     def nexthops_supported(self) -> bool:

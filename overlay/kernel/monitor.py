@@ -10,6 +10,11 @@ is reported as the exact kernel keys that went away instead: the reconciler then
 those and re-adds them without re-reading 50k objects (a 10k-peer re-read costs ~0.5 s of
 CPU, and our own removal of one peer would otherwise cost one, delaying the next change).
 Anything less precise (device changes, foreign replacements, lost events) still kicks.
+
+Our nftables tables (NAT-outgoing, the tunnel filter) are watched on the netfilter netlink
+group: a committed transaction that changed one is reported as ("nat" | "tunnel_filter",
+pid of the committing process, ""). The reconciler drops the ones our own nft runs made
+and writes the table again for the others.
 """
 
 from __future__ import annotations
@@ -24,14 +29,17 @@ from collections.abc import Callable, Sequence
 
 import netaddr
 
-from overlay.kernel import nlmsg
+from overlay.kernel import nat, nlmsg, tunnel_filter
 from overlay.kernel.batch import RtnlSocket, in_netns, open_rtnl
+from overlay.kernel.nftevents import Transactions, open_events
 from overlay.model import IPIP_DEVICE, MAIN_TABLE, RT_PROTO, VXLAN_DEVICE, GoneKey
 
 log = logging.getLogger("overlay.kernel")
 
 GROUPS = nlmsg.RTMGRP_LINK | nlmsg.RTMGRP_NEIGH | nlmsg.RTMGRP_IPV4_ROUTE | nlmsg.RTMGRP_IPV6_ROUTE
 POLL_S = 0.2
+# Our nftables tables, by the GoneKey kind the reconciler knows them by.
+_TABLE_KINDS = {tunnel_filter.TABLE: "tunnel_filter", nat.TABLE: "nat"}
 MAX_DRAIN = 10_000  # messages read per burst before the callback fires
 
 
@@ -59,6 +67,8 @@ class Monitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._nft_sock: socket.socket | None = None
+        self._nft = Transactions(frozenset(_TABLE_KINDS))
 
     def start(self) -> None:
         def make() -> socket.socket:
@@ -69,6 +79,11 @@ class Monitor:
         # Subscribe first, then learn our devices' indexes: no change can fall in between.
         self._sock = in_netns(self.netns, make)
         self._sock.setblocking(False)
+        try:
+            self._nft_sock = in_netns(self.netns, open_events)
+            self._nft_sock.setblocking(False)
+        except OSError as exc:  # then the periodic resync alone repairs our nftables tables
+            log.warning("event=nft_monitor_unavailable error=%s", exc)
         with RtnlSocket(self.netns) as rt:
             self._index = {i: n for i, n in rt.links().items() if n in self.names}
         self._thread = threading.Thread(target=self._run, name="netlink-monitor", daemon=True)
@@ -79,9 +94,10 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        for sock in (self._sock, self._nft_sock):
+            if sock is not None:
+                sock.close()
+        self._sock = self._nft_sock = None
 
     def __enter__(self) -> Monitor:
         self.start()
@@ -93,48 +109,52 @@ class Monitor:
     def _run(self) -> None:
         sock = self._sock
         assert sock is not None
+        socks = [sock] if self._nft_sock is None else [sock, self._nft_sock]
         buf = bytearray(256 * 1024)
         while not self._stop.is_set():
-            ready, _, _ = select.select([sock], [], [], POLL_S)
+            ready, _, _ = select.select(socks, [], [], POLL_S)
             if not ready:
                 continue
-            reason = ""
-            count = 0
-            gone: list[GoneKey] = []
-            precise = True  # every reason of this burst came with its exact key
-            for _ in range(MAX_DRAIN):
+            burst = _Burst()
+            for ready_sock in ready:
+                if not self._drain(ready_sock, buf, burst):
+                    return
+            if burst.reason:
+                log.debug("event=kernel_kick reason=%r events=%d", burst.reason, burst.count)
+                n = burst.count
+                text = burst.reason if n == 1 else f"{burst.reason} (+{n - 1} more)"
                 try:
-                    n = sock.recv_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:  # events were lost: must re-read everything
-                        reason = reason or "monitor_overflow"
-                        count += 1
-                        precise = False
-                        continue
-                    if self._stop.is_set():
-                        return
-                    raise
-                for msg_type, flags, _seq, payload in nlmsg.iter_messages(bytes(buf[:n])):
-                    why, key = self._classify(msg_type, flags, payload)
-                    if why:
-                        reason = reason or why
-                        count += 1
-                        if key is None:
-                            precise = False
-                        else:
-                            gone.append(key)
-            if reason:
-                log.debug("event=kernel_kick reason=%r events=%d", reason, count)
-                text = reason if count == 1 else f"{reason} (+{count - 1} more)"
-                try:
-                    if precise and self.on_gone is not None:
-                        self.on_gone(text, gone)
+                    if burst.precise and self.on_gone is not None:
+                        self.on_gone(text, burst.gone)
                     else:
                         self.callback(text)
                 except Exception:
                     log.exception("event=monitor_callback_failed")
+
+    def _drain(self, sock: socket.socket, buf: bytearray, burst: _Burst) -> bool:
+        """Read what `sock` has queued into `burst`; False when the monitor is stopping."""
+        for _ in range(MAX_DRAIN):
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # events were lost: must re-read everything
+                    burst.add("monitor_overflow", None)
+                    continue
+                if self._stop.is_set():
+                    return False
+                raise
+            for msg_type, flags, _seq, payload in nlmsg.iter_messages(bytes(buf[:n])):
+                if sock is self._nft_sock:
+                    for table, pid in self._nft.feed(msg_type, payload):
+                        burst.add(f"nft_table_changed table={table} pid={pid}",
+                                  (_TABLE_KINDS[table], pid, ""))  # fmt: skip
+                else:
+                    why, key = self._classify(msg_type, flags, payload)
+                    if why:
+                        burst.add(why, key)
+        return True
 
     def _reason(self, msg_type: int, flags: int, payload: memoryview) -> str:
         return self._classify(msg_type, flags, payload)[0]
@@ -214,6 +234,24 @@ class Monitor:
             if nh.protocol == RT_PROTO:
                 return f"nexthop_deleted id={nh.id}", ("nexthop", nh.id, "")
         return "", None
+
+
+class _Burst:
+    """What one wake-up of the monitor read: the first reason, how many, the exact keys."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self.count = 0
+        self.gone: list[GoneKey] = []
+        self.precise = True  # every reason came with its exact key
+
+    def add(self, why: str, key: GoneKey | None) -> None:
+        self.reason = self.reason or why
+        self.count += 1
+        if key is None:
+            self.precise = False
+        else:
+            self.gone.append(key)
 
 
 def _version(raw: bytes) -> int:

@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import subprocess
+from collections import deque
 
 import netaddr
 
 NFT_TIMEOUT_S = 10.0
+
+# Pids of the nft processes we ran (`ip netns exec` execs nft in the same process): the
+# reconciler tells our own nftables transactions from anyone else's by them.
+_spawned: deque[int] = deque(maxlen=256)
 
 
 def run(
     args: list[str], netns: str | None, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     prefix = ["ip", "netns", "exec", netns] if netns else []
-    return subprocess.run(
-        [*prefix, "nft", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=NFT_TIMEOUT_S,
-        check=False,
-    )
+    argv = [*prefix, "nft", *args]
+    with subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        _spawned.append(proc.pid)
+        try:
+            out, err = proc.communicate(stdin, timeout=NFT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def own_pids() -> frozenset[int]:
+    """The pids of the nft processes this process ran lately."""
+    return frozenset(_spawned)
 
 
 def missing_table(proc: subprocess.CompletedProcess[str]) -> bool:

@@ -10,8 +10,9 @@ What Calico's static INPUT rules do for VXLAN and IP-in-IP, in one table of our 
   (input) or through it (forward): NAT-outgoing would send them on with this node's
   address, which every other node trusts.
 The chains only ever drop, so another firewall's verdicts stand. Each rule carries a
-comment naming it; the reader rebuilds the model from the set and those comments, so a
-deleted rule, set or table reads back as different and is written again. Changes of the
+comment naming it; the reader rebuilds the model from the sets and those comments, so a
+deleted rule, set or table, or a rule that is not ours, reads back as different and the
+table is written again. Changes of the
 address set alone are made element by element (`add element` / `delete element`).
 """
 
@@ -136,7 +137,7 @@ def read_filter(netns: str | None = None) -> TunnelFilter | None:
         raise FilterError(f"nft list table failed (rc={proc.returncode}): {proc.stderr.strip()}")
     hosts: frozenset[netaddr.IPAddress] = frozenset()
     external: list[netaddr.IPNetwork] = []
-    found: set[tuple[str, str]] = set()
+    found: set[tuple[object, object]] = set()  # (chain, comment) of every rule in the table
     ports: set[int] = set()
     for item in json.loads(proc.stdout).get("nftables", []):
         s = item.get("set")
@@ -149,15 +150,24 @@ def read_filter(netns: str | None = None) -> TunnelFilter | None:
                 except ValueError as exc:
                     raise FilterError(str(exc)) from None
         r = item.get("rule")
-        if r and r.get("table") == TABLE and isinstance(r.get("comment"), str):
-            found.add((r["chain"], r["comment"]))
-            words = r["comment"].split()
+        if r and r.get("table") == TABLE:
+            comment = r.get("comment")
+            found.add((r.get("chain"), comment))
+            words = comment.split() if isinstance(comment, str) else []
             if len(words) > 1 and words[0] == "vxlan" and words[1].isdigit():
                 ports.add(int(words[1]))
 
-    def complete(f: TunnelFilter) -> bool:
-        return {(chain, c) for chain, _, c in _rules(f)} <= found
+    def rules(f: TunnelFilter) -> set[tuple[str, str]]:
+        return {(chain, c) for chain, _, c in _rules(f)}
 
-    port = next((p for p in sorted(ports) if complete(TunnelFilter(hosts, p, False))), None)
-    ipip = complete(TunnelFilter(hosts, None, True))
-    return TunnelFilter(hosts, port, ipip, frozenset(netaddr.cidr_merge(external)))
+    port = next((p for p in sorted(ports) if rules(TunnelFilter(hosts, p, False)) <= found), None)
+    ipip = rules(TunnelFilter(hosts, None, True)) <= found
+    merged = frozenset(netaddr.cidr_merge(external))
+    ours = rules(TunnelFilter(hosts, None, True)).union(
+        *(rules(TunnelFilter(hosts, p, False)) for p in ports)
+    )
+    if not found <= ours:
+        # A rule that is not ours (an `accept` put in front of our drops would open the
+        # tunnel to everyone): read as filtering nothing, so that it is written again.
+        return TunnelFilter(hosts, None, False, merged)
+    return TunnelFilter(hosts, port, ipip, merged)

@@ -85,6 +85,7 @@ class FakeKernel:
         self.devices: dict[str, Device] = {}
         self.nat: NatOutgoing | None = None
         self.tunnel_filter: TunnelFilter | None = None
+        self.nft_pids: frozenset[int] = frozenset()  # what own_nft_pids() answers
         self.neighbours: dict[Hashable, _Entry] = {}
         self.fdb: dict[Hashable, _Entry] = {}
         self.nexthops: dict[int, _Entry] = {}
@@ -121,6 +122,9 @@ class FakeKernel:
         dp.nat = self.nat
         dp.tunnel_filter = self.tunnel_filter
         return dp
+
+    def own_nft_pids(self) -> frozenset[int]:
+        return self.nft_pids
 
     def apply(self, ops: list[Op]) -> FakeApplyResult:
         self.apply_calls += 1

@@ -278,3 +278,21 @@ def test_every_pass_is_reported_and_a_failing_listener_does_not_stop_the_writer(
     first_sync(rec, standard_view(pool(CROSS)))
     assert seen == [Outcome.NO_VIEW, Outcome.SYNCED, Outcome.SYNCED]
     assert converged(kernel, standard_view(pool(CROSS)))
+
+
+def test_our_own_nft_transactions_are_echoes_and_anyone_elses_are_repaired() -> None:
+    rec, kernel, _ = make()
+    view = standard_view(pool(ALWAYS))
+    first_sync(rec, view)
+    assert kernel.tunnel_filter is not None
+    kernel.nft_pids = frozenset({4242})
+    calls = kernel.apply_calls
+    rec.kick("nft_table_changed", gone=[("tunnel_filter", 4242, "")])  # what we just wrote
+    assert rec.run_once() is Outcome.IDLE
+    assert kernel.apply_calls == calls
+    # Someone else flushed our table: the monitor reports it by that process's pid.
+    kernel.tunnel_filter = None
+    rec.kick("nft_table_changed", gone=[("tunnel_filter", 31337, "")])
+    assert rec.run_once() is Outcome.SYNCED
+    assert kernel.tunnel_filter == COMPUTE(view).tunnel_filter
+    assert rec.stats().drift_repairs == 1
