@@ -37,6 +37,8 @@ from netns_tests.lab_fixtures import Lab
 from netns_tests.vm.ipip_smoke import Frame, drain, packet_socket_in
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
+from overlay.kernel.tunnel_filter import TABLE as FILTER_TABLE
+from overlay.kernel.tunnel_filter import read_filter
 from overlay.lab import check, lab
 from overlay.lab.topology import LabOptions, pool_manifest
 from overlay.model import IPIP_DEVICE, IPIP_OVERHEAD, MAIN_TABLE, RT_PROTO
@@ -385,6 +387,21 @@ def test_deleted_ipip_nexthop_is_restored_within_a_second(ipip_lab: lab.LabState
     assert elapsed < bound, f"nexthop restored only after {elapsed:.2f}s"
     res = ping(first_pod(ipip_lab, 0), peer)
     assert res.returncode == 0, res.stdout
+
+
+def test_deleted_filter_table_is_restored_within_a_second(ipip_lab: lab.LabState) -> None:
+    # On the distribution kernel too: the monitor sees nftables transactions and their pid.
+    node1 = ipip_lab.nodes[0]
+    bound, slowdown = repair_bound()
+    want = read_filter(node1.netns)
+    assert want is not None and want.ipip and want.vxlan_port is None
+    start = time.monotonic()
+    _ip("netns", "exec", node1.netns, "nft", "delete", "table", "ip", FILTER_TABLE)
+    took = wait_for(lambda: read_filter(node1.netns) == want, timeout=15)
+    elapsed = time.monotonic() - start if took is not None else None
+    assert elapsed is not None, f"filter table never came back\n{agent_logs(ipip_lab)}"
+    print(f"\nfilter table restored in {elapsed:.3f}s (bound {bound:.2f}s, x{slowdown:.1f})")
+    assert elapsed < bound
 
 
 def _tunl0_tx_checksumming(ns: str) -> str:

@@ -148,8 +148,11 @@ class Monitor:
             for msg_type, flags, _seq, payload in nlmsg.iter_messages(bytes(buf[:n])):
                 if sock is self._nft_sock:
                     for table, pid in self._nft.feed(msg_type, payload):
-                        burst.add(f"nft_table_changed table={table} pid={pid}",
-                                  (_TABLE_KINDS[table], pid, ""))  # fmt: skip
+                        # No pid (a kernel before 4.20): ours or not cannot be told, and
+                        # taking our own for drift would rewrite the table forever.
+                        if pid:
+                            burst.add(f"nft_table_changed table={table} pid={pid}",
+                                      (_TABLE_KINDS[table], pid, ""))  # fmt: skip
                 else:
                     why, key = self._classify(msg_type, flags, payload)
                     if why:
