@@ -26,8 +26,12 @@ import pytest
 from netns_tests import injection
 from netns_tests.lab_fixtures import Lab, poll, running_lab
 from netns_tests.vm.ipip_smoke import packet_socket_in
+from overlay.kernel import nft as nft_run
+from overlay.kernel import nlmsg
+from overlay.kernel.batch import in_netns
 from overlay.kernel.nat import TABLE as NAT_TABLE
 from overlay.kernel.nat import read_nat
+from overlay.kernel.nftevents import Transactions, open_events
 from overlay.kernel.tunnel_filter import (
     TABLE,
     apply_filter,
@@ -92,6 +96,30 @@ def test_external_networks_read_back_and_count_as_known(node: str) -> None:
     assert read_filter(node) == f
     text = nft(node, "list", "table", "ip", TABLE)
     assert "udp dport 4789 ip saddr != @hosts ip saddr != @external drop" in text
+
+
+def test_a_large_filter_write_is_announced_whole_with_our_pid(node: str) -> None:
+    # What the monitor relies on: every transaction on our table ends with the pid of the
+    # nft run that made it, and 10k set elements (one message each) do not overflow.
+    sock = in_netns(node, open_events)
+    sock.setblocking(False)
+    try:
+        hosts = frozenset(netaddr.IPAddress((100 << 24) + i) for i in range(10_000))
+        apply_filter(TunnelFilter(hosts, VXLAN_PORT, ipip=False), node)
+        seen = Transactions(frozenset({TABLE}))
+        reported: list[tuple[str, int]] = []
+        buf = bytearray(1 << 20)
+        while True:
+            try:
+                n = sock.recv_into(buf)  # an overflow would raise ENOBUFS here
+            except BlockingIOError:
+                break
+            for msg_type, _flags, _seq, payload in nlmsg.iter_messages(bytes(buf[:n])):
+                reported += seen.feed(msg_type, payload)
+    finally:
+        sock.close()
+    assert len(reported) == 1 and reported[0][0] == TABLE
+    assert reported[0][1] in nft_run.own_pids()
 
 
 def test_a_deleted_rule_reads_back_as_a_different_filter(node: str) -> None:

@@ -14,8 +14,10 @@ import struct
 from dataclasses import dataclass, field
 
 from overlay.kernel import nlmsg
+from overlay.kernel.batch import RCVBUF
 
 NETLINK_NETFILTER = 12
+SO_RCVBUFFORCE = 33
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 NFGENMSG = struct.Struct("=BBH")  # family, version, resource id (big endian)
@@ -57,9 +59,16 @@ class Transactions:
 
 
 def open_events() -> socket.socket:
-    """A netfilter netlink socket subscribed to nftables changes (needs CAP_NET_ADMIN)."""
+    """A netfilter netlink socket subscribed to nftables changes (needs CAP_NET_ADMIN).
+    The kernel announces each set element on its own: writing our filter for 50k nodes
+    queues ~50k messages (~5 MB), so the buffer is large, or the burst would overflow and
+    cost a full re-read."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
         sock.bind((0, 0))
         sock.setsockopt(nlmsg.SOL_NETLINK, nlmsg.NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
     except OSError:
