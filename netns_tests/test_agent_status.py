@@ -10,12 +10,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from netns_tests.lab_fixtures import Lab, poll, running_lab, snapshot
+from netns_tests.lab_fixtures import METRICS_URL, Lab, poll, running_lab, snapshot
 from overlay.lab import lab as labmod
 from overlay.lab import netns
 
@@ -64,6 +65,51 @@ def test_status_json_parses_and_matches_the_node(lab3: Lab) -> None:
     paths = {p["node"]: p["path"] for p in doc["peers"]}
     # node3 is alone on its subnet: both peers are across the router.
     assert paths == {lab3.node(1).name: "vxlan", lab3.node(2).name: "vxlan"}
+
+
+def test_liveness_and_readiness_probes_answer_ok_on_a_synced_agent(lab3: Lab) -> None:
+    # Felix's probe paths on the same port: what a kubelet or a systemd watchdog asks.
+    for node in lab3.state.nodes:
+        assert lab3.http(node, "/liveness").strip() == "ok"
+        assert lab3.http(node, "/readiness").strip() == "ok"
+
+
+def _probe(ns: str, path: str) -> tuple[int, str]:
+    script = (
+        "import sys, urllib.request, urllib.error\n"
+        "try:\n"
+        "    r = urllib.request.urlopen(sys.argv[1], timeout=3)\n"
+        "    print(r.status, r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code, e.read().decode())\n"
+    )
+    argv = netns.exec_argv(ns, [sys.executable, "-c", script, f"{METRICS_URL}{path}"])
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    code, _, text = res.stdout.partition(" ")
+    return (int(code), text.strip()) if code.isdigit() else (0, res.stderr.strip())
+
+
+def test_an_agent_that_cannot_reach_its_datastore_is_live_but_not_ready(lab3: Lab) -> None:
+    # The probes answer before the datastore does: live (no restart would help), not ready.
+    node = lab3.node(3)
+    argv = lab3.stop_agent(node)
+    unreachable = list(argv)
+    unreachable[unreachable.index("--datastore") + 1] = "etcd://127.0.0.1:1"  # nothing there
+    try:
+        lab3.start_agent(node, unreachable)
+        up, _ = poll(
+            lambda: _probe(node.netns, "/liveness") == (200, "ok"), timeout=15, interval=0.1
+        )
+        assert up, lab3.log_since(node, 0)[-1500:]
+        assert _probe(node.netns, "/readiness") == (
+            503,
+            "datastore not read yet\ndataplane not programmed yet",
+        )
+    finally:
+        lab3.stop_agent(node)
+        lab3.start_agent(node, argv)
+        lab3.wait_agent(node, peers=2)
+    assert _probe(node.netns, "/readiness") == (200, "ok")
 
 
 def test_status_without_an_agent_says_so(lab3: Lab) -> None:

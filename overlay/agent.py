@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import netaddr
 
@@ -40,7 +40,7 @@ from overlay.compute import (
 from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Dataplane, PeerPath
 from overlay.reconciler import Outcome, Reconciler
-from overlay.status_http import StatusServer
+from overlay.status_http import Health, StatusServer
 from overlay.view import ClusterView
 from overlay.watch import ClusterWatcher
 
@@ -49,7 +49,13 @@ log = logging.getLogger("overlay.agent")
 DEFAULT_STATE_DIR = "/var/lib/overlay"
 DEFAULT_SOCKET = "/var/run/overlay/cni.sock"
 DEFAULT_METRICS = "127.0.0.1:9099"
+if TYPE_CHECKING:
+    from overlay.kernel.monitor import Monitor
+
 STATUS_CACHE_SECONDS = 5.0
+# The reconciler's loop comes round at least every 0.5 s, except during a pass: a cold
+# pass at 50k peers takes ~4 s. Longer than this, and the writer is taken for hung.
+LIVENESS_TIMEOUT = 60.0
 # ~100 long-lived, acyclic container objects per peer: with the default thresholds the cyclic
 # collector walked them again and again while the first pass built them (~30% of a cold start
 # at 10k peers, more at 50k). Reference counting frees them and cycles are rare here, so the
@@ -179,6 +185,8 @@ class Agent:
         self._underlay_missing = False  # the last check found no underlay (warned once)
         self._underlay_changes = 0
         self._register_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []  # the loops the liveness probe watches
+        self._monitor: Monitor | None = None  # the netlink monitor, once started
         self.reconciler: Reconciler | None = None
         self._ipam: IPAM | None = None
         self._store: ResourceStore | None = None
@@ -336,6 +344,35 @@ class Agent:
             ],
         }
 
+    def health(self) -> Health:
+        """The probes' answer. Not live: a thread of ours died, or the reconciler's loop
+        has not come round for LIVENESS_TIMEOUT (a hung kernel call). Not ready: the
+        datastore is not read or not reachable, or the dataplane is not programmed or its
+        last passes failed."""
+        not_live, not_ready = [], []
+        for t in self._threads:
+            if not t.is_alive():
+                not_live.append(f"thread {t.name} has stopped")
+        if self._monitor is not None and not self._monitor.alive:
+            not_live.append("netlink monitor has stopped")
+        rec, watcher = self.reconciler, self.watcher
+        if rec is not None and rec.heartbeat is not None:
+            stuck = time.monotonic() - rec.heartbeat
+            if stuck > LIVENESS_TIMEOUT:
+                not_live.append(f"reconciler loop stuck for {stuck:.0f}s")
+        if watcher is None or not watcher.synced.is_set():
+            not_ready.append("datastore not read yet")
+        elif watcher.last_error:
+            not_ready.append(f"datastore unreachable: {watcher.last_error}")
+        stats = rec.stats() if rec is not None else None
+        if stats is None or stats.last_sync_time is None:
+            not_ready.append("dataplane not programmed yet")
+        elif stats.consecutive_failures:
+            not_ready.append(
+                f"last {stats.consecutive_failures} reconcile passes failed: {stats.last_error}"
+            )
+        return Health(not_live, not_live + not_ready)
+
     def metrics(self) -> dict[str, tuple[str, str, float]]:
         rec = self.reconciler.stats() if self.reconciler else None
         desired = self._desired
@@ -443,13 +480,23 @@ class Agent:
         )
 
     def run(self) -> int:
+        self._detect_underlay()
+        # The probes answer from the start: live, and not ready until the datastore is read
+        # and the dataplane programmed (a datastore down at start must not look like a hang).
+        http = StatusServer(self.cfg.metrics_addr, self.status, self.metrics, self.health)
+        http.start()
+        try:
+            return self._run()
+        finally:
+            http.stop()
+
+    def _run(self) -> int:
         from cni.handlers import CniRequestHandler
         from cni.server import CniServer
         from overlay.cni_service import CniIpam
         from overlay.kernel.apply import Kernel
         from overlay.kernel.monitor import Monitor
 
-        self._detect_underlay()
         ds = self.ds = open_datastore(self.cfg.datastore)
         store = self._store = ResourceStore(ds)
         ipam = self._ipam = IPAM(ds, store)
@@ -488,7 +535,8 @@ class Agent:
                 self.reconciler.kick(reason, gone=gone) if self.reconciler else None
             ),
         )
-        http = StatusServer(self.cfg.metrics_addr, self.status, self.metrics)
+        self._threads = [*threads]
+        self._monitor = monitor
         Path(self.cfg.socket).parent.mkdir(parents=True, exist_ok=True)
         handler = CniRequestHandler(
             CniIpam(ipam, store),
@@ -502,7 +550,6 @@ class Agent:
             monitor.start()
             for t in threads:
                 t.start()
-            http.start()
             cni.start()
             log.info(
                 "event=agent_started node=%s socket=%s metrics=%s",
@@ -513,7 +560,6 @@ class Agent:
             self.reconciler.run(self.stop_event)
         finally:
             cni.stop()
-            http.stop()
             monitor.stop()
             for t in threads:
                 t.join(timeout=5)

@@ -109,6 +109,7 @@ class Reconciler:
             nexthops_supported = bool(getattr(kernel, "nexthops_supported", True))
         self._nexthops_supported = nexthops_supported
         self._on_pass = on_pass  # told the outcome of every pass (by the writer thread)
+        self.heartbeat: float | None = None  # clock() when run()'s loop last came round
 
         self._cond = threading.Condition()
         self._writer = threading.Lock()  # one pass at a time, whoever calls
@@ -185,6 +186,7 @@ class Reconciler:
         """Loop until `stop` is set. Sleeps on the condition until work is due; `max_wait`
         bounds each sleep so that `stop` is noticed without a kick."""
         while not stop.is_set():
+            self.heartbeat = self._clock()  # read by the liveness probe
             with self._cond:
                 delay = self._time_to_work()
                 if delay > 0:

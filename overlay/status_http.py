@@ -1,4 +1,5 @@
-"""The agent's HTTP endpoint: Prometheus text on /metrics, JSON on /status.
+"""The agent's HTTP endpoint: Prometheus text on /metrics, JSON on /status, and the probes
+/liveness and /readiness (Felix's paths on the same port 9099): 200, or 503 with the reasons.
 
 It only reads snapshots handed over by callables, so it never blocks the writer.
 """
@@ -9,6 +10,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -25,12 +27,22 @@ def render_metrics(metrics: dict[str, tuple[str, str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class Health:
+    """What the probes answer: why the agent is not live (restart it) or not ready (it
+    cannot keep the dataplane in line with the cluster now); empty lists: all is well."""
+
+    not_live: list[str] = field(default_factory=list)
+    not_ready: list[str] = field(default_factory=list)
+
+
 class StatusServer:
     def __init__(
         self,
         address: str,
         status: Callable[[], dict[str, Any]],
         metrics: Callable[[], dict[str, tuple[str, str, float]]],
+        health: Callable[[], Health] | None = None,
     ) -> None:
         host, _, port = address.rpartition(":")
         outer = self
@@ -44,6 +56,12 @@ class StatusServer:
                     elif self.path.startswith("/status"):
                         body = json.dumps(outer.status(), indent=2, default=str).encode()
                         ctype = "application/json"
+                    elif self.path in ("/liveness", "/readiness") and outer.health is not None:
+                        h = outer.health()
+                        problems = h.not_live if self.path == "/liveness" else h.not_ready
+                        text = "\n".join(problems) if problems else "ok"
+                        self._reply(503 if problems else 200, text.encode() + b"\n", "text/plain")
+                        return
                     else:
                         self.send_error(404)
                         return
@@ -51,7 +69,10 @@ class StatusServer:
                     log.exception("status endpoint failed")
                     self.send_error(500, str(exc))
                     return
-                self.send_response(200)
+                self._reply(200, body, ctype)
+
+            def _reply(self, code: int, body: bytes, ctype: str) -> None:
+                self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -62,6 +83,7 @@ class StatusServer:
 
         self.status = status
         self.metrics = metrics
+        self.health = health
         self._server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

@@ -99,6 +99,10 @@ class Monitor:
                 sock.close()
         self._sock = self._nft_sock = None
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def __enter__(self) -> Monitor:
         self.start()
         return self

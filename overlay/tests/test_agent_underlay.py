@@ -1,4 +1,5 @@
-"""Agent.check_underlay(): when the underlay counts as moved, and what a failure keeps.
+"""Agent.check_underlay(): when the underlay counts as moved, and what a failure keeps;
+Agent.health(): what the probes answer.
 
 The host side is stubbed here (no interfaces are read): `_find_underlay` returns what a
 detection would find and `register` records its calls. The whole path on a real kernel,
@@ -8,15 +9,24 @@ with peers following, is netns_tests/test_underlay_change.py.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import netaddr
 import pytest
 
 from ipam.datastore.base import DatastoreError
+from ipam.model import EncapMode
 from overlay import autodetect
 from overlay.agent import Agent, AgentConfig
 from overlay.autodetect import Underlay
+from overlay.compute import DataplaneConfig, compute
+from overlay.reconciler import Outcome, Reconciler
+from overlay.status_http import Health
+from overlay.tests.fake_kernel import FakeKernel
+from overlay.tests.scenarios import me, pool, standard_view
 
 ETH0 = Underlay("eth0", netaddr.IPNetwork("192.168.1.12/24"))
 
@@ -103,3 +113,31 @@ def test_a_datastore_error_keeps_the_old_underlay_so_the_next_check_retries(host
     host.fail_register = None
     assert host.check()
     assert host.registered == [("eth1", "192.168.1.77/24", 1500)]
+
+
+def test_health_says_why_the_agent_is_not_ready_or_not_live(tmp_path: Path) -> None:
+    # Unit level: a reconciler on the fake kernel and a stand-in for the watch thread. The
+    # endpoints on a running agent are netns_tests/test_agent_status.py's.
+    agent = Agent(AgentConfig("n1", "memory://", tmp_path, str(tmp_path / "cni.sock")))
+    h = agent.health()
+    assert h.not_live == []
+    assert h.not_ready == ["datastore not read yet", "dataplane not programmed yet"]
+    watcher = SimpleNamespace(synced=threading.Event(), last_error=None)
+    watcher.synced.set()
+    agent.watcher = watcher  # type: ignore[assignment]
+    agent.reconciler = Reconciler(FakeKernel(), lambda v: compute(v, me(), DataplaneConfig()))
+    agent.reconciler.update_view(standard_view(pool(EncapMode.ALWAYS)))
+    assert agent.reconciler.run_once() is Outcome.SYNCED
+    assert agent.health() == Health([], [])
+    watcher.last_error = "etcd: connection refused"
+    assert agent.health().not_ready == ["datastore unreachable: etcd: connection refused"]
+    watcher.last_error = None
+    agent.reconciler.heartbeat = time.monotonic() - 61
+    assert agent.health().not_live == ["reconciler loop stuck for 61s"]
+    agent.reconciler.heartbeat = time.monotonic()
+    dead = threading.Thread(target=lambda: None, name="watch")
+    dead.start()
+    dead.join()
+    agent._threads = [dead]
+    h = agent.health()
+    assert h.not_live == ["thread watch has stopped"] and h.not_ready == h.not_live

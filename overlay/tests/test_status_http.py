@@ -1,0 +1,61 @@
+"""The agent's HTTP endpoint on loopback: the probes' codes, metrics text, unknown paths."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from overlay.status_http import Health, StatusServer
+
+
+class Probe:
+    def __init__(self) -> None:
+        self.health = Health()
+
+    def __call__(self) -> Health:
+        return self.health
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[StatusServer, Probe]]:
+    probe = Probe()
+    metrics = {"overlay_agent_up": ("gauge", "1 while the agent runs", 1.0)}
+    server = StatusServer("127.0.0.1:0", lambda: {"agent": "up"}, lambda: metrics, probe)
+    server.start()
+    try:
+        yield server, probe
+    finally:
+        server.stop()
+
+
+def get(server: StatusServer, path: str) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{server.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_probes_answer_200_when_well_and_503_with_the_reasons(
+    served: tuple[StatusServer, Probe],
+) -> None:
+    server, probe = served
+    assert get(server, "/liveness") == (200, "ok\n")
+    assert get(server, "/readiness") == (200, "ok\n")
+    probe.health = Health([], ["datastore unreachable: connection refused"])
+    assert get(server, "/liveness") == (200, "ok\n")  # alive: no reason to restart it
+    assert get(server, "/readiness") == (503, "datastore unreachable: connection refused\n")
+    probe.health = Health(["thread watch has stopped"], ["thread watch has stopped"])
+    assert get(server, "/liveness") == (503, "thread watch has stopped\n")
+
+
+def test_metrics_status_and_unknown_paths(served: tuple[StatusServer, Probe]) -> None:
+    server, _ = served
+    code, text = get(server, "/metrics")
+    assert code == 200 and "# TYPE overlay_agent_up gauge\noverlay_agent_up 1\n" in text
+    assert get(server, "/status")[0] == 200
+    assert get(server, "/nothing")[0] == 404
