@@ -12,8 +12,8 @@ What Calico's static INPUT rules do for VXLAN and IP-in-IP, in one table of our 
 The chains only ever drop, so another firewall's verdicts stand. Each rule carries a
 comment naming it; the reader rebuilds the model from the sets and those comments, so a
 deleted rule, set or table, or a rule that is not ours, reads back as different and the
-table is written again. Changes of the
-address set alone are made element by element (`add element` / `delete element`).
+table is written again. Changes of the address set alone are made element by element
+(`add element` / `delete element`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class FilterError(Exception):
     pass
 
 
+# Whom a tunnelled packet must come from: a node, or a network the operator admits.
+_UNKNOWN = "ip saddr != @hosts ip saddr != @external"
+
+
 def _rules(f: TunnelFilter) -> list[tuple[str, str, str]]:
     """(chain, match, comment) of every rule the filter needs."""
     pods = f'iifname "{WORKLOAD_IFACE_PREFIX}*"'
@@ -57,9 +61,6 @@ def _rules(f: TunnelFilter) -> list[tuple[str, str, str]]:
             ("forward", f"{pods} {ipip}", "ipip from pods"),
         ]
     return out
-
-
-_UNKNOWN = "ip saddr != @hosts ip saddr != @external"
 
 
 def _elements(items: Iterable[netaddr.IPAddress | netaddr.IPNetwork]) -> str:
