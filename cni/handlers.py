@@ -323,11 +323,11 @@ class CniRequestHandler:
         valid = {handle_id(config.name, a.container_id) for a in config.valid_attachments}
         stale = {h: a for h, a in owned.items() if h.startswith(prefix) and h not in valid}
         # A veth name is per workload: never remove one a valid attachment still uses.
-        keep = {_workload_of(a) for h, a in owned.items() if h not in stale}
+        keep = {workload_of(a) for h, a in owned.items() if h not in stale}
         remove_host = getattr(self.plumbing, "remove_host", None)
         errors: list[str] = []
         for handle, attrs in sorted(stale.items()):
-            workload = _workload_of(attrs)
+            workload = workload_of(attrs)
             try:
                 # Interface first, as in DEL: the address must not outlive its host route.
                 if remove_host is not None and workload and workload not in keep:
@@ -361,7 +361,8 @@ class CniRequestHandler:
             log.exception("cni add rollback step failed step=%s args=%s", what, args)
 
 
-def _workload_of(attrs: dict[str, str]) -> str:
+def workload_of(attrs: dict[str, str]) -> str:
+    """The workload an allocation's recorded attributes name (its host veth derives from it)."""
     return _workload(
         attrs.get("namespace", ""), attrs.get("pod", ""), attrs.get("container_id", "")
     )

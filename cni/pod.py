@@ -206,6 +206,23 @@ def setup_pod(
         os.close(fd)
 
 
+def restore_host_route(host: str, index: int, ip: str) -> bool:
+    """Write the host route to a pod (`ip` on its host veth `host`) again, if interface
+    `index` is still that veth: the pod lives. False when it is not, or the route is back."""
+    addr = ipaddress.ip_address(ip)
+    if netlink.ifindex(host) != index:
+        return False  # the pod is gone (or going), or the index belongs to another link now
+    with netlink.Rtnl() as nl:
+        try:
+            nl.request(netlink.route(str(addr), addr.max_prefixlen, index))
+        except netlink.NetlinkError as e:
+            if e.errno in (errno.EEXIST, errno.ENODEV):
+                return False  # put back meanwhile, or the veth went meanwhile
+            raise
+    log.info("pod route restored veth=%s addr=%s", host, addr)
+    return True
+
+
 def _create_veth(
     nl: netlink.Rtnl, host: str, ifname: str, pod_mac: str, fd: int, mtu: int, netns: str
 ) -> int:

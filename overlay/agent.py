@@ -39,6 +39,7 @@ from overlay.compute import (
 )
 from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Dataplane, PeerPath
+from overlay.pod_routes import PodRouteKeeper
 from overlay.reconciler import Outcome, Reconciler
 from overlay.status_http import Health, StatusServer
 from overlay.view import ClusterView
@@ -187,6 +188,7 @@ class Agent:
         self._register_lock = threading.Lock()
         self._threads: list[threading.Thread] = []  # the loops the liveness probe watches
         self._monitor: Monitor | None = None  # the netlink monitor, once started
+        self._pod_routes: PodRouteKeeper | None = None
         self.reconciler: Reconciler | None = None
         self._ipam: IPAM | None = None
         self._store: ResourceStore | None = None
@@ -355,6 +357,8 @@ class Agent:
                 not_live.append(f"thread {t.name} has stopped")
         if self._monitor is not None and not self._monitor.alive:
             not_live.append("netlink monitor has stopped")
+        if self._pod_routes is not None and not self._pod_routes.alive:
+            not_live.append("pod route keeper has stopped")
         rec, watcher = self.reconciler, self.watcher
         if rec is not None and rec.heartbeat is not None:
             stuck = time.monotonic() - rec.heartbeat
@@ -426,6 +430,11 @@ class Agent:
                     ),
                 }
             )
+        m["overlay_pod_routes_restored_total"] = (
+            "counter",
+            "Host routes to pods that someone else deleted, written again",
+            self._pod_routes.restored if self._pod_routes is not None else 0,
+        )
         m["overlay_underlay_changes_total"] = (
             "counter",
             "Times the underlay address, interface or MTU was found changed",
@@ -528,12 +537,14 @@ class Agent:
             threads.append(
                 threading.Thread(target=self._watch_underlay, args=(store, ipam), daemon=True)
             )
+        keeper = self._pod_routes = PodRouteKeeper(ipam, self.cfg.node_name)
         monitor = Monitor(
             lambda reason: self.reconciler.kick(reason) if self.reconciler else None,
             # Exact deletions are repaired without re-reading the whole kernel.
             on_gone=lambda reason, gone: (
                 self.reconciler.kick(reason, gone=gone) if self.reconciler else None
             ),
+            on_pod_route_gone=keeper.route_deleted,
         )
         self._threads = [*threads]
         self._monitor = monitor
@@ -547,6 +558,7 @@ class Agent:
         )
         cni = CniServer(self.cfg.socket, handler)
         try:
+            keeper.start()
             monitor.start()
             for t in threads:
                 t.start()
@@ -561,6 +573,7 @@ class Agent:
         finally:
             cni.stop()
             monitor.stop()
+            keeper.stop()
             for t in threads:
                 t.join(timeout=5)
             kernel.close()

@@ -58,9 +58,11 @@ class Monitor:
         netns: str | None = None,
         device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE),
         on_gone: Callable[[str, list[GoneKey]], None] | None = None,
+        on_pod_route_gone: Callable[[str, int], None] | None = None,
     ) -> None:
         self.callback = callback
         self.on_gone = on_gone
+        self.on_pod_route_gone = on_pod_route_gone  # (address, ifindex): see pod_routes.py
         self.netns = netns
         self.names = frozenset(device_names)
         self._index: dict[int, str] = {}  # ifindex -> our device name
@@ -214,6 +216,8 @@ class Monitor:
                 and r.table == MAIN_TABLE
             ):
                 return f"route_replaced dst={dst} proto={r.protocol}", None
+            if msg_type == nlmsg.RTM_DELROUTE and self.on_pod_route_gone and _pod_route(r):
+                self.on_pod_route_gone(_addr(r.dst), r.oif)  # only queues the check
             return "", None
         if msg_type in (nlmsg.RTM_DELNEIGH, nlmsg.RTM_NEWNEIGH):
             nb = nlmsg.decode_neighbour(payload)
@@ -259,6 +263,19 @@ class _Burst:
             self.precise = False
         else:
             self.gone.append(key)
+
+
+def _pod_route(r: nlmsg.RawRoute) -> bool:
+    """Whether a route looks like the CNI's host route to a pod: `<ip>/32 dev X` (or /128)
+    in the main table, protocol boot, no gateway. Only a look: pod_routes.py checks."""
+    return (
+        r.protocol == nlmsg.RTPROT_BOOT
+        and r.table == MAIN_TABLE
+        and r.rtype == nlmsg.RTN_UNICAST
+        and r.dst_len == 8 * len(r.dst)
+        and r.oif != 0
+        and not r.gateway
+    )
 
 
 def _version(raw: bytes) -> int:

@@ -81,6 +81,7 @@ RTA_PRIORITY = 6
 RTA_TABLE = 15
 RTA_NH_ID = 30
 RTN_UNICAST = 1
+RTPROT_BOOT = 3  # what `ip route add` and the CNI's pod routes use
 RTN_BLACKHOLE = 6
 RT_SCOPE_UNIVERSE = 0
 RT_SCOPE_LINK = 253
