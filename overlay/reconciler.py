@@ -339,6 +339,9 @@ class Reconciler:
         return Outcome.FAILED
 
 
+_TABLE_KINDS = ("nat", "tunnel_filter")  # GoneKey kinds of our nftables tables
+
+
 def _foreign(gone: list[GoneKey], kernel: KernelPort) -> list[GoneKey]:
     """`gone` without the nftables transactions our own nft runs made (("nat" |
     "tunnel_filter", pid, "") keys): those echo what we just wrote."""
@@ -346,9 +349,6 @@ def _foreign(gone: list[GoneKey], kernel: KernelPort) -> list[GoneKey]:
         return gone
     own = kernel.own_nft_pids()
     return [k for k in gone if k[0] not in _TABLE_KINDS or k[1] not in own]
-
-
-_TABLE_KINDS = ("nat", "tunnel_filter")
 
 
 def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
