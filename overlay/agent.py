@@ -531,11 +531,15 @@ class Agent:
         )
         self.watcher = ClusterWatcher(ds, lambda v: self._on_view(v, store, ipam))
         threads = [
-            threading.Thread(target=self.watcher.run, args=(self.stop_event,), daemon=True),
+            threading.Thread(
+                target=self.watcher.run, args=(self.stop_event,), name="watch", daemon=True
+            ),
         ]
         if self.cfg.underlay_check_interval > 0:
             threads.append(
-                threading.Thread(target=self._watch_underlay, args=(store, ipam), daemon=True)
+                threading.Thread(
+                    target=self._watch_underlay, args=(store, ipam), name="underlay", daemon=True
+                )
             )
         keeper = self._pod_routes = PodRouteKeeper(ipam, self.cfg.node_name)
         monitor = Monitor(
