@@ -47,6 +47,8 @@ from ipam.errors import (
 )
 from ipam.model import (
     DEFAULT_MAX_BLOCKS_PER_HOST,
+    USE_TUNNEL,
+    USE_WORKLOAD,
     EncapMode,
     IPAMConfig,
     IPPool,
@@ -190,6 +192,14 @@ def _claimed_after(claim_time: str | None, when: datetime.datetime) -> bool:
     return claimed > when
 
 
+def _check_use(pool: IPPool, use: str) -> None:
+    if use not in pool.allowed_uses:
+        uses = ", ".join(sorted(pool.allowed_uses, reverse=True))
+        raise NotInPool(
+            f"pool {pool.name} ({pool.cidr}) is not for {use} addresses (allowedUses: {uses})"
+        )
+
+
 def _with_prefix(ip: netaddr.IPAddress, block: netaddr.IPNetwork) -> netaddr.IPNetwork:
     return netaddr.IPNetwork((int(ip), block.prefixlen), version=block.version)
 
@@ -220,10 +230,13 @@ class IPAM:
         num6: int = 0,
         attrs: dict[str, str] | None = None,
         pools: list[netaddr.IPNetwork] | None = None,
+        use: str = USE_WORKLOAD,
     ) -> AssignResult:
         """Assign num4 IPv4 and num6 IPv6 addresses to `handle` for `node`: from the
         node's affine blocks, then a newly claimed block, then (unless strict affinity)
-        borrowed from other nodes' blocks. All or nothing: on error nothing is kept."""
+        borrowed from other nodes' blocks. All or nothing: on error nothing is kept.
+        `use` (Calico's intended use) must be among each pool's allowedUses; without
+        `pools`, Manual pools are left out."""
         check_name("handle", handle)
         check_name("node", node)
         for name, num in (("num4", num4), ("num6", num6)):
@@ -235,11 +248,11 @@ class IPAM:
         try:
             if num4:
                 self._auto_assign_family(
-                    4, num4, handle, node, attrs or {}, pools, cfg, reserved, result.ipv4
+                    4, num4, handle, node, attrs or {}, pools, use, cfg, reserved, result.ipv4
                 )
             if num6:
                 self._auto_assign_family(
-                    6, num6, handle, node, attrs or {}, pools, cfg, reserved, result.ipv6
+                    6, num6, handle, node, attrs or {}, pools, use, cfg, reserved, result.ipv6
                 )
         except BaseException:
             taken = [ReleaseRequest(n.ip, handle) for n in result.ipv4 + result.ipv6]
@@ -254,12 +267,15 @@ class IPAM:
         handle: str,
         node: str,
         attrs: dict[str, str] | None = None,
+        use: str = USE_WORKLOAD,
     ) -> netaddr.IPNetwork:
-        """Assign one specific address. Idempotent when `handle` already holds it."""
+        """Assign one specific address. Idempotent when `handle` already holds it. Its pool
+        must allow `use`; a Manual pool is fine (the address names it)."""
         check_name("handle", handle)
         check_name("node", node)
         addr = netaddr.IPAddress(ip)
         pool = self._enabled_pool_of(addr)
+        _check_use(pool, use)
         reserved = self._reserved()
         if any(addr in r for r in reserved):
             raise AddressReserved(f"address {addr} is reserved by an IPReservation")
@@ -423,7 +439,7 @@ class IPAM:
         handle = prefix + node
         if pools is None:
             pools = self.tunnel_pools(node, kind)
-        qualifying = [p for p in pools if p.version == version and not p.disabled]
+        qualifying = [p for p in pools if p.version == version and p.automatic_for(USE_TUNNEL)]
         held = self.ips_by_handle(handle)
         keep = next((ip for ip in held if any(ip in p.cidr for p in qualifying)), None)
         extra = [ReleaseRequest(ip, handle) for ip in held if ip != keep]
@@ -438,6 +454,7 @@ class IPAM:
             num6=1 if version == 6 else 0,
             attrs={"node": node, "type": type_},
             pools=[p.cidr for p in qualifying],
+            use=USE_TUNNEL,
         )
         return (result.ipv4 + result.ipv6)[0].ip
 
@@ -448,7 +465,7 @@ class IPAM:
             p
             for p in self._res.list_pools()
             if p.version == version
-            and not p.disabled
+            and p.automatic_for(USE_TUNNEL)
             and (p.ipip_mode if kind == "ipip" else p.vxlan_mode) in modes
         ]
         return self._select_for_node(candidates, node)
@@ -521,13 +538,16 @@ class IPAM:
         node: str,
         attrs: dict[str, str],
         requested: list[netaddr.IPNetwork] | None,
+        use: str,
         cfg: IPAMConfig,
         reserved: list[netaddr.IPNetwork],
         out: list[netaddr.IPNetwork],
     ) -> None:
-        pools = self._pools_for(version, node, requested)
+        pools = self._pools_for(version, node, requested, use)
         if not pools:
-            raise PoolExhausted(f"no enabled IPv{version} pool applies to node {node!r}")
+            raise PoolExhausted(
+                f"no enabled IPv{version} pool for {use} addresses applies to node {node!r}"
+            )
         self._release_unselected(version, node, pools)
         need = num
         tried: set[netaddr.IPNetwork] = set()
@@ -944,11 +964,11 @@ class IPAM:
         return [c for r in self._res.list_reservations() for c in r.reserved_cidrs]
 
     def _pools_for(
-        self, version: int, node: str, requested: list[netaddr.IPNetwork] | None
+        self, version: int, node: str, requested: list[netaddr.IPNetwork] | None, use: str
     ) -> list[IPPool]:
         pools = [p for p in self._res.list_pools() if p.version == version]
         if requested is None:
-            return self._select_for_node([p for p in pools if not p.disabled], node)
+            return self._select_for_node([p for p in pools if p.automatic_for(use)], node)
         # Requested pools are used exactly (no selectors), as in Calico.
         out = []
         for want in (netaddr.IPNetwork(c) for c in requested):
@@ -959,6 +979,7 @@ class IPAM:
                 raise NotInPool(f"requested pool {want} is not a configured IP pool")
             if pool.disabled:
                 raise NotInPool(f"requested pool {want} ({pool.name}) is disabled")
+            _check_use(pool, use)
             out.append(pool)
         return out
 

@@ -18,6 +18,10 @@ class EncapMode(enum.Enum):
     CROSS_SUBNET = "CrossSubnet"
 
 
+USE_WORKLOAD, USE_TUNNEL = "Workload", "Tunnel"  # Calico's allowedUses values
+AUTOMATIC, MANUAL = "Automatic", "Manual"  # Calico's assignmentMode values
+
+
 @dataclass(frozen=True)
 class IPPool:
     name: str
@@ -28,10 +32,18 @@ class IPPool:
     nat_outgoing: bool = False
     disabled: bool = False
     node_selector: str = "all()"
+    # Calico's allowedUses: which assignments may take addresses from the pool.
+    allowed_uses: frozenset[str] = frozenset({USE_WORKLOAD, USE_TUNNEL})
+    # Calico's assignmentMode: a Manual pool is used only when a request names it.
+    assignment_mode: str = AUTOMATIC
 
     @property
     def version(self) -> int:
         return int(self.cidr.version)
+
+    def automatic_for(self, use: str) -> bool:
+        """Whether an assignment for `use` that names no pool may take from this one."""
+        return not self.disabled and self.assignment_mode == AUTOMATIC and use in self.allowed_uses
 
 
 @dataclass(frozen=True)

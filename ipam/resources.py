@@ -17,7 +17,17 @@ from typing import Any, NoReturn, TypeVar
 
 import netaddr
 
-from ipam.model import EncapMode, IPAMConfig, IPPool, IPReservation, Node
+from ipam.model import (
+    AUTOMATIC,
+    MANUAL,
+    USE_TUNNEL,
+    USE_WORKLOAD,
+    EncapMode,
+    IPAMConfig,
+    IPPool,
+    IPReservation,
+    Node,
+)
 from ipam.selector import SelectorError, parse_selector
 
 __all__ = [
@@ -358,10 +368,10 @@ _POOL_FIELDS = {
     "natOutgoing",
     "disabled",
     "nodeSelector",
-    # Calico fields we do not implement: accepted only with a harmless value (below).
     "allowedUses",
-    "disableBGPExport",
     "assignmentMode",
+    # Calico fields we do not implement: accepted only with a harmless value (below).
+    "disableBGPExport",
     "namespaceSelector",
     "awsSubnetID",
 }
@@ -447,24 +457,36 @@ def _pool(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> IPPo
         nat_outgoing=nat,
         disabled=disabled,
         node_selector=selector,
+        allowed_uses=_allowed_uses(ctx, spec.get("allowedUses")),
+        assignment_mode=_assignment_mode(ctx, spec.get("assignmentMode")),
     )
 
 
+def _allowed_uses(ctx: _Ctx, value: Any) -> frozenset[str]:
+    """Calico's allowedUses: Workload and/or Tunnel; absent or empty means both."""
+    if value is None:
+        return IPPool.allowed_uses
+    uses = ctx.typed("spec.allowedUses", value, list, "a list")
+    for use in uses:
+        if use not in (USE_WORKLOAD, USE_TUNNEL):
+            why = "is not supported" if use == "LoadBalancer" else "is not Workload or Tunnel"
+            ctx.fail("spec.allowedUses", f"{_show(use)} {why}")
+    return frozenset(uses) or IPPool.allowed_uses
+
+
+def _assignment_mode(ctx: _Ctx, value: Any) -> str:
+    if value is None:
+        return AUTOMATIC
+    mode = ctx.string("spec.assignmentMode", value)
+    if mode not in (AUTOMATIC, MANUAL):
+        ctx.fail("spec.assignmentMode", f"{_show(mode)} is not Automatic or Manual")
+    return mode
+
+
 def _harmless_pool_fields(ctx: _Ctx, spec: dict[str, Any]) -> None:
-    uses = spec.get("allowedUses")
-    if uses is not None:
-        uses = ctx.typed("spec.allowedUses", uses, list, "a list")
-        if uses and sorted(map(str, uses)) != ["Tunnel", "Workload"]:
-            ctx.fail(
-                "spec.allowedUses",
-                f"{uses} is not supported (only the default [Workload, Tunnel])",
-            )
     # There is no BGP here, so nothing is exported either way.
     if spec.get("disableBGPExport") is not None:
         ctx.boolean("spec.disableBGPExport", spec["disableBGPExport"])
-    mode = spec.get("assignmentMode")
-    if mode is not None and mode != "Automatic":
-        ctx.fail("spec.assignmentMode", f"{_show(mode)} is not supported (only Automatic)")
     ns = spec.get("namespaceSelector")
     if ns is not None and ctx.string("spec.namespaceSelector", ns).strip() not in ("", "all()"):
         ctx.fail("spec.namespaceSelector", f"{ns!r} is not supported (only all())")
@@ -730,6 +752,8 @@ def to_manifest(res: Resource) -> dict[str, Any]:
             "natOutgoing": res.nat_outgoing,
             "disabled": res.disabled,
             "nodeSelector": res.node_selector,
+            "allowedUses": sorted(res.allowed_uses, reverse=True),  # Workload, Tunnel
+            "assignmentMode": res.assignment_mode,
         }
     elif isinstance(res, IPAMConfig):
         spec = {

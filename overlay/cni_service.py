@@ -10,7 +10,7 @@ import netaddr
 
 from cni.spec import INVALID_CONFIG, CniError
 from ipam.allocator import IPAM, Utilization
-from ipam.model import IPPool
+from ipam.model import USE_WORKLOAD, IPPool
 from ipam.store import ResourceStore
 
 
@@ -88,17 +88,20 @@ class CniIpam:
 
 
 def exhaustion(usage: Utilization, pools: Iterable[IPPool], labels: dict[str, str]) -> str | None:
-    """Why this node can get no IPv4 address at all (None when it can): every enabled
-    IPv4 pool that selects the node has no assignable address left. Pure."""
+    """Why this node can get no IPv4 pod address at all (None when it can): every enabled
+    IPv4 pool for pods (Automatic, allowing Workload use) that selects the node has no
+    assignable address left. Pure."""
     from ipam.selector import parse_selector
 
     mine = {
         p.name
         for p in pools
-        if p.version == 4 and not p.disabled and parse_selector(p.node_selector).matches(labels)
+        if p.version == 4
+        and p.automatic_for(USE_WORKLOAD)
+        and parse_selector(p.node_selector).matches(labels)
     }
     if not mine:
-        return "no enabled IPv4 pool selects this node"
+        return "no enabled IPv4 pool for pods selects this node"
     usable = [u for u in usage.pools if u.name in mine]
     if any(u.free > 0 for u in usable):
         return None

@@ -272,6 +272,41 @@ def test_an_empty_block_of_another_node_is_reclaimed_when_no_block_is_free() -> 
     assert_consistent(ipam)
 
 
+def test_allowed_uses_keep_pod_and_tunnel_addresses_in_their_pools() -> None:
+    # Calico's allowedUses: a small pool for tunnel addresses, another for pods.
+    ds = MemoryDatastore()
+    pods = pool("10.1.0.0/24", 29, allowed_uses=frozenset({"Workload"}))
+    tunnels = pool("10.9.0.0/24", 29, vxlan_mode=EncapMode.ALWAYS,
+                   allowed_uses=frozenset({"Tunnel"}))  # fmt: skip
+    ipam = IPAM(ds, FakeResources([pods, tunnels]))
+    assert all(n.ip in pods.cidr for n in ipam.auto_assign("h", "n1", num4=3).ipv4)
+    assert ipam.tunnel_pools("n1", "vxlan") == [tunnels]
+    tunnel = ipam.ensure_tunnel_address("n1", "vxlan")
+    assert tunnel is not None and tunnel in tunnels.cidr
+    with pytest.raises(NotInPool, match=r"pool .*10\.9\.0\.0/24.* not for Workload addresses"):
+        ipam.auto_assign("h2", "n1", pools=[tunnels.cidr])
+    with pytest.raises(NotInPool, match=r"not for Workload addresses \(allowedUses: Tunnel\)"):
+        ipam.assign_ip("10.9.0.77", "h3", "n1")
+    assert_consistent(ipam)
+
+
+def test_a_manual_pool_serves_only_requests_that_name_it() -> None:
+    ds = MemoryDatastore()
+    auto = pool("10.1.0.0/24", 29)
+    manual = pool("10.2.0.0/24", 29, assignment_mode="Manual", vxlan_mode=EncapMode.ALWAYS)
+    ipam = IPAM(ds, FakeResources([auto, manual]))
+    got = ipam.auto_assign("h", "n1", num4=20).ipv4
+    assert all(n.ip in auto.cidr for n in got)
+    named = ipam.auto_assign("h2", "n1", pools=[manual.cidr]).ipv4[0]
+    assert named.ip in manual.cidr
+    assert ipam.assign_ip("10.2.0.200", "h3", "n1").ip == IP("10.2.0.200")
+    assert ipam.tunnel_pools("n1", "vxlan") == []  # a tunnel address is never requested by name
+    only_manual = IPAM(MemoryDatastore(), FakeResources([manual]))
+    with pytest.raises(PoolExhausted, match="no enabled IPv4 pool for Workload addresses"):
+        only_manual.auto_assign("h", "n1")
+    assert_consistent(ipam)
+
+
 def test_assign_specific_ip() -> None:
     ipam, ds, res = make("10.0.0.0/24")
     got = ipam.assign_ip("10.0.0.77", "h1", "n1", {"pod": "a"})

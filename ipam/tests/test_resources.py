@@ -114,6 +114,19 @@ def test_pool_defaults() -> None:
     assert v6.block_size == 122 and v6.version == 6
 
 
+def test_pool_uses_and_assignment_mode_are_read_and_written_back() -> None:
+    tunnel = from_manifest(pool_doc(allowedUses=["Tunnel"], assignmentMode="Manual"))
+    assert isinstance(tunnel, IPPool)
+    assert tunnel.allowed_uses == {"Tunnel"} and tunnel.assignment_mode == "Manual"
+    assert not tunnel.automatic_for("Tunnel")  # Manual: only when a request names it
+    spec = to_manifest(tunnel)["spec"]
+    assert (spec["allowedUses"], spec["assignmentMode"]) == (["Tunnel"], "Manual")
+    assert from_manifest(to_manifest(tunnel)) == tunnel
+    both = from_manifest(pool_doc())
+    assert isinstance(both, IPPool) and both.automatic_for("Workload")
+    assert to_manifest(both)["spec"]["allowedUses"] == ["Workload", "Tunnel"]
+
+
 def test_pool_accepts_harmless_calico_fields() -> None:
     pool = from_manifest(
         pool_doc(
@@ -157,9 +170,13 @@ def test_pool_accepts_harmless_calico_fields() -> None:
         ({"disabled": 1}, ["spec.disabled", "got number 1"]),
         ({"nodeSelector": "zone = 'a'"}, ["spec.nodeSelector", "zone = 'a'", "position 5"]),
         ({"nodeSelector": ["a"]}, ["spec.nodeSelector", "expected a string"]),
-        ({"allowedUses": ["LoadBalancer"]}, ["spec.allowedUses", "LoadBalancer"]),
-        ({"allowedUses": ["Workload"]}, ["spec.allowedUses", "Workload"]),
-        ({"assignmentMode": "Manual"}, ["spec.assignmentMode", "'Manual'", "Automatic"]),
+        (
+            {"allowedUses": ["LoadBalancer"]},
+            ["spec.allowedUses", "'LoadBalancer'", "not supported"],
+        ),
+        ({"allowedUses": ["workload"]}, ["spec.allowedUses", "'workload'", "Workload or Tunnel"]),
+        ({"allowedUses": "Workload"}, ["spec.allowedUses", "expected a list"]),
+        ({"assignmentMode": "manual"}, ["spec.assignmentMode", "'manual'", "Automatic or Manual"]),
         ({"namespaceSelector": "ns == 'x'"}, ["spec.namespaceSelector", "ns == 'x'"]),
         ({"disableBGPExport": "no"}, ["spec.disableBGPExport", "'no'"]),
         ({"ipip": {"enabled": True}}, ["spec.ipip", "unknown field"]),
@@ -446,6 +463,8 @@ def test_manifest_uses_calico_field_names() -> None:
         "natOutgoing": True,
         "disabled": False,
         "nodeSelector": "zone == 'a' && !has(edge)",
+        "allowedUses": ["Workload", "Tunnel"],
+        "assignmentMode": "Automatic",
     }
     node = to_manifest(RESOURCES[-1])
     assert node["spec"]["bgp"] == {

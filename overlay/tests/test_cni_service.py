@@ -66,4 +66,8 @@ def test_exhaustion_only_when_every_pool_for_the_node_is_full() -> None:
     # In zone x pool b still has room.
     assert exhaustion(full, pools, {"zone": "x"}) is None
     disabled = [pool("a", "10.1.0.0/30", disabled=True)]
-    assert exhaustion(full, disabled, {}) == "no enabled IPv4 pool selects this node"
+    assert exhaustion(full, disabled, {}) == "no enabled IPv4 pool for pods selects this node"
+    # Pool b has room but serves tunnel addresses only, or only requests that name it.
+    for only in ({"allowed_uses": frozenset({"Tunnel"})}, {"assignment_mode": "Manual"}):
+        pools = [pool("a", "10.1.0.0/30"), pool("b", "10.2.0.0/30", **only)]
+        assert "a (10.1.0.0/30)" in (exhaustion(full, pools, {}) or ""), only
