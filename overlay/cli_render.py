@@ -34,7 +34,18 @@ def _labels(labels: dict[str, str]) -> str:
 def resource_table(kind: str, resources: Sequence[Resource]) -> str:
     if kind == "IPPool":
         return table(
-            ["NAME", "CIDR", "BLOCKSIZE", "VXLAN", "IPIP", "NAT", "DISABLED", "SELECTOR"],
+            [
+                "NAME",
+                "CIDR",
+                "BLOCKSIZE",
+                "VXLAN",
+                "IPIP",
+                "NAT",
+                "DISABLED",
+                "USES",
+                "MODE",
+                "SELECTOR",
+            ],  # fmt: skip
             [
                 (
                     p.name,
@@ -44,6 +55,8 @@ def resource_table(kind: str, resources: Sequence[Resource]) -> str:
                     p.ipip_mode.value,
                     str(p.nat_outgoing).lower(),
                     str(p.disabled).lower(),
+                    ",".join(sorted(p.allowed_uses, reverse=True)),
+                    p.assignment_mode,
                     p.node_selector,
                 )
                 for p in resources

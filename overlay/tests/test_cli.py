@@ -140,6 +140,8 @@ def test_get_in_each_format_and_yaml_round_trips(url: str) -> None:
     ok(url, "apply", "-f", "-", stdin=CALICO_POOL + "---\n" + pool_doc("extra", "10.9.0.0/24"))
     table = ok(url, "get", "ippools").splitlines()
     assert table[0].split()[:3] == ["NAME", "CIDR", "BLOCKSIZE"]
+    assert table[0].split()[7:9] == ["USES", "MODE"]
+    assert table[1].split()[7:9] == ["Workload,Tunnel", "Automatic"]
     assert [line.split()[:2] for line in table[1:]] == [
         ["default-ipv4-ippool", "10.244.0.0/16"],
         ["extra", "10.9.0.0/24"],
