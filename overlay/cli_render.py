@@ -45,7 +45,7 @@ def resource_table(kind: str, resources: Sequence[Resource]) -> str:
                 "USES",
                 "MODE",
                 "SELECTOR",
-            ],  # fmt: skip
+            ],
             [
                 (
                     p.name,
