@@ -105,6 +105,8 @@ def test_an_agent_that_cannot_reach_its_datastore_is_live_but_not_ready(lab3: La
             503,
             "datastore not read yet\ndataplane not programmed yet",
         )
+        shown = status_cmd(node.netns).stdout
+        assert "etcd://127.0.0.1:1  not read yet (the agent is starting)" in shown, shown
     finally:
         lab3.stop_agent(node)
         lab3.start_agent(node, argv)

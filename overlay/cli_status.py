@@ -31,13 +31,19 @@ def fetch(address: str, timeout: float = 3.0) -> dict[str, Any]:
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
+def _datastore_state(ds: dict[str, Any]) -> str:
+    if ds["reachable"]:
+        return f"reachable, revision {ds['revision']}"
+    if ds["error"]:
+        return f"UNREACHABLE: {ds['error']}, revision {ds['revision']}"
+    return "not read yet (the agent is starting)"
+
+
 def render(st: dict[str, Any]) -> str:
     ds = st["datastore"]
     lines = [
         f"Node:        {st['node']}  (agent up, pid {st['pid']})",
-        f"Datastore:   {ds['url']}  "
-        + ("reachable" if ds["reachable"] else f"UNREACHABLE: {ds['error']}")
-        + f", revision {ds['revision']}",
+        f"Datastore:   {ds['url']}  " + _datastore_state(ds),
         f"Underlay:    {st['underlay']['address']} on {st['underlay']['interface']}"
         f" (MTU {st['underlay']['mtu']}; pod MTU {st['pod_mtu']})",
         "Routes:      "
