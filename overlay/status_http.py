@@ -45,6 +45,8 @@ class StatusServer:
         health: Callable[[], Health] | None = None,
     ) -> None:
         host, _, port = address.rpartition(":")
+        if not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"metrics_addr: {address!r} is not HOST:PORT")
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,7 +86,10 @@ class StatusServer:
         self.status = status
         self.metrics = metrics
         self.health = health
-        self._server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        try:
+            self._server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        except OSError as e:  # in use, or an address this host does not have
+            raise ValueError(f"metrics_addr: {address!r}: {e.strerror or e}") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

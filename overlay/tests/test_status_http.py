@@ -59,3 +59,16 @@ def test_metrics_status_and_unknown_paths(served: tuple[StatusServer, Probe]) ->
     assert code == 200 and "# TYPE overlay_agent_up gauge\noverlay_agent_up 1\n" in text
     assert get(server, "/status")[0] == 200
     assert get(server, "/nothing")[0] == 404
+
+
+def test_a_busy_or_malformed_address_is_refused_naming_it() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ValueError, match=rf"metrics_addr: '{address}': .*in use"):
+            StatusServer(address, dict, dict)
+    with pytest.raises(ValueError, match=r"metrics_addr: 'localhost' is not HOST:PORT"):
+        StatusServer("localhost", dict, dict)
