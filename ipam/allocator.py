@@ -371,6 +371,18 @@ class IPAM:
         kv = self._ds.get(block_key(block_for(addr, pool)))
         return None if kv is None else Block.from_json(kv.value).allocation(addr)
 
+    def allocations_in(self, cidr: netaddr.IPNetwork | str) -> list[Allocation]:
+        """Every allocated address of one block with what it carries (one read)."""
+        kv = self._ds.get(block_key(netaddr.IPNetwork(cidr)))
+        if kv is None:
+            return []
+        block = Block.from_json(kv.value)
+        return [
+            a
+            for o, index in enumerate(block.allocations)
+            if index is not None and (a := block.allocation(block.address(o))) is not None
+        ]
+
     def affine_blocks(self, node: str) -> list[netaddr.IPNetwork]:
         """The node's blocks with a confirmed affinity (fresh from the datastore)."""
         check_name("node", node)

@@ -68,3 +68,22 @@ def test_routes_that_are_no_living_pods_are_not_written_back(lab2: Lab) -> None:
     )
     assert not came_back, came_back
     assert lab2.metrics(node1)["overlay_pod_routes_restored_total"] == 0
+
+
+def test_a_route_deleted_while_the_agent_was_down_is_restored_at_its_start(lab2: Lab) -> None:
+    # No event reaches an agent that is not running: the start-up look over this node's
+    # pods catches up (and every resync interval after, for events lost otherwise).
+    node2, addr = lab2.node(2), pod_ip(lab2, 2)
+    route = host_route(node2.netns, addr)
+    argv = lab2.stop_agent(node2)
+    try:
+        netns.run(["ip", "-n", node2.netns, "route", "del", f"{addr}/32"])
+        assert host_route(node2.netns, addr) == ""
+    finally:
+        lab2.start_agent(node2, argv)
+    back, took = poll(lambda: host_route(node2.netns, addr) == route, timeout=15, interval=0.05)
+    assert back, f"not restored at start\n{lab2.log_since(node2, 0)[-1500:]}"
+    print(f"\npod route restored {took:.2f}s after the agent was started")
+    lab2.wait_agent(node2, peers=1)
+    assert lab2.metrics(node2)["overlay_pod_routes_restored_total"] == 1
+    assert lab2.ping(lab2.node(1).netns, addr)  # (pod 1 lost its veth in the test above)

@@ -541,7 +541,9 @@ class Agent:
                     target=self._watch_underlay, args=(store, ipam), name="underlay", daemon=True
                 )
             )
-        keeper = self._pod_routes = PodRouteKeeper(ipam, self.cfg.node_name)
+        keeper = self._pod_routes = PodRouteKeeper(
+            ipam, self.cfg.node_name, interval=self.cfg.resync_interval
+        )
         monitor = Monitor(
             lambda reason: self.reconciler.kick(reason) if self.reconciler else None,
             # Exact deletions are repaired without re-reading the whole kernel.

@@ -531,3 +531,13 @@ def test_two_allocators_share_one_sqlite_store_with_real_resources(tmp_path: Pat
         assert a.check_consistency() == []
     finally:
         ds.close()
+
+
+def test_allocations_in_a_block_come_with_what_they_carry() -> None:
+    ipam, _, _ = make("10.0.0.0/24")
+    got = ipam.auto_assign("h1", "n1", num4=2, attrs={"pod": "a"}).ipv4
+    cidr = got[0].cidr
+    held = ipam.allocations_in(cidr)
+    assert {a.address for a in held} == {n.ip for n in got}
+    assert {(a.handle_id, a.attrs["pod"]) for a in held} == {("h1", "a")}
+    assert ipam.allocations_in("10.0.0.248/29") == []  # no such block
