@@ -64,9 +64,9 @@ def test_the_filter_reads_back_as_written_and_hosts_change_in_place(node: str) -
     apply_filter(f, node)
     assert read_filter(node) == f
     text = nft(node, "list", "table", "ip", TABLE)
-    assert 'iifname "cali*" udp dport 4789 drop' in text
-    assert "udp dport 4789 ip saddr != @hosts ip saddr != @external drop" in text
-    assert "ip protocol ipencap ip saddr != @hosts ip saddr != @external drop" in text
+    assert 'iifname "cali*" udp dport 4789 counter packets 0 bytes 0 drop' in text
+    assert "udp dport 4789 ip saddr != @hosts ip saddr != @external counter" in text
+    assert "ip protocol ipencap ip saddr != @hosts ip saddr != @external counter" in text
     before = nft(node, "-a", "list", "chain", "ip", TABLE, "input")
     apply_hosts(TunnelHosts(add=frozenset({C}), remove=frozenset({A})), node)
     assert read_filter(node) == TunnelFilter(frozenset({B, C}), VXLAN_PORT, ipip=True)
@@ -95,7 +95,7 @@ def test_external_networks_read_back_and_count_as_known(node: str) -> None:
     apply_filter(f, node)
     assert read_filter(node) == f
     text = nft(node, "list", "table", "ip", TABLE)
-    assert "udp dport 4789 ip saddr != @hosts ip saddr != @external drop" in text
+    assert "udp dport 4789 ip saddr != @hosts ip saddr != @external counter" in text
 
 
 def test_a_large_filter_write_is_announced_whole_with_our_pid(node: str) -> None:
@@ -206,8 +206,11 @@ def test_vxlan_from_a_host_that_is_no_node_is_dropped(lab3: Lab, tmp_path: Path)
     sock = packet_socket_in(lab3.pod(1).netns, "eth0")
     try:
         with injection.stranger(lab3.state, node1.subnet) as (ns, addr):
-            injection.send(ns, data, lab3.address(node1))
+            dropped = lab3.metrics(node1)["overlay_tunnel_drops_unknown_host_total"]
+            injection.send(ns, data, lab3.address(node1))  # 3 packets
             assert not seen(sock, src, wait=1.0), "a stranger's VXLAN reached the pod"
+            now = lab3.metrics(node1)["overlay_tunnel_drops_unknown_host_total"]
+            assert now == dropped + 3  # the operator sees them counted
             # The control: registered as a Node, the same sender is let in.
             manifest = tmp_path / "node.json"
             manifest.write_text(json.dumps(injection.node_manifest("stranger", f"{addr}/24")))
@@ -261,8 +264,10 @@ def test_vxlan_sent_by_a_pod_is_dropped_although_nat_gives_it_a_node_address(lab
     pod3 = lab3.pod(3).netns
     sock = packet_socket_in(lab3.pod(1).netns, "eth0")
     try:
-        injection.send(pod3, data, lab3.address(node1))
+        dropped = lab3.metrics(node3)["overlay_tunnel_drops_from_pods_total"]
+        injection.send(pod3, data, lab3.address(node1))  # 3 packets
         assert not seen(sock, src, wait=1.0), "a pod's VXLAN reached another pod"
+        assert lab3.metrics(node3)["overlay_tunnel_drops_from_pods_total"] == dropped + 3
         # The control: without node3's table the pod's packet leaves masqueraded as node3,
         # which node1 trusts, and the injection works.
         argv = lab3.stop_agent(node3)  # it would put the table back

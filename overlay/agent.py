@@ -430,6 +430,20 @@ class Agent:
                     ),
                 }
             )
+            if desired.tunnel_filter is not None:
+                from overlay.kernel.tunnel_filter import read_drops
+
+                drops = read_drops()
+                m["overlay_tunnel_drops_unknown_host_total"] = (
+                    "counter",
+                    "Tunnelled packets dropped: not from a node's address nor --external-nodes",
+                    drops["unknown_hosts"],
+                )
+                m["overlay_tunnel_drops_from_pods_total"] = (
+                    "counter",
+                    "Tunnelled packets dropped: sent by a pod",
+                    drops["pods"],
+                )
         m["overlay_pod_routes_restored_total"] = (
             "counter",
             "Host routes to pods that someone else deleted, written again",

@@ -85,7 +85,9 @@ def render(f: TunnelFilter | None) -> str:
     for chain in ("input", "forward"):
         lines.append(f"  chain {chain} {{")
         lines.append(f"    type filter hook {chain} priority filter; policy accept;")
-        lines += [f'    {match} drop comment "{c}"' for ch, match, c in rules if ch == chain]
+        lines += [
+            f'    {match} counter drop comment "{c}"' for ch, match, c in rules if ch == chain
+        ]
         lines.append("  }")
     lines.append("}")
     return head + "\n".join(lines) + "\n"
@@ -126,6 +128,24 @@ def _run(script: str, netns: str | None) -> None:
     proc = nft.run(["-f", "-"], netns, script)
     if proc.returncode != 0:
         raise FilterError(f"nft -f - failed (rc={proc.returncode}): {proc.stderr.strip()}")
+
+
+def read_drops(netns: str | None = None) -> dict[str, int]:
+    """Packets our rules dropped so far, by why: {"unknown_hosts": n, "pods": m}. Reads the
+    chains only (their counters), not the address set: cheap enough for each scrape."""
+    drops = {"unknown_hosts": 0, "pods": 0}
+    for chain in ("input", "forward"):
+        proc = nft.run(["-j", "list", "chain", FAMILY, TABLE, chain], netns)
+        if proc.returncode != 0:
+            continue  # no table (no tunnel) or no such chain: nothing dropped by it
+        for item in json.loads(proc.stdout).get("nftables", []):
+            rule = item.get("rule") or {}
+            comment = rule.get("comment") or ""
+            why = "pods" if comment.endswith("from pods") else "unknown_hosts"
+            for expr in rule.get("expr", []):
+                if isinstance(expr, dict) and "counter" in expr:
+                    drops[why] += int(expr["counter"].get("packets", 0))
+    return drops
 
 
 def read_filter(netns: str | None = None) -> TunnelFilter | None:
