@@ -20,9 +20,9 @@ from overlay.kernel import nft, nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
 from overlay.kernel.ethtool import Ethtool
-from overlay.kernel.nat import NatError, apply_nat, read_nat
+from overlay.kernel.nat import apply_nat, read_nat
 from overlay.kernel.reader import read_dataplane
-from overlay.kernel.tunnel_filter import FilterError, apply_filter, apply_hosts, read_filter
+from overlay.kernel.tunnel_filter import apply_filter, apply_hosts, read_filter
 from overlay.model import (
     IPIP_DEVICE,
     RT_PROTO,
@@ -184,7 +184,7 @@ class Kernel:
                 assert isinstance(obj, TunnelHosts)
                 apply_hosts(obj, self.netns)
             result.done += 1
-        except (NatError, FilterError) as exc:
+        except nft.NftError as exc:
             self._fail(op, errno.EIO, str(exc), result)
 
     def _apply_device(self, op: Op, result: ApplyResult) -> None:

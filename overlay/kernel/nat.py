@@ -6,7 +6,6 @@ pod traffic (destination inside any pool) never is. IPv4 only, like the table fa
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 
@@ -19,10 +18,6 @@ log = logging.getLogger("overlay.kernel")
 
 FAMILY = "ip"
 TABLE = "overlay-nat"
-
-
-class NatError(Exception):
-    pass
 
 
 def _v4(nets: Iterable[netaddr.IPNetwork]) -> list[netaddr.IPNetwork]:
@@ -57,10 +52,7 @@ def render(nat: NatOutgoing | None) -> str:
 
 
 def apply_nat(nat: NatOutgoing | None, netns: str | None = None) -> None:
-    script = render(nat)
-    proc = nft.run(["-f", "-"], netns, script)
-    if proc.returncode != 0:
-        raise NatError(f"nft -f - failed (rc={proc.returncode}): {proc.stderr.strip()}")
+    nft.write(render(nat), netns)
     if nat is None or not _v4(nat.sources):
         log.info("event=nat_deleted table=%s", TABLE)
     else:
@@ -74,22 +66,14 @@ def apply_nat(nat: NatOutgoing | None, netns: str | None = None) -> None:
 
 def read_nat(netns: str | None = None) -> NatOutgoing | None:
     """Our NAT-outgoing state, or None when the table is absent."""
-    proc = nft.run(["-j", "list", "table", FAMILY, TABLE], netns)
-    if proc.returncode != 0:
-        if nft.missing_table(proc):
-            return None
-        raise NatError(f"nft list table failed (rc={proc.returncode}): {proc.stderr.strip()}")
-    sets: dict[str, frozenset[netaddr.IPNetwork]] = {}
-    for item in json.loads(proc.stdout).get("nftables", []):
-        s = item.get("set")
-        if s and s.get("table") == TABLE:
-            nets: list[netaddr.IPNetwork] = []
-            for elem in s.get("elem", []):
-                try:
-                    nets.extend(nft.parse_element(elem))
-                except ValueError as exc:
-                    raise NatError(str(exc)) from None
-            sets[s["name"]] = frozenset(nets)
+    items = nft.listing(["table", FAMILY, TABLE], netns)
+    if items is None:
+        return None
+    sets = {
+        s["name"]: nft.set_networks(s)
+        for item in items
+        if (s := item.get("set")) and s.get("table") == TABLE
+    }
     if "sources" not in sets:
         return None
     return NatOutgoing(sources=sets["sources"], all_pools=sets.get("pools", frozenset()))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections import deque
+from typing import Any
 
 import netaddr
 
@@ -37,12 +39,38 @@ def own_pids() -> frozenset[int]:
     return frozenset(_spawned)
 
 
-def missing_table(proc: subprocess.CompletedProcess[str]) -> bool:
-    """Whether a failed `nft list table` failed because the table does not exist."""
-    return proc.returncode != 0 and "No such file or directory" in proc.stderr
+class NftError(Exception):
+    """nft refused a script or a listing, or listed something we cannot read."""
 
 
-def parse_element(elem: object) -> list[netaddr.IPNetwork]:
+def write(script: str, netns: str | None) -> None:
+    """Run an nft script: one transaction, all or nothing."""
+    proc = run(["-f", "-"], netns, script)
+    if proc.returncode != 0:
+        raise NftError(f"nft -f - failed (rc={proc.returncode}): {proc.stderr.strip()}")
+
+
+def listing(args: list[str], netns: str | None) -> list[dict[str, Any]] | None:
+    """The items of `nft -j list ARGS`; None when the table or chain does not exist."""
+    proc = run(["-j", "list", *args], netns)
+    if proc.returncode != 0:
+        if "No such file or directory" in proc.stderr:
+            return None
+        raise NftError(f"nft list {' '.join(args)} failed (rc={proc.returncode}): "
+                       f"{proc.stderr.strip()}")  # fmt: skip
+    items: list[dict[str, Any]] = json.loads(proc.stdout).get("nftables", [])
+    return items
+
+
+def set_networks(item: dict[str, Any]) -> frozenset[netaddr.IPNetwork]:
+    """The networks held by one listed set (its "elem" list)."""
+    nets: list[netaddr.IPNetwork] = []
+    for elem in item.get("elem", []):
+        nets.extend(_element(elem))
+    return frozenset(nets)
+
+
+def _element(elem: object) -> list[netaddr.IPNetwork]:
     """The networks one element of `nft -j` set output stands for."""
     if isinstance(elem, str):
         return [netaddr.IPNetwork(elem)]
@@ -54,5 +82,5 @@ def parse_element(elem: object) -> list[netaddr.IPNetwork]:
             lo, hi = elem["range"]
             return list(netaddr.IPRange(lo, hi).cidrs())
         if "elem" in elem:  # element with options (timeout, comment...)
-            return parse_element(elem["elem"]["val"] if isinstance(elem["elem"], dict) else elem)
-    raise ValueError(f"nft: unexpected set element {elem!r}")
+            return _element(elem["elem"]["val"] if isinstance(elem["elem"], dict) else elem)
+    raise NftError(f"nft: unexpected set element {elem!r}")

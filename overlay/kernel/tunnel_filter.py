@@ -18,7 +18,6 @@ table is written again. Changes of the address set alone are made element by ele
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 
@@ -32,10 +31,6 @@ log = logging.getLogger("overlay.kernel")
 FAMILY = "ip"
 TABLE = "overlay-filter"
 IPPROTO_IPIP = 4
-
-
-class FilterError(Exception):
-    pass
 
 
 # Whom a tunnelled packet must come from: a node, or a network the operator admits.
@@ -104,7 +99,7 @@ def render_hosts(change: TunnelHosts) -> str:
 
 
 def apply_filter(f: TunnelFilter | None, netns: str | None = None) -> None:
-    _run(render(f), netns)
+    nft.write(render(f), netns)
     if f is None:
         log.info("event=tunnel_filter_deleted table=%s", TABLE)
     else:
@@ -117,17 +112,11 @@ def apply_filter(f: TunnelFilter | None, netns: str | None = None) -> None:
 def apply_hosts(change: TunnelHosts, netns: str | None = None) -> None:
     script = render_hosts(change)
     if script:
-        _run(script, netns)
+        nft.write(script, netns)
     log.info(
         "event=tunnel_filter_hosts_set table=%s added=%s removed=%s",
         TABLE, _elements(change.add).replace(" ", ""), _elements(change.remove).replace(" ", ""),
     )  # fmt: skip
-
-
-def _run(script: str, netns: str | None) -> None:
-    proc = nft.run(["-f", "-"], netns, script)
-    if proc.returncode != 0:
-        raise FilterError(f"nft -f - failed (rc={proc.returncode}): {proc.stderr.strip()}")
 
 
 def read_drops(netns: str | None = None) -> dict[str, int]:
@@ -135,10 +124,8 @@ def read_drops(netns: str | None = None) -> dict[str, int]:
     chains only (their counters), not the address set: cheap enough for each scrape."""
     drops = {"unknown_hosts": 0, "pods": 0}
     for chain in ("input", "forward"):
-        proc = nft.run(["-j", "list", "chain", FAMILY, TABLE, chain], netns)
-        if proc.returncode != 0:
-            continue  # no table (no tunnel) or no such chain: nothing dropped by it
-        for item in json.loads(proc.stdout).get("nftables", []):
+        # No table (no tunnel) or no such chain: nothing dropped by it.
+        for item in nft.listing(["chain", FAMILY, TABLE, chain], netns) or []:
             rule = item.get("rule") or {}
             comment = rule.get("comment") or ""
             why = "pods" if comment.endswith("from pods") else "unknown_hosts"
@@ -151,25 +138,19 @@ def read_drops(netns: str | None = None) -> dict[str, int]:
 def read_filter(netns: str | None = None) -> TunnelFilter | None:
     """Our filter as the kernel holds it, or None when the table is absent. A tunnel
     counts as filtered only when all three of its rules are there."""
-    proc = nft.run(["-j", "list", "table", FAMILY, TABLE], netns)
-    if nft.missing_table(proc):
+    items = nft.listing(["table", FAMILY, TABLE], netns)
+    if items is None:
         return None
-    if proc.returncode != 0:
-        raise FilterError(f"nft list table failed (rc={proc.returncode}): {proc.stderr.strip()}")
     hosts: frozenset[netaddr.IPAddress] = frozenset()
-    external: list[netaddr.IPNetwork] = []
+    external: frozenset[netaddr.IPNetwork] = frozenset()
     found: set[tuple[object, object]] = set()  # (chain, comment) of every rule in the table
     ports: set[int] = set()
-    for item in json.loads(proc.stdout).get("nftables", []):
+    for item in items:
         s = item.get("set")
         if s and s.get("table") == TABLE and s.get("name") == "hosts":
-            hosts = frozenset(netaddr.IPAddress(e) for e in s.get("elem", []) if isinstance(e, str))
+            hosts = frozenset(n.ip for n in nft.set_networks(s))
         if s and s.get("table") == TABLE and s.get("name") == "external":
-            for elem in s.get("elem", []):
-                try:
-                    external.extend(nft.parse_element(elem))
-                except ValueError as exc:
-                    raise FilterError(str(exc)) from None
+            external = nft.set_networks(s)
         r = item.get("rule")
         if r and r.get("table") == TABLE:
             comment = r.get("comment")
@@ -183,7 +164,7 @@ def read_filter(netns: str | None = None) -> TunnelFilter | None:
 
     port = next((p for p in sorted(ports) if rules(TunnelFilter(hosts, p, False)) <= found), None)
     ipip = rules(TunnelFilter(hosts, None, True)) <= found
-    merged = frozenset(netaddr.cidr_merge(external))
+    merged = frozenset(netaddr.cidr_merge(list(external)))
     ours = rules(TunnelFilter(hosts, None, True)).union(
         *(rules(TunnelFilter(hosts, p, False)) for p in ports)
     )
