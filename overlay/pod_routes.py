@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 
 from ipam.allocator import IPAM
 from ipam.errors import IPAMError
+from overlay.kernel import nlmsg
+from overlay.kernel.batch import RtnlSocket
+from overlay.model import MAIN_TABLE
 
 log = logging.getLogger("overlay.pod_routes")
 
@@ -112,12 +116,6 @@ class PodRouteKeeper:
 
 def _pod_routes() -> set[tuple[str, int]]:
     """(address, ifindex) of the host routes with protocol boot in the main table."""
-    import socket
-
-    from overlay.kernel import nlmsg
-    from overlay.kernel.batch import RtnlSocket
-    from overlay.model import MAIN_TABLE
-
     found = set()
     with RtnlSocket(None) as sock:
         for family in (socket.AF_INET, socket.AF_INET6):

@@ -165,9 +165,6 @@ class Monitor:
                         burst.add(why, key)
         return True
 
-    def _reason(self, msg_type: int, flags: int, payload: memoryview) -> str:
-        return self._classify(msg_type, flags, payload)[0]
-
     def _classify(
         self, msg_type: int, flags: int, payload: memoryview
     ) -> tuple[str, GoneKey | None]:
