@@ -36,7 +36,7 @@ from ipam.block import (
     host_affinity,
     nth_block,
 )
-from ipam.datastore.base import KV, AlreadyExists, Conflict, Datastore, NotFound
+from ipam.datastore.base import KV, AlreadyExists, Ambiguous, Conflict, Datastore, NotFound
 from ipam.errors import (
     AddressReserved,
     BlockLimitReached,
@@ -295,7 +295,7 @@ class IPAM:
                 )
             if not block.assign(addr, handle, attrs or {}, reserved):
                 return _with_prefix(addr, cidr)
-            if self._write_assigned(key, kv, block, handle, 1):
+            if self._write_assigned(key, kv, block, handle, [addr]):
                 return _with_prefix(addr, cidr)
         raise self._max_retries(f"assign {addr}")
 
@@ -665,25 +665,42 @@ class IPAM:
                 return []
             if not ips:
                 return []
-            if self._write_assigned(key, kv, block, handle, len(ips)):
+            if self._write_assigned(key, kv, block, handle, ips):
                 return [_with_prefix(ip, block.cidr) for ip in ips]
             kv = None
         raise self._max_retries(f"assign in block {cidr}")
 
-    def _write_assigned(self, key: str, kv: KV, block: Block, handle: str, n: int) -> bool:
+    def _write_assigned(
+        self, key: str, kv: KV, block: Block, handle: str, ips: list[netaddr.IPAddress]
+    ) -> bool:
         """Count the handle, then write the block; False (handle uncounted) on conflict."""
+        n = len(ips)
         self._adjust_handle(handle, str(block.cidr), n)
         try:
             value = block.to_json()
             self._written[key] = KV(key, value, self._ds.update(key, value, kv.mod_revision))
             return True
-        except Conflict:
+        except Conflict as e:
             self._written.pop(key, None)
+            # Retrying a write that did land would hand out a second address and leak the
+            # first: look for our allocations, with the sequence number we gave them.
+            if isinstance(e, Ambiguous) and all(
+                self._still_held(key, [a for ip in ips if (a := block.allocation(ip))])
+            ):
+                return True
             self._adjust_handle(handle, str(block.cidr), -n)
             return False
         except BaseException:
             self._adjust_handle(handle, str(block.cidr), -n)
             raise
+
+    def _still_held(self, key: str, allocations: list[Allocation]) -> list[bool]:
+        """For each allocation, whether the stored block holds exactly it (same address,
+        handle, attributes and sequence number). After an Ambiguous write this tells
+        whether our attempt landed: a block's sequence numbers never repeat."""
+        kv = self._ds.get(key)
+        stored = None if kv is None else Block.from_json(kv.value)
+        return [stored is not None and stored.allocation(a.address) == a for a in allocations]
 
     # ==== claiming blocks =================================================================
 
@@ -896,7 +913,8 @@ class IPAM:
                 res.released += one.released
                 res.unallocated += one.unallocated
                 res.mismatched += one.mismatched
-            if res.released and not self._write_released(key, kv, block):
+            freed = [ip for ip, _ in res.released]
+            if freed and not self._write_released(key, kv, block, freed):
                 continue
             break
         else:
@@ -914,11 +932,13 @@ class IPAM:
                 return []
             block = Block.from_json(kv.value)
             ips = block.release_handle(handle)
-            if not ips or self._write_released(key, kv, block):
+            if not ips or self._write_released(key, kv, block, ips):
                 return ips
         raise self._max_retries(f"release handle {handle} in block {cidr}")
 
-    def _write_released(self, key: str, kv: KV, block: Block) -> bool:
+    def _write_released(
+        self, key: str, kv: KV, block: Block, freed: list[netaddr.IPAddress]
+    ) -> bool:
         """Write a block after a release; an empty block nobody owns is deleted."""
         try:
             if block.empty and block.affinity is None:
@@ -928,8 +948,14 @@ class IPAM:
                 value = block.to_json()
                 self._written[key] = KV(key, value, self._ds.update(key, value, kv.mod_revision))
             return True
-        except (Conflict, NotFound):
+        except (Conflict, NotFound) as e:
             self._written.pop(key, None)
+            if isinstance(e, Ambiguous):
+                # Landed if none of the freed allocations is still stored (a retry would
+                # find them free and leave their handle counted).
+                before = Block.from_json(kv.value)
+                held = [a for ip in freed if (a := before.allocation(ip))]
+                return not any(self._still_held(key, held))
             return False
 
     def _uncount(self, cidr: str, handles: list[str | None]) -> None:

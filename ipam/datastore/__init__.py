@@ -12,6 +12,7 @@ import os
 from ipam.datastore.base import (
     KV,
     AlreadyExists,
+    Ambiguous,
     Compacted,
     Conflict,
     Datastore,
@@ -33,6 +34,7 @@ __all__ = [
     "ENV_VAR",
     "KV",
     "AlreadyExists",
+    "Ambiguous",
     "Compacted",
     "Conflict",
     "Datastore",

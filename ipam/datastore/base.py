@@ -25,6 +25,13 @@ class AlreadyExists(Conflict):
     """create() of a key that exists."""
 
 
+class Ambiguous(Conflict):
+    """A conditional write was retried after its answer was lost, the retry lost its
+    compare, and the key now holds something else: the first attempt may have been applied
+    and then overwritten. Only the stored value can tell; callers that cannot look treat
+    it as a Conflict."""
+
+
 class NotFound(DatastoreError):
     """The key does not exist."""
 

@@ -10,7 +10,9 @@ that as a Conflict would make the caller redo work that is already done (an IPAM
 would hand out a second address and leak the first), so after such a retry the key is read
 back: if it holds exactly the value we wrote (or, for a delete, is gone), the write counts
 as ours. IPAM values carry per-write sequence numbers, so an identical value written by
-someone else in between is not a practical concern.
+someone else in between is not a practical concern. If it holds something else, our
+attempt may still have landed before another writer's: update and delete then raise
+Ambiguous, so the IPAM layer can look for its own work in the stored value.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from urllib.parse import parse_qs
 from ipam.datastore.base import (
     KV,
     AlreadyExists,
+    Ambiguous,
     Compacted,
     Conflict,
     Event,
@@ -299,9 +302,11 @@ class EtcdDatastore:
             {"request_put": {"key": k, "value": _b64(value.encode())}},
         )
         if not resp.get("succeeded"):
-            if retried and (rev := self._landed(key, value)) is not None and rev > revision:
+            if not retried:
+                raise Conflict(f"{key} (revision {revision})")
+            if (rev := self._landed(key, value)) is not None and rev > revision:
                 return rev
-            raise Conflict(f"{key} (revision {revision})")
+            raise Ambiguous(f"{key} (revision {revision}): retried after a lost answer")
         return self._header_revision(resp)
 
     def delete(self, key: str, revision: int) -> None:
@@ -320,6 +325,8 @@ class EtcdDatastore:
             if retried:
                 return  # our earlier attempt deleted it
             raise NotFound(key)
+        if retried:  # deleted by us and created again since, or never deleted
+            raise Ambiguous(f"{key} (revision {revision}): retried after a lost answer")
         raise Conflict(f"{key} (revision {revision})")
 
     def watch(self, prefix: str, start_revision: int) -> EtcdWatch:

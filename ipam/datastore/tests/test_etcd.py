@@ -5,18 +5,23 @@ Every test here needs the real etcd server binary; members run on free loopback 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import netaddr
 import pytest
 
+from ipam.allocator import IPAM
 from ipam.datastore import (
     KV,
+    Ambiguous,
     Compacted,
     Conflict,
     Event,
@@ -27,7 +32,9 @@ from ipam.datastore import (
 )
 from ipam.datastore.etcd import EtcdDatastore, parse_url
 from ipam.datastore.etcd_gateway import Endpoint
+from ipam.records import BLOCKS_PREFIX
 from ipam.testing.etcd import EtcdCluster
+from ipam.tests.fake_resources import FakeResources, pool
 
 pytestmark = pytest.mark.etcd
 
@@ -309,23 +316,31 @@ def test_harness_repicks_ports_taken_before_start_and_stops_idempotently(tmp_pat
 
 
 class _LoseFirstAnswer:
-    """Wraps the gateway's single attempt: the first transaction is applied by etcd, then
-    its answer is 'lost' as if the connection broke, so the client retries it."""
+    """Wraps the gateway's single attempt: the first transaction (on a key containing
+    `only`, if set) is applied by etcd, then `meanwhile` runs (another client's write),
+    then its answer is 'lost' as if the connection broke, so the client retries it."""
 
-    def __init__(self, store: EtcdDatastore) -> None:
+    def __init__(self, store: EtcdDatastore, only: str = "") -> None:
         from ipam.datastore import etcd_gateway
 
         self.client = store._client
         self.real = self.client._once
         self.down = etcd_gateway._EndpointDown
+        self.only = only.encode()
         self.armed = False
+        self.meanwhile: Callable[[], object] = lambda: None
 
     def __call__(self, i: int, path: str, payload: bytes, timeout: float) -> dict[str, object]:
         doc = self.real(i, path, payload, timeout)
-        if self.armed and path.endswith("/txn"):
+        if self.armed and path.endswith("/txn") and self.only in self._key(payload):
             self.armed = False
+            self.meanwhile()
             raise self.down("connection reset after the request was sent")
         return doc
+
+    @staticmethod
+    def _key(payload: bytes) -> bytes:
+        return base64.b64decode(json.loads(payload)["compare"][0]["key"])
 
 
 @pytest.mark.etcd
@@ -345,13 +360,75 @@ def test_write_applied_but_answer_lost_counts_as_ours(raw_store: EtcdDatastore) 
     raw_store.delete("/lost/a", rev2)
     assert raw_store.get("/lost/a") is None
 
-    # A genuine conflict after a retry is still a conflict.
+    # A genuine conflict after a retry is still a conflict, one that says it cannot tell
+    # whether the first attempt landed before the other write.
     rev3 = raw_store.create("/lost/b", "mine")
     other = raw_store.update("/lost/b", "theirs", rev3)
     lose.armed = True
-    with pytest.raises(Conflict):
+    with pytest.raises(Ambiguous):
         raw_store.update("/lost/b", "mine-again", rev3)
     assert raw_store.get("/lost/b") == KV("/lost/b", "theirs", other)
+
+
+@pytest.fixture
+def two_ipam_clients(
+    etcd_cluster: EtcdCluster, request: pytest.FixtureRequest
+) -> Iterator[tuple[IPAM, IPAM, _LoseFirstAnswer]]:
+    """Two IPAM clients on one etcd; the first one's block writes can lose their answer."""
+    prefix = f"/ambiguous/{request.node.name}"
+    ours = EtcdDatastore(etcd_cluster.endpoints, prefix=prefix)
+    theirs = EtcdDatastore(etcd_cluster.endpoints, prefix=prefix)
+    res = FakeResources([pool("10.9.0.0/24", 29)])
+    lose = _LoseFirstAnswer(ours, only=BLOCKS_PREFIX)
+    ours._client._once = lose  # type: ignore[method-assign]
+    try:
+        yield IPAM(ours, res), IPAM(theirs, res), lose
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def _stored(ipam: IPAM) -> dict[str, str | None]:
+    return {
+        str(a.address): a.handle_id
+        for b in ipam.snapshot().blocks.values()
+        for a in ipam.allocations_in(b.cidr)
+    }
+
+
+def test_assign_applied_then_overwritten_before_the_retry_is_not_done_twice(
+    two_ipam_clients: tuple[IPAM, IPAM, _LoseFirstAnswer],
+) -> None:
+    """The leak a killed etcd leader once caused in the eight-client test: our block write
+    lands, its answer is lost, another client writes the block before our retry reads it
+    back. Assigning again would hand out a second address and leak the first."""
+    ipam, other, lose = two_ipam_clients
+    ipam.auto_assign("first", "n1")  # claims the block
+    lose.armed, lose.meanwhile = True, lambda: other.auto_assign("theirs", "n1")
+    (mine,) = ipam.auto_assign("mine", "n1").ipv4
+    assert not lose.armed, "the fault was never injected"
+    assert ipam.ips_by_handle("mine") == [mine.ip]
+    assert sorted(map(str, _stored(ipam).values())) == ["first", "mine", "theirs"]
+    assert ipam.check_consistency() == []
+
+    # The same for one named address.
+    lose.armed, lose.meanwhile = True, lambda: other.auto_assign("theirs-2", "n1")
+    named = ipam.assign_ip("10.9.0.200", "named", "n1")
+    assert not lose.armed and named.ip == netaddr.IPAddress("10.9.0.200")
+    assert ipam.ips_by_handle("named") == [named.ip]
+    assert ipam.check_consistency() == []
+
+
+def test_release_applied_then_overwritten_before_the_retry_uncounts_the_handle(
+    two_ipam_clients: tuple[IPAM, IPAM, _LoseFirstAnswer],
+) -> None:
+    ipam, other, lose = two_ipam_clients
+    (mine,) = ipam.auto_assign("mine", "n1").ipv4
+    lose.armed, lose.meanwhile = True, lambda: other.auto_assign("theirs", "n1")
+    assert ipam.release_by_handle("mine") == [mine.ip]
+    assert not lose.armed, "the fault was never injected"
+    assert _stored(ipam) == {str(other.ips_by_handle("theirs")[0]): "theirs"}
+    assert ipam.check_consistency() == []  # the handle record went with its address
 
 
 def test_stream_delivers_messages_that_arrived_with_the_response_head() -> None:
