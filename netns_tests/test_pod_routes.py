@@ -8,13 +8,17 @@ route that is no pod's, or the route of a pod whose veth is gone, is not written
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
+import netaddr
 import pytest
 
 from netns_tests.lab_fixtures import Lab, poll, running_lab
+from overlay.lab import lab as lab_cli
 from overlay.lab import netns
+from overlay.lab.lab import PodState
 
 pytestmark = [
     pytest.mark.netns,
@@ -87,3 +91,34 @@ def test_a_route_deleted_while_the_agent_was_down_is_restored_at_its_start(lab2:
     lab2.wait_agent(node2, peers=1)
     assert lab2.metrics(node2)["overlay_pod_routes_restored_total"] == 1
     assert lab2.ping(lab2.node(1).netns, addr)  # (pod 1 lost its veth in the test above)
+
+
+def test_a_pod_with_a_borrowed_address_gets_its_route_back_at_start(lab2: Lab) -> None:
+    """A pod on node2 whose address lies in node1's block (borrowed, as when a node's own
+    blocks are full): the catch-up finds it through the cluster view, not by its blocks."""
+    node1, node2 = lab2.node(1), lab2.node(2)
+    block = netaddr.IPNetwork(f"{pod_ip(lab2, 1)}/26").cidr  # the lab's block size
+    addr = str(block[50])
+    pod = PodState(name=f"{lab2.name}-n2p9", netns=f"{lab2.name}-n2p9", node=node2.name)
+    netns.add(pod.netns)
+    try:
+        added = lab_cli.cni("ADD", lab2.state, pod, runtime_config={"ips": [f"{addr}/32"]})
+        assert lab_cli.pod_ip(added) == addr
+        route = host_route(node2.netns, addr)
+        assert route.startswith(f"{addr} dev cali"), route
+        argv = lab2.stop_agent(node2)
+        try:
+            netns.run(["ip", "-n", node2.netns, "route", "del", f"{addr}/32"])
+        finally:
+            lab2.start_agent(node2, argv)
+        back, took = poll(lambda: host_route(node2.netns, addr) == route, timeout=15)
+        assert back, f"borrowed pod route not restored\n{lab2.log_since(node2, 0)[-1500:]}"
+        print(f"\nborrowed pod route restored {took:.2f}s after the agent was started")
+        lab2.wait_agent(node2, peers=1)
+        assert lab2.metrics(node2)["overlay_pod_routes_restored_total"] == 1
+        # node1 routes the address to node2 (a /32 beats its own blackholed block).
+        assert lab2.ping(node1.netns, addr)
+    finally:
+        with contextlib.suppress(lab_cli.LabError):
+            lab_cli.cni("DEL", lab2.state, pod)
+        netns.delete(pod.netns)

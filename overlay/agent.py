@@ -181,6 +181,7 @@ class Agent:
         self._gc_paused: threading.Timer | None = None  # see pause_gc_until_first_pass()
         self._pools_seen: str | None = None
         self._pools: list[IPPool] = []
+        self._view: ClusterView | None = None  # the latest, for the pod-route keeper
         self._underlay: autodetect.Underlay | None = None
         self._underlay_mtu = 1500
         self._underlay_missing = False  # the last check found no underlay (warned once)
@@ -459,6 +460,9 @@ class Agent:
     # --- main loop ----------------------------------------------------------------------------
 
     def _on_view(self, view: ClusterView, store: ResourceStore, ipam: IPAM) -> None:
+        if self._view is None and self._pod_routes is not None:
+            self._pod_routes.catch_up_soon()  # now with the pods' borrowed addresses
+        self._view = view
         pools = list(view.pools)
         self._pools = pools
         key = _pool_key(pools)
@@ -475,6 +479,13 @@ class Agent:
                 log.warning("event=register_failed error=%s", exc)
         if self.reconciler is not None:
             self.reconciler.update_view(view)
+
+    def _borrowed_here(self) -> list[str]:
+        """Addresses of this node's pods in blocks of other nodes (or of none)."""
+        view, me = self._view, self.cfg.node_name
+        if view is None:
+            return []
+        return [str(a) for b in view.blocks for a, host in b.borrowed.items() if host == me]
 
     def _after_pass(self, outcome: Outcome) -> None:
         if outcome in (Outcome.SYNCED, Outcome.FAILED) and self._desired is not None:
@@ -556,7 +567,7 @@ class Agent:
                 )
             )
         keeper = self._pod_routes = PodRouteKeeper(
-            ipam, self.cfg.node_name, interval=self.cfg.resync_interval
+            ipam, self.cfg.node_name, self.cfg.resync_interval, self._borrowed_here
         )
         monitor = Monitor(
             lambda reason: self.reconciler.kick(reason) if self.reconciler else None,

@@ -11,32 +11,45 @@ never on the monitor's.
 
 Events can be missed: the agent was down when the route went, or the monitor's buffer
 overflowed. So at start and then every `interval` seconds the keeper also looks over the
-pods in this node's own blocks and restores a missing route (a pod in a block borrowed
-from another node is left to the events: finding it would mean reading every block).
+pods in this node's own blocks, and over the addresses this node's pods borrowed from other
+nodes' blocks (`borrowed`, which the agent answers from its cluster view), and restores a
+missing route.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
 import threading
+from collections.abc import Callable, Iterable
 
 from ipam.allocator import IPAM
+from ipam.block import Allocation
 from ipam.errors import IPAMError
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.model import MAIN_TABLE
 
 log = logging.getLogger("overlay.pod_routes")
+_CATCH_UP = "catch-up"
 
 
 class PodRouteKeeper:
-    def __init__(self, ipam: IPAM, node: str, interval: float = 90.0) -> None:
+    def __init__(
+        self,
+        ipam: IPAM,
+        node: str,
+        interval: float = 90.0,
+        borrowed: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self._ipam = ipam
         self._node = node
         self._interval = interval
-        self._todo: queue.Queue[tuple[str, int] | None] = queue.Queue()
+        self._borrowed = borrowed
+        # A deleted route to check, a catch-up to run, or None to stop.
+        self._todo: queue.Queue[tuple[str, int] | str | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="pod-routes", daemon=True)
         self.restored = 0  # routes written again, for the metrics
 
@@ -55,6 +68,11 @@ class PodRouteKeeper:
         """Called by the monitor for each deleted route that may be a pod's: cheap."""
         self._todo.put((dst, oif))
 
+    def catch_up_soon(self) -> None:
+        """Run a catch-up now (the agent calls it once its first cluster view, and so the
+        borrowed addresses, are known; the one at start ran without them)."""
+        self._todo.put(_CATCH_UP)
+
     def _work(self) -> None:
         self._catch_up_safely()
         while True:
@@ -65,6 +83,9 @@ class PodRouteKeeper:
                 continue
             if item is None:
                 return
+            if isinstance(item, str):  # _CATCH_UP
+                self._catch_up_safely()
+                continue
             try:
                 self.restored += self.restore(*item)
             except Exception:  # one odd route must not end the keeper
@@ -77,41 +98,52 @@ class PodRouteKeeper:
             log.exception("event=pod_route_catch_up_failed")
 
     def catch_up(self) -> int:
-        """Restore the missing host routes of the pods in this node's blocks; how many."""
-        from cni.handlers import workload_of
-        from cni.netlink import ifindex
-        from cni.pod import host_veth_name, restore_host_route
-
+        """Restore the missing host routes of this node's pods, in its own blocks and
+        borrowed from others; how many."""
         present = _pod_routes()
-        restored = 0
-        for cidr in self._ipam.affine_blocks(self._node):
-            for held in self._ipam.allocations_in(cidr):
-                workload = workload_of(held.attrs)
-                if held.attrs.get("node") != self._node or not workload:
-                    continue
-                if not held.attrs.get("ifname"):
-                    continue  # a tunnel address or another non-pod allocation
-                host = host_veth_name(workload)
-                index = ifindex(host)
-                if index and (str(held.address), index) not in present:
-                    restored += restore_host_route(host, index, str(held.address))
-        return restored
+        held = [
+            a
+            for cidr in self._ipam.affine_blocks(self._node)
+            for a in self._ipam.allocations_in(cidr)
+        ]
+        for addr in self._borrowed():
+            with contextlib.suppress(IPAMError):  # its pool is gone: not routed anyway
+                allocation = self._ipam.get_attributes(addr)
+                if allocation is not None:
+                    held.append(allocation)
+        return sum(self._restore_missing(a, present) for a in held)
+
+    def _restore_missing(self, held: Allocation, present: set[tuple[str, int]]) -> bool:
+        from cni.netlink import ifindex
+        from cni.pod import restore_host_route
+
+        veth = self._veth_of(held)
+        index = ifindex(veth) if veth else 0
+        if not veth or not index or (str(held.address), index) in present:
+            return False
+        return restore_host_route(veth, index, str(held.address))
 
     def restore(self, dst: str, oif: int) -> bool:
         """Write the route to `dst` on interface `oif` again if it is a living pod's."""
-        from cni.handlers import workload_of  # the agent has these loaded by now
-        from cni.pod import host_veth_name, restore_host_route
+        from cni.pod import restore_host_route  # the agent has it loaded by now
 
         try:
             held = self._ipam.get_attributes(dst)
         except IPAMError:
             return False  # not in any pool: not a pod's
-        if held is None or held.attrs.get("node") != self._node:
-            return False
+        veth = self._veth_of(held) if held is not None else None
+        return veth is not None and restore_host_route(veth, oif, dst)
+
+    def _veth_of(self, held: Allocation) -> str | None:
+        """The host veth of the pod holding this allocation, if it is a pod of this node
+        (not a tunnel address or another non-pod allocation)."""
+        from cni.handlers import workload_of
+        from cni.pod import host_veth_name
+
         workload = workload_of(held.attrs)
-        if not workload or not held.attrs.get("ifname"):
-            return False  # a tunnel address or another non-pod allocation
-        return restore_host_route(host_veth_name(workload), oif, dst)
+        if held.attrs.get("node") != self._node or not workload or not held.attrs.get("ifname"):
+            return None
+        return host_veth_name(workload)
 
 
 def _pod_routes() -> set[tuple[str, int]]:

@@ -480,13 +480,22 @@ def _wait_agents(state: LabState, peers: int | None) -> None:
         raise LabError(" | ".join(msg for msg, _ in errors), errors[0][1])
 
 
-def cni(verb: str, state: LabState, pod: PodState, timeout: float = CNI_TIMEOUT) -> dict[str, Any]:
-    """Exec the real plugin inside the pod's node namespace, as a runtime on that node would."""
+def cni(
+    verb: str,
+    state: LabState,
+    pod: PodState,
+    timeout: float = CNI_TIMEOUT,
+    runtime_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Exec the real plugin inside the pod's node namespace, as a runtime on that node would
+    (`runtime_config`: what a runtime passes as capabilities, e.g. {"ips": [...]})."""
     from cni.spec import plugin_config
 
     node = state.node(pod.node)
     plugin = bin_path("overlay-cni")
     config = plugin_config(json.loads(Path(node.cni_conflist).read_text()), 0, {})
+    if runtime_config is not None:
+        config["runtimeConfig"] = runtime_config
     env = {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "CNI_COMMAND": verb,
