@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -26,6 +27,9 @@ from overlay.model import (
     Action,
     IpipDevice,
     NatOutgoing,
+    Neighbour,
+    Nexthop,
+    NexthopKey,
     Op,
     Route,
 )
@@ -76,6 +80,47 @@ def test_roundtrip_device_peers_blackhole(kernel: Kernel) -> None:
     _apply_ok(kernel, [Op(Action.DELETE, dev)])
     assert kernel.read().devices == {}
     _apply_ok(kernel, [Op(Action.DELETE, dev)])
+
+
+def test_ipv6_objects_on_the_ipv4_vxlan_device_roundtrip(node: str, kernel: Kernel) -> None:
+    """IPv6 pods ride vxlan.calico over the IPv4 underlay: the device holds an IPv6 tunnel
+    address too; per peer an NDP entry (same VTEP MAC, same FDB entry), an IPv6 nexthop
+    and nhid routes for its IPv6 blocks; blackholes and /128 device routes as for IPv4."""
+    dev = dataclasses.replace(vxlan_device(), address6=netaddr.IPAddress("fd00:127::1"))
+    nb4, fdb, nh4, route4 = peer(0)
+    tunnel6 = netaddr.IPAddress("fd00:128::1")
+    key6 = NexthopKey(gateway=tunnel6, dev=VXLAN_DEVICE, onlink=True)
+    nb6 = Neighbour(dev=VXLAN_DEVICE, ip=tunnel6, mac=nb4.mac)
+    route6 = Route(dst=netaddr.IPNetwork("fd00:128::/122"), nexthop=key6)
+    blackhole6 = Route(dst=netaddr.IPNetwork("fd00:127::/122"), blackhole=True)
+    dev6 = Route(dst=netaddr.IPNetwork("fd00:126::9/128"), dev=VXLAN_DEVICE)
+    ops = [
+        Op(Action.SET, dev),
+        *(Op(Action.SET, o) for o in (nb4, nb6, fdb, nh4, Nexthop(id=7, key=key6))),
+        Op(Action.SET, route4, nhid=nh4.id),
+        Op(Action.SET, route6, nhid=7),
+        Op(Action.SET, blackhole6),
+        Op(Action.SET, dev6),
+    ]
+    _apply_ok(kernel, ops)
+    # Usable at once: no duplicate address detection keeps it tentative.
+    shown = ip("-n", node, "-6", "addr", "show", "dev", VXLAN_DEVICE).stdout
+    line = next((x for x in shown.splitlines() if "fd00:127::1/128" in x), "")
+    assert line and "tentative" not in line, shown
+    dp = kernel.read()
+    assert dp.devices == {VXLAN_DEVICE: as_read(dev)}
+    assert dp.neighbours == {nb4, nb6} and dp.fdb == {fdb}
+    assert dp.nexthop_ids == {nh4.key: nh4.id, key6: 7}
+    assert dp.routes == {route4, route6, blackhole6, dev6}
+    assert dp.route_nhids == {route4: nh4.id, route6: 7}
+    assert "fd00:128::/122 nhid 7" in ip("-n", node, "-6", "route", "show", "proto", "80").stdout
+
+    # The IPv6 address is fixed in place, like the IPv4 one.
+    _apply_ok(kernel, [Op(Action.SET, dataclasses.replace(dev, address6=None))])
+    assert kernel.read().devices[VXLAN_DEVICE].address6 is None
+    assert kernel.read().routes >= {route4, blackhole6}
+    _apply_ok(kernel, [Op(Action.SET, dev)])
+    assert kernel.read().devices[VXLAN_DEVICE] == as_read(dev)
 
 
 def test_foreign_objects_invisible_and_untouched(node: str, kernel: Kernel) -> None:

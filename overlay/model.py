@@ -77,6 +77,9 @@ class VxlanDevice:
     # TX checksum offload: False = must be off (see kernel/ethtool.py); None = left as the
     # kernel has it. The kernel reader always reports True or False.
     tx_checksum: bool | None = None
+    # IPv6 tunnel address, programmed as /128: IPv6 pod traffic rides this same device over
+    # the IPv4 underlay (as in Calico's eBPF dual-stack mode).
+    address6: netaddr.IPAddress | None = None
 
 
 @dataclass(frozen=True)

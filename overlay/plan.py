@@ -44,6 +44,7 @@ from overlay.model import (
     Route,
     TunnelFilter,
     TunnelHosts,
+    VxlanDevice,
 )
 
 # First nexthop id we hand out. High, so ids that people or other tools pick by hand
@@ -188,6 +189,8 @@ def may_recreate(want: Device, have: Device) -> bool:
     fixed = dataclasses.replace(
         have, mtu=want.mtu, address=want.address, tx_checksum=want.tx_checksum
     )
+    if isinstance(fixed, VxlanDevice) and isinstance(want, VxlanDevice):
+        fixed = dataclasses.replace(fixed, address6=want.address6)
     return fixed != want
 
 

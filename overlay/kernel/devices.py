@@ -24,6 +24,7 @@ IFF_UP = linkmsg.IFF_UP
 # Reported as the address of a device whose addresses are not exactly one host-prefix address:
 # it never equals a desired tunnel address, so plan() sees drift and re-sets the device.
 MESSY_ADDRESS = netaddr.IPAddress("0.0.0.0")
+MESSY_ADDRESS6 = netaddr.IPAddress("::")
 
 
 class Unsupported(Exception):
@@ -47,12 +48,17 @@ def _addresses(sock: RtnlSocket, index: int) -> list[tuple[netaddr.IPAddress, in
     return out
 
 
-def _tunnel_address(addrs: list[tuple[netaddr.IPAddress, int]]) -> netaddr.IPAddress | None:
-    if not addrs:
+def _tunnel_address(
+    addrs: list[tuple[netaddr.IPAddress, int]], version: int = 4
+) -> netaddr.IPAddress | None:
+    """The one host address of `version` (/32 or /128) a device holds; MESSY_ADDRESS when it
+    holds anything else of that version, so that a sync replaces it."""
+    mine = [(ip, plen) for ip, plen in addrs if ip.version == version]
+    if not mine:
         return None
-    if len(addrs) == 1 and addrs[0][1] == addrs[0][0].netmask_bits() and addrs[0][1] in (32, 128):
-        return addrs[0][0]
-    return MESSY_ADDRESS
+    if len(mine) == 1 and mine[0][1] == mine[0][0].netmask_bits():
+        return mine[0][0]
+    return MESSY_ADDRESS if version == 4 else MESSY_ADDRESS6
 
 
 def _name_of(sock: RtnlSocket, index: int) -> str:
@@ -90,6 +96,7 @@ def read_device(sock: RtnlSocket, name: str, tool: Ethtool | None = None) -> Dev
             mtu=link.mtu,
             address=_tunnel_address(addrs),
             tx_checksum=tx,
+            address6=_tunnel_address(addrs, 6),
         )
     if link.kind == "ipip":
         # tunl0 is the ipip module's fallback device and may exist untouched: it is ours only
@@ -115,16 +122,17 @@ def _vxlan_drift(link: linkmsg.RawLink, dev: VxlanDevice, parent_index: int) -> 
     return [f"{k}={have}->{want}" for k, (have, want) in checks.items() if have != want]
 
 
-def _sync_addresses(sock: RtnlSocket, index: int, want: netaddr.IPAddress | None) -> bool:
+def _sync_addresses(sock: RtnlSocket, index: int, want: list[netaddr.IPAddress]) -> bool:
+    """Make the device's addresses exactly `want`, each as a host address (/32, /128)."""
     changed = False
     have = _addresses(sock, index)
+    wanted = {(ip, ip.netmask_bits()) for ip in want}
     for ip, plen in have:
-        if want is not None and ip == want and plen == want.netmask_bits():
-            continue
-        request(sock, linkmsg.address(False, index, ip.packed, plen))
-        changed = True
-    if want is not None and (want, want.netmask_bits()) not in have:
-        request(sock, linkmsg.address(True, index, want.packed, want.netmask_bits()))
+        if (ip, plen) not in wanted:
+            request(sock, linkmsg.address(False, index, ip.packed, plen))
+            changed = True
+    for ip, plen in sorted(wanted - set(have)):
+        request(sock, linkmsg.address(True, index, ip.packed, plen))
         changed = True
     return changed
 
@@ -133,7 +141,8 @@ def _finish(
     sock: RtnlSocket, link: linkmsg.RawLink, dev: Device, tool: Ethtool | None
 ) -> list[str]:
     changes = []
-    mtu, address = dev.mtu, dev.address
+    mtu = dev.mtu
+    addresses = [a for a in (dev.address, getattr(dev, "address6", None)) if a is not None]
     if mtu and link.mtu != mtu:
         try:
             request(sock, linkmsg.set_link(link.index, mtu=mtu))
@@ -147,8 +156,8 @@ def _finish(
                 exc.errno,
                 exc.strerror,
             )
-    if _sync_addresses(sock, link.index, address):
-        changes.append(f"address={address}")
+    if _sync_addresses(sock, link.index, addresses):
+        changes.append("address=" + ",".join(map(str, addresses or ["none"])))
     if not link.flags & IFF_UP:
         request(sock, linkmsg.set_link(link.index, up=True))
         changes.append("up")
@@ -240,6 +249,6 @@ def delete_device(sock: RtnlSocket, name: str) -> bool:
             return False
         if link.kind != "ipip":
             raise
-        _sync_addresses(sock, link.index, None)
+        _sync_addresses(sock, link.index, [])
         request(sock, linkmsg.set_link(link.index, up=False))
     return True

@@ -43,6 +43,7 @@ IFLA_VXLAN_LOCAL6 = 17
 IFADDRMSG = struct.Struct("=BBBBi")  # family, prefixlen, flags, scope, index
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
+IFA_F_NODAD = 0x02
 
 RTA_PREFSRC = 7
 
@@ -113,9 +114,12 @@ def dump_addrs(index: int = 0) -> bytes:
 
 
 def address(action_new: bool, index: int, ip: bytes, prefixlen: int) -> bytes:
-    """RTM_NEWADDR (create, EEXIST if present) or RTM_DELADDR for one address of a link."""
+    """RTM_NEWADDR (create, EEXIST if present) or RTM_DELADDR for one address of a link.
+    An IPv6 address skips duplicate address detection: a tunnel address is unique by IPAM,
+    and a tentative one could not be used for seconds."""
     family = family_of(ip)
-    body = IFADDRMSG.pack(family, prefixlen, 0, 0, index)
+    flags = IFA_F_NODAD if family == socket.AF_INET6 else 0
+    body = IFADDRMSG.pack(family, prefixlen, flags, 0, index)
     if family == socket.AF_INET:  # IPv4 keys on IFA_LOCAL; IFA_ADDRESS is the peer/prefix
         body += attr(IFA_LOCAL, ip)
     body += attr(IFA_ADDRESS, ip)

@@ -347,7 +347,9 @@ def _incompatible(want: Device, have: Device) -> bool:
     checksum offload change."""
     if type(want) is not type(have):
         return True
-    return (
-        dataclasses.replace(have, mtu=want.mtu, address=want.address, tx_checksum=want.tx_checksum)
-        != want
+    fixed = dataclasses.replace(
+        have, mtu=want.mtu, address=want.address, tx_checksum=want.tx_checksum
     )
+    if isinstance(fixed, VxlanDevice) and isinstance(want, VxlanDevice):
+        fixed = dataclasses.replace(fixed, address6=want.address6)
+    return fixed != want
