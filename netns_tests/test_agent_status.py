@@ -120,15 +120,17 @@ def test_status_without_an_agent_says_so(lab3: Lab) -> None:
     assert "no overlay-agent answers on 127.0.0.1:9099" in res.stderr
 
 
-def test_an_ipv6_pool_is_reported_as_not_routed(lab3: Lab, tmp_path: Path) -> None:
-    # The dataplane is IPv4-only: an operator who adds an IPv6 pool must hear that its pod
-    # addresses stay on their node, from the agent itself.
+def test_nat_outgoing_on_an_ipv6_pool_is_reported_as_not_applied(lab3: Lab, tmp_path: Path) -> None:
+    # IPv6 pods ride the IPv4 underlay: there is no IPv6 path out of the cluster to
+    # masquerade onto. An operator who asks for it must hear so from the agent itself.
     node = lab3.node(1)
     manifest = tmp_path / "v6.json"
     manifest.write_text(json.dumps({
         "apiVersion": "projectcalico.org/v3", "kind": "IPPool",
         "metadata": {"name": "v6-pool"},
-        "spec": {"cidr": "fd00:10:244::/48", "blockSize": 122, "vxlanMode": "Always"},
+        # vxlanMode Never: no tunnel addresses, so no blocks are left behind for later tests.
+        "spec": {"cidr": "fd00:10:244::/48", "blockSize": 122, "vxlanMode": "Never",
+                 "natOutgoing": True},
     }))  # fmt: skip
 
     def warned() -> list[str]:
@@ -138,9 +140,9 @@ def test_an_ipv6_pool_is_reported_as_not_routed(lab3: Lab, tmp_path: Path) -> No
     try:
         found, _ = poll(warned, timeout=10, interval=0.1)
         assert found, lab3.status(node)["warnings"]
-        assert "do not reach other nodes" in found[0] and "fd00:10:244::/48" in found[0]
+        assert "natOutgoing is not applied" in found[0] and "fd00:10:244::/48" in found[0]
         assert "WARNING:     IPv6 pool v6-pool" in status_cmd(node.netns).stdout
-        assert "event=pool_not_routed pool=v6-pool" in Path(node.log).read_text()
+        assert "event=nat_outgoing_not_applied pool=v6-pool" in Path(node.log).read_text()
     finally:
         lab3.overlayctl("delete", "ippool", "v6-pool")
     gone, _ = poll(lambda: not warned(), timeout=10, interval=0.1)

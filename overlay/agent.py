@@ -35,7 +35,7 @@ from overlay.compute import (
     DataplaneConfig,
     LocalNode,
     local_node_from,
-    unrouted_pools,
+    pools_without_nat,
 )
 from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Dataplane, PeerPath
@@ -282,15 +282,21 @@ class Agent:
         )
         self._pools_seen = _pool_key(pools)
         log.info(
-            "event=node_registered node=%s underlay=%s vxlan_tunnel=%s ipip_tunnel=%s pod_mtu=%d",
+            "event=node_registered node=%s underlay=%s vxlan_tunnel=%s vxlan_tunnel6=%s "
+            "ipip_tunnel=%s pod_mtu=%d",
             node.name,
             node.ipv4_address,
             node.ipv4_vxlan_tunnel_addr,
+            node.ipv6_vxlan_tunnel_addr,
             node.ipv4_ipip_tunnel_addr,
             self.pod_mtu,
         )
-        for p in unrouted_pools(pools):
-            log.warning("event=pool_not_routed pool=%s cidr=%s reason=ipv4_only", p.name, p.cidr)
+        for p in pools_without_nat(pools):
+            log.warning(
+                "event=nat_outgoing_not_applied pool=%s cidr=%s reason=ipv4_underlay",
+                p.name,
+                p.cidr,
+            )
 
     def _compute(self, view: ClusterView) -> Dataplane:
         assert self.local is not None
@@ -332,9 +338,9 @@ class Agent:
             "reconciler": rec.__dict__ if rec else None,
             "warnings": (nodes.check_node_address(self.node) if self.node else [])
             + [
-                f"IPv6 pool {p.name} ({p.cidr}): its pod addresses do not reach other nodes "
-                "(this agent routes IPv4 only)"
-                for p in unrouted_pools(self._pools)
+                f"IPv6 pool {p.name} ({p.cidr}): natOutgoing is not applied (the underlay "
+                "is IPv4: no IPv6 path out of the cluster to masquerade onto)"
+                for p in pools_without_nat(self._pools)
             ],
             "peers": [
                 {
@@ -510,6 +516,7 @@ class Agent:
         assert self.node is not None
         return str(stored.ipv4_address) != str(self.node.ipv4_address) or (
             stored.ipv4_vxlan_tunnel_addr != self.node.ipv4_vxlan_tunnel_addr
+            or stored.ipv6_vxlan_tunnel_addr != self.node.ipv6_vxlan_tunnel_addr
             or stored.ipv4_ipip_tunnel_addr != self.node.ipv4_ipip_tunnel_addr
         )
 

@@ -87,13 +87,14 @@ def resource_table(kind: str, resources: Sequence[Resource]) -> str:
             ],
         )
     return table(
-        ["NAME", "IPV4", "IPV6", "VXLAN-TUNNEL", "VTEP-MAC", "LABELS"],
+        ["NAME", "IPV4", "IPV6", "VXLAN-TUNNEL", "VXLAN-TUNNEL-V6", "VTEP-MAC", "LABELS"],
         [
             (
                 n.name,
                 n.ipv4_address,
                 n.ipv6_address,
                 n.ipv4_vxlan_tunnel_addr,
+                n.ipv6_vxlan_tunnel_addr,
                 n.vxlan_tunnel_mac,
                 _labels(n.labels),
             )

@@ -29,7 +29,11 @@ Design notes (why it looks like this):
 - Tunnel ingress filter (Calico's all-vxlan-net / all-hosts-net): while a tunnel device
   exists, its packets are accepted from the underlay addresses of the cluster's nodes only,
   and never from our pods. The address set is kept with reference counts, like the rest.
-- IPv4 only for now: IPv6 pools and blocks are ignored.
+- IPv6 pods ride the same vxlan.calico over the IPv4 underlay (Calico's eBPF dual-stack
+  shape, not its separate vxlan-v6.calico, which needs an IPv6 underlay): a peer's VTEP is
+  its MAC and IPv4 underlay address, with a tunnel address per family. Per peer that adds
+  an NDP entry and an IPv6 nexthop; IPv6 blocks get nhid routes and blackholes like IPv4
+  ones. With no IPv6 underlay there is no direct path: CrossSubnet IPv6 pools tunnel.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class LocalNode:
     ipip_tunnel_addr: netaddr.IPAddress | None = None
     mac: str | None = None  # our VTEP MAC; None: derived from the name (Calico's rule)
     underlay_mtu: int = 1500
+    vxlan_tunnel_addr6: netaddr.IPAddress | None = None
 
     def __post_init__(self) -> None:
         if self.underlay.version != 4:
@@ -122,9 +127,20 @@ def _check_mtu(name: str, value: int) -> None:
 
 
 class _Vtep(NamedTuple):  # a tuple: built per peer, cheap
-    tunnel_ip: netaddr.IPAddress
+    tunnel_ip: netaddr.IPAddress | None  # at least one of the two tunnel addresses is set
     mac: str
     underlay: netaddr.IPAddress
+    tunnel_ip6: netaddr.IPAddress | None = None
+
+    def claims(self) -> tuple[tuple[str, object], ...]:
+        """What it claims, cluster-wide unique: (kind, key) per tunnel address and MAC
+        (addresses as ints: cheaper to hash than netaddr objects)."""
+        out: tuple[tuple[str, object], ...] = ()
+        if self.tunnel_ip is not None:
+            out += (("ip", self.tunnel_ip.value),)
+        if self.tunnel_ip6 is not None:
+            out += (("ip6", self.tunnel_ip6.value),)
+        return (*out, ("mac", self.mac))
 
 
 class _OtherSubnet(NamedTuple):
@@ -161,8 +177,7 @@ class _BlockPiece(NamedTuple):  # a tuple: built per peer, cheap
     sort_key: tuple[int, int, str]
     pool: IPPool | None
     hosts: tuple[str, ...]  # the peers whose decisions its routes use: owner, then borrowers
-    borrowed: tuple[netaddr.IPAddress, ...]  # the addresses that need a /32, sorted
-    routed: bool = True  # False: an IPv6 block (not handled yet), kept only to be recognised
+    borrowed: tuple[netaddr.IPAddress, ...]  # the addresses that need a /32 (/128), sorted
 
 
 def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
@@ -176,20 +191,19 @@ def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
 def _node_piece(name: str, node: Node) -> _NodePiece:
     underlay = node.ipv4_address.ip if node.ipv4_address is not None else None
     candidate: _Vtep | str
-    if node.ipv4_vxlan_tunnel_addr is None:
+    tunnel, tunnel6 = node.ipv4_vxlan_tunnel_addr, node.ipv6_vxlan_tunnel_addr
+    if tunnel is None and tunnel6 is None:
         candidate = "node has no VXLAN tunnel address"
     elif underlay is None:
         candidate = "node has no IPv4 underlay address"
     else:
         mac = vtep_mac(name, node.vxlan_tunnel_mac)
-        candidate = _Vtep(node.ipv4_vxlan_tunnel_addr, mac, underlay)
+        candidate = _Vtep(tunnel, mac, underlay, tunnel6)
     return _NodePiece(node, underlay, candidate)
 
 
 def _block_piece(view: ClusterView, block: BlockInfo, me: str) -> _BlockPiece:
     owner = block.node
-    if block.cidr.version != 4:
-        return _BlockPiece(block, (0, 0, ""), None, (), (), routed=False)
     hosts = [owner] if owner is not None and owner != me else []
     borrowed = []
     for addr, host in sorted(block.borrowed.items()):
@@ -206,10 +220,11 @@ def _block_piece(view: ClusterView, block: BlockInfo, me: str) -> _BlockPiece:
     )
 
 
-# A route offer: (kernel key, rank, route). The kernel keys a route by (table, first address,
-# prefix length); among offers for one key the smallest rank wins: a borrowed /32 (precedence
-# 1) beats a block route (0), then the block first in address order, then offer order.
-_DstKey = tuple[int, int, int]
+# A route offer: (kernel key, rank, route). The kernel keys a route by (table, family, first
+# address, prefix length); among offers for one key the smallest rank wins: a borrowed host
+# route (precedence 1) beats a block route (0), then the block first in address order, then
+# offer order.
+_DstKey = tuple[int, int, int, int]
 _Rank = tuple[int, tuple[int, int, str], int]
 _Offer = tuple[_DstKey, _Rank, Route]
 _PeerKey = tuple[str, str | None]  # (node, pool name)
@@ -232,7 +247,15 @@ class ComputeCache:
     def _reset(self, context: tuple[object, ...] | None, me: LocalNode | None) -> None:
         self.context = context
         self.me_name = me.name if me is not None else ""
-        self.my_claims = (me.vxlan_tunnel_addr, me.vtep_mac) if me is not None else (None, "")
+        self.my_claims: set[tuple[str, object]] = set()
+        if me is not None:
+            mine = _Vtep(me.vxlan_tunnel_addr, me.vtep_mac, me.underlay.ip, me.vxlan_tunnel_addr6)
+            self.my_claims = set(mine.claims())
+        self.my_tunnels = (
+            (me.vxlan_tunnel_addr is not None, me.vxlan_tunnel_addr6 is not None)
+            if me is not None
+            else (False, False)
+        )
         self.my_underlay = me.underlay if me is not None else None
         self.local_subnet = me.underlay.cidr if me is not None else None  # built once: slow
         self.subnet_text = str(self.local_subnet)
@@ -242,13 +265,12 @@ class ComputeCache:
         self.pool_notes: dict[str, str] = {}  # pool name -> "pool p vxlanMode Always"
         self.underlay_iface = me.underlay_iface if me is not None else ""
         self.pools: dict[str | None, IPPool | None] = {None: None}
-        self.ready: tuple[bool, bool] | None = None
+        self.ready: tuple[bool, bool] | None = None  # (vxlan.calico, tunl0) wanted
         # Nodes: name -> id(Node) seen last, the pieces, VTEP claims and their outcome.
         self.node_ids: dict[str, int] = {}
         self.nodes: dict[str, _NodePiece] = {}
-        # tunnel address / MAC -> the claimant, or a set of them when shared (rare)
-        self.ip_claims: dict[object, str | set[str]] = {}
-        self.mac_claims: dict[object, str | set[str]] = {}
+        # (kind, tunnel address or MAC) -> the claimant, or a set of them when shared (rare)
+        self.claims: dict[tuple[str, object], str | set[str]] = {}
         self.vteps: dict[str, _Vtep] = {}
         self.problems: dict[str, str] = {}
         self.decisions: dict[str, dict[str | None, _Decision]] = {}
@@ -262,8 +284,8 @@ class ComputeCache:
         self.chosen: dict[_DstKey, Route] = {}
         self.routes: set[Route] = set()
         self.nexthop_refs: dict[NexthopKey, int] = {}
-        # L2 entries per peer with a VTEP.
-        self.l2: dict[str, tuple[Neighbour, FdbEntry]] = {}
+        # L2 entries per peer with a VTEP: its neighbours (one per tunnel address), its FDB entry.
+        self.l2: dict[str, tuple[tuple[Neighbour, ...], FdbEntry]] = {}
         self.neighbours: set[Neighbour] = set()
         self.fdb: set[FdbEntry] = set()
         # Underlay addresses of every node (ours too), counted: two nodes may share one;
@@ -374,11 +396,7 @@ class ComputeCache:
     def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
         """Enabled pools (new pods may land in them any moment) and the ones holding blocks
         (disabled pools keep routing their existing pods)."""
-        return [
-            p
-            for p in pools
-            if p.version == 4 and (not p.disabled or self.pool_blocks.get(p.name, 0) > 0)
-        ]
+        return [p for p in pools if not p.disabled or self.pool_blocks.get(p.name, 0) > 0]
 
     # --- nodes and their VTEPs ----------------------------------------------------------------
 
@@ -412,21 +430,19 @@ class ComputeCache:
         return touched
 
     def _claim(self, name: str, candidate: _Vtep | str, *, add: bool) -> set[str]:
-        """Add or drop a peer's claim on its tunnel address and MAC; return the other
+        """Add or drop a peer's claims on its tunnel addresses and MAC; return the other
         claimants (whose VTEP may now be won or lost)."""
         others: set[str] = set()
         if name == self.me_name or isinstance(candidate, str):
             return others
-        for claims, value in (
-            (self.ip_claims, candidate.tunnel_ip.value),  # ints: cheaper to hash
-            (self.mac_claims, candidate.mac),
-        ):
-            held = claims.get(value)
+        claims = self.claims
+        for key in candidate.claims():
+            held = claims.get(key)
             if held is None or held == name:  # the usual case: alone with it
                 if add:
-                    claims[value] = name
+                    claims[key] = name
                 elif held is not None:
-                    del claims[value]
+                    del claims[key]
                 continue
             names = {held} if isinstance(held, str) else set(held)
             if add:
@@ -436,9 +452,9 @@ class ComputeCache:
             if len(names) > add:  # anyone but the newcomer
                 others |= names
             if not names:
-                claims.pop(value, None)
+                claims.pop(key, None)
             else:  # a plain name for the usual single claimant: a set each costs memory
-                claims[value] = next(iter(names)) if len(names) == 1 else names
+                claims[key] = next(iter(names)) if len(names) == 1 else names
         return others
 
     def _resolve_vtep(self, name: str) -> None:
@@ -450,35 +466,39 @@ class ComputeCache:
         if piece is None or name == self.me_name:
             return
         c = piece.candidate
-        my_ip, my_mac = self.my_claims
         if isinstance(c, str):
-            problem = c
-        elif c.tunnel_ip == my_ip or _first(self.ip_claims[c.tunnel_ip.value]) != name:
-            ip_owner = _first(self.ip_claims[c.tunnel_ip.value])
-            owner = self.me_name if c.tunnel_ip == my_ip else ip_owner
-            problem = f"VXLAN tunnel address {c.tunnel_ip} is also used by {owner}"
-        elif c.mac == my_mac or _first(self.mac_claims[c.mac]) != name:
-            owner = self.me_name if c.mac == my_mac else _first(self.mac_claims[c.mac])
-            problem = f"VTEP MAC {c.mac} is also used by {owner}"
-        else:
-            self.vteps[name] = c
+            self.problems[name] = c
             return
-        self.problems[name] = problem
+        for key in c.claims():
+            owner = self.me_name if key in self.my_claims else _first(self.claims[key])
+            if owner != name:
+                what = {
+                    "ip": f"VXLAN tunnel address {c.tunnel_ip}",
+                    "ip6": f"IPv6 VXLAN tunnel address {c.tunnel_ip6}",
+                    "mac": f"VTEP MAC {c.mac}",
+                }[key[0]]
+                self.problems[name] = f"{what} is also used by {owner}"
+                return
+        self.vteps[name] = c
 
     def _drop_l2(self, name: str) -> None:
         old = self.l2.pop(name, None)
         if old is not None:
-            self.neighbours.discard(old[0])
+            self.neighbours.difference_update(old[0])
             self.fdb.discard(old[1])
 
     def _add_l2(self, name: str) -> None:
-        """A peer's permanent neighbour and FDB entry (when we tunnel VXLAN at all)."""
+        """A peer's permanent neighbours and FDB entry (when we tunnel VXLAN at all)."""
         vtep = self.vteps.get(name) if self.ready and self.ready[0] else None
         if vtep is not None:
-            neighbour = Neighbour(VXLAN_DEVICE, vtep.tunnel_ip, vtep.mac)
+            neighbours = tuple(
+                Neighbour(VXLAN_DEVICE, ip, vtep.mac)
+                for ip in (vtep.tunnel_ip, vtep.tunnel_ip6)
+                if ip is not None
+            )
             fdb = FdbEntry(VXLAN_DEVICE, vtep.mac, vtep.underlay)
-            self.l2[name] = (neighbour, fdb)
-            self.neighbours.add(neighbour)
+            self.l2[name] = (neighbours, fdb)
+            self.neighbours.update(neighbours)
             self.fdb.add(fdb)
 
     # --- decisions: the path to one peer for one pool -----------------------------------------
@@ -503,6 +523,7 @@ class ComputeCache:
                 "no route (needs a fabric that routes pod addresses)",
             )
         kind, mode, mode_field = encap
+        v6 = pool.version == 6
         piece = self.nodes.get(node_name)
         if piece is None:
             return _Decision(None, None, "no Node resource for this node: no route")
@@ -513,7 +534,10 @@ class ComputeCache:
         if note is None:
             note = self.pool_notes[pool.name] = f"pool {pool.name} {mode_field} {mode.value}"
         why: str | _OtherSubnet = note
-        if mode is EncapMode.CROSS_SUBNET:
+        if v6 and mode is EncapMode.CROSS_SUBNET:
+            # No IPv6 underlay to route on: a same-subnet peer is reached through the tunnel.
+            why = f"{note}; IPv6 pods are tunnelled (the underlay is IPv4)"
+        elif mode is EncapMode.CROSS_SUBNET:
             assert self.my_underlay is not None
             if self.my_underlay.prefixlen == 32:
                 why = (
@@ -536,13 +560,17 @@ class ComputeCache:
                 why = _OtherSubnet(peer_ip, self.subnet_text, note)
         vxlan_ready, ipip_ready = self.ready or (False, False)
         if kind is Path.VXLAN:
-            if not vxlan_ready:
-                return _Decision(None, None, f"{why}; this node has no VXLAN tunnel address yet")
+            family = "IPv6 " if v6 else ""
+            if not vxlan_ready or not self.my_tunnels[v6]:
+                return _Decision(
+                    None, None, f"{why}; this node has no {family}VXLAN tunnel address yet"
+                )
             vtep = self.vteps.get(node_name)
-            if vtep is None:
-                problem = self.problems.get(node_name, "node has no VXLAN tunnel address")
+            gateway = None if vtep is None else vtep.tunnel_ip6 if v6 else vtep.tunnel_ip
+            if vtep is None or gateway is None:
+                problem = self.problems.get(node_name, f"node has no {family}VXLAN tunnel address")
                 return _Decision(None, None, f"{why}; {problem}: skipped")
-            return _Decision(Path.VXLAN, NexthopKey(vtep.tunnel_ip, VXLAN_DEVICE), why, vtep)
+            return _Decision(Path.VXLAN, NexthopKey(gateway, VXLAN_DEVICE), why, vtep)
         if not ipip_ready:
             return _Decision(None, None, f"{why}; this node has no IPIP tunnel address yet")
         return _Decision(Path.IPIP, NexthopKey(peer_ip, IPIP_DEVICE), why)
@@ -563,8 +591,6 @@ class ComputeCache:
         return gone | new
 
     def _count_block(self, piece: _BlockPiece, bid: int, step: int) -> None:
-        if not piece.routed:
-            return
         pool = piece.pool.name if piece.pool is not None else None
         self.pool_blocks[pool] = self.pool_blocks.get(pool, 0) + step
         for host in piece.hosts:
@@ -592,7 +618,7 @@ class ComputeCache:
                 del self.by_dst[dst]
             dirty_dsts.add(dst)
         piece = self.blocks.get(bid)
-        if piece is None or not piece.routed:
+        if piece is None:
             return
         made = self._block_offers(piece)
         self.offers[bid] = tuple(route for _, _, route in made)
@@ -604,26 +630,30 @@ class ComputeCache:
         decisions = iter([self.decide(h, piece.pool) for h in piece.hosts])
         block = piece.block
         first, plen, _ = piece.sort_key
+        version = block.cidr.version
         offers: list[_Offer] = []
         if block.node == self.me_name:
             route = Route(block.cidr, blackhole=True)
-            offers.append(((MAIN_TABLE, first, plen), (0, piece.sort_key, 0), route))
+            offers.append(((MAIN_TABLE, version, first, plen), (0, piece.sort_key, 0), route))
         elif block.node is not None:
             decision = next(decisions)
             if decision.nexthop is not None:
                 route = Route(block.cidr, nexthop=decision.nexthop)
-                offers.append(((MAIN_TABLE, first, plen), (0, piece.sort_key, 0), route))
+                offers.append(((MAIN_TABLE, version, first, plen), (0, piece.sort_key, 0), route))
+        host_len = 32 if version == 4 else 128
         for i, addr in enumerate(piece.borrowed, start=1):
             decision = next(decisions)
-            dst = netaddr.IPNetwork((addr.value, 32), 4)
-            if decision.vtep is not None and decision.vtep.tunnel_ip == addr:
+            dst = netaddr.IPNetwork((addr.value, host_len), version)
+            vtep = decision.vtep
+            if vtep is not None and addr in (vtep.tunnel_ip, vtep.tunnel_ip6):
                 # The peer's own VTEP address: resolved by the neighbour entry, no gateway.
                 route = Route(dst, dev=VXLAN_DEVICE)
             elif decision.nexthop is not None:
                 route = Route(dst, nexthop=decision.nexthop)
             else:
                 continue
-            offers.append(((MAIN_TABLE, addr.value, 32), (-1, piece.sort_key, i), route))
+            key = (MAIN_TABLE, version, addr.value, host_len)
+            offers.append((key, (-1, piece.sort_key, i), route))
         return offers
 
     def _choose(self, dst: _DstKey) -> None:
@@ -688,7 +718,7 @@ def _rank(offer: tuple[_Rank, int, Route]) -> _Rank:
 
 
 def _dst_key(route: Route) -> _DstKey:
-    return (route.table, route.dst.first, route.dst.prefixlen)
+    return (route.table, route.dst.version, route.dst.first, route.dst.prefixlen)
 
 
 def _first(claimants: str | set[str]) -> str:
@@ -703,7 +733,8 @@ def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[s
     encaps = {e[0] for e in map(_encap, pools) if e is not None}
     devices: dict[str, Device] = {}
     tx_checksum = False if cfg.tx_checksum_off else None
-    if Path.VXLAN in encaps and me.vxlan_tunnel_addr is not None:
+    tunnels = (me.vxlan_tunnel_addr, me.vxlan_tunnel_addr6)
+    if Path.VXLAN in encaps and tunnels != (None, None):
         devices[VXLAN_DEVICE] = VxlanDevice(
             name=VXLAN_DEVICE,
             vni=cfg.vxlan_vni,
@@ -714,6 +745,7 @@ def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[s
             mtu=cfg.vxlan_mtu or me.underlay_mtu - VXLAN_OVERHEAD,
             address=me.vxlan_tunnel_addr,
             tx_checksum=tx_checksum,
+            address6=me.vxlan_tunnel_addr6,
         )
     if Path.IPIP in encaps and me.ipip_tunnel_addr is not None:
         devices[IPIP_DEVICE] = IpipDevice(
@@ -737,10 +769,10 @@ def compute(
     return state.update(view, me, cfg or DataplaneConfig())
 
 
-def unrouted_pools(pools: list[IPPool]) -> list[IPPool]:
-    """The enabled pools whose addresses this dataplane does not route between nodes:
-    IPv6 ones, since compute is IPv4-only. The agent says so in its log and status."""
-    return [p for p in pools if p.version == 6 and not p.disabled]
+def pools_without_nat(pools: list[IPPool]) -> list[IPPool]:
+    """Enabled IPv6 pools that ask for natOutgoing: with an IPv4 underlay there is no IPv6
+    path out of the cluster to masquerade onto, so it is not applied (the agent says so)."""
+    return [p for p in pools if p.version == 6 and p.nat_outgoing and not p.disabled]
 
 
 def local_node_from(node: Node, underlay_iface: str, underlay_mtu: int = 1500) -> LocalNode:
@@ -755,4 +787,5 @@ def local_node_from(node: Node, underlay_iface: str, underlay_mtu: int = 1500) -
         ipip_tunnel_addr=node.ipv4_ipip_tunnel_addr,
         mac=node.vxlan_tunnel_mac,
         underlay_mtu=underlay_mtu,
+        vxlan_tunnel_addr6=node.ipv6_vxlan_tunnel_addr,
     )

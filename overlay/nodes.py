@@ -46,12 +46,17 @@ MAX_MTU = 65535
 Encap = Literal["vxlan", "ipip"]
 _OVERHEAD: dict[str, int] = {"vxlan": VXLAN_OVERHEAD, "ipip": IPIP_OVERHEAD}
 
-# Calico's order (§3.8): IPIP, then VXLAN. kind -> Node field holding the address.
+# Calico's order (§3.8): IPIP, then VXLAN, then VXLAN for IPv6. kind -> Node field.
 _TUNNEL_FIELDS: tuple[tuple[TunnelKind, str], ...] = (
     ("ipip", "ipv4_ipip_tunnel_addr"),
     ("vxlan", "ipv4_vxlan_tunnel_addr"),
+    ("vxlan-v6", "ipv6_vxlan_tunnel_addr"),
 )
-_TUNNEL_TYPES = {"ipip": "ipipTunnelAddress", "vxlan": "vxlanTunnelAddress"}
+_TUNNEL_TYPES = {
+    "ipip": "ipipTunnelAddress",
+    "vxlan": "vxlanTunnelAddress",
+    "vxlan-v6": "vxlanV6TunnelAddress",
+}
 
 
 def tunnel_handle(kind: TunnelKind, node: str) -> str:

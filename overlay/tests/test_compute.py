@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -12,7 +13,7 @@ from overlay.compute import (
     LocalNode,
     compute,
     local_node_from,
-    unrouted_pools,
+    pools_without_nat,
 )
 from overlay.model import (
     IPIP_DEVICE,
@@ -425,11 +426,121 @@ def test_a_node_removed_as_the_tunnel_goes_away_leaves_no_decision_behind() -> N
     assert not compute(back, me(), DataplaneConfig(), cache).routes
 
 
-def test_enabled_ipv6_pools_are_the_unrouted_ones() -> None:
-    v4 = pool(EncapMode.ALWAYS)
-    v6 = pool(EncapMode.ALWAYS, name="v6", cidr=IPNetwork("fd00::/48"))
+def test_enabled_ipv6_pools_with_nat_outgoing_are_reported() -> None:
+    v4 = pool(EncapMode.ALWAYS, nat=True)
+    v6 = pool(EncapMode.ALWAYS, name="v6", cidr=IPNetwork("fd00::/48"), nat=True)
+    plain = pool(EncapMode.ALWAYS, name="v6-plain", cidr=IPNetwork("fd02::/48"))
     off = pool(EncapMode.ALWAYS, name="v6-off", cidr=IPNetwork("fd01::/48"), disabled=True)
-    assert unrouted_pools([v4, v6, off]) == [v6]
+    assert pools_without_nat([v4, v6, plain, off]) == [v6]
+
+
+# --- IPv6 pods over the IPv4 vxlan.calico --------------------------------------------------
+
+POOL6 = IPNetwork("fd00:10:244::/48")
+
+
+def tunnel6(name: str) -> IPAddress:
+    return IPAddress(f"fd00:10:244::{ord(name) - ord('a') + 1}:0")
+
+
+def block6(name: str) -> IPNetwork:
+    return IPNetwork(f"fd00:10:244::{ord(name) - ord('a') + 1}:0/122")
+
+
+def dual_view(
+    v4: EncapMode = CROSS, v6: EncapMode = CROSS, *, tunnels6: dict[str, IPAddress | None]
+) -> ClusterView:
+    nodes = [
+        dataclasses.replace(node(n), ipv6_vxlan_tunnel_addr=tunnels6.get(n, tunnel6(n)))
+        for n in LAYOUT
+    ]
+    blocks = [BlockInfo(block_of(n), n) for n in LAYOUT] + [BlockInfo(block6(n), n) for n in LAYOUT]
+    pools = (pool(v4), dataclasses.replace(pool(v6, name="p6", cidr=POOL6), block_size=122))
+    return ClusterView(nodes=nodes, pools=pools, blocks=blocks)
+
+
+def me6(**kw: object) -> LocalNode:
+    return me("a", **{"vxlan_tunnel_addr6": tunnel6("a"), **kw})
+
+
+def test_ipv6_blocks_ride_vxlan_with_an_ndp_entry_next_to_the_arp_entry() -> None:
+    dp = desired(dual_view(tunnels6={}), me6())
+    dev = dp.devices[VXLAN_DEVICE]
+    assert isinstance(dev, VxlanDevice)
+    assert (dev.address, dev.address6) == (vxlan_ip("a"), tunnel6("a"))
+    for name in "bcd":
+        mac = vtep_mac(name)
+        assert Neighbour(VXLAN_DEVICE, vxlan_ip(name), mac) in dp.neighbours
+        assert Neighbour(VXLAN_DEVICE, tunnel6(name), mac) in dp.neighbours
+        key6 = NexthopKey(tunnel6(name), VXLAN_DEVICE)
+        assert Route(block6(name), nexthop=key6) in dp.routes
+        assert key6 in dp.nexthops
+    assert len(dp.fdb) == 3  # one per peer: both families reach the same VTEP
+    assert Route(block6("a"), blackhole=True) in dp.routes
+    # b shares our IPv4 subnet: direct for IPv4, but IPv6 has no underlay to go direct on.
+    assert route_to(dp, "b") == Route(block_of("b"), nexthop=NexthopKey(underlay_ip("b"), "eth0"))
+    paths = {p.reason: p.path for p in dp.peers if p.node == "b"}
+    assert sorted(paths.values(), key=str) == [Path.DIRECT, Path.VXLAN]
+    assert any("IPv6 pods are tunnelled" in reason for reason in paths)
+
+
+def test_ipv6_only_vxlan_still_makes_the_device_and_ndp_entries_only() -> None:
+    view = dual_view(NEVER, ALWAYS, tunnels6={})
+    # No IPv4 VXLAN pool: no node has an IPv4 VXLAN tunnel address.
+    nodes = [dataclasses.replace(n, ipv4_vxlan_tunnel_addr=None) for n in view.nodes.values()]
+    view = ClusterView(nodes=nodes, pools=view.pools, blocks=view.blocks)
+    dp = desired(view, me6(vxlan_tunnel_addr=None))
+    dev = dp.devices[VXLAN_DEVICE]
+    assert isinstance(dev, VxlanDevice) and dev.address is None and dev.address6 == tunnel6("a")
+    assert {n.ip.version for n in dp.neighbours} == {6}
+    assert {r.dst.version for r in dp.routes if r.nexthop} == {6}
+
+
+def test_ipv6_routes_wait_for_both_ends_ipv6_tunnel_addresses() -> None:
+    dp = desired(dual_view(tunnels6={"c": None}), me6())
+    assert not [r for r in dp.routes if r.dst == block6("c")]
+    assert route_to(dp, "c") is not None  # IPv4 unaffected
+    reasons = [p.reason for p in dp.peers if p.node == "c" and p.path is None]
+    assert reasons and "node has no IPv6 VXLAN tunnel address: skipped" in reasons[0]
+    assert Neighbour(VXLAN_DEVICE, vxlan_ip("c"), vtep_mac("c")) in dp.neighbours
+
+    ours_missing = desired(dual_view(tunnels6={}), me())  # we have no IPv6 tunnel address
+    assert not [r for r in ours_missing.routes if r.dst.version == 6 and r.nexthop]
+    why = [p.reason for p in ours_missing.peers if p.path is None]
+    assert why and all("this node has no IPv6 VXLAN tunnel address yet" in w for w in why)
+
+
+def test_a_shared_ipv6_tunnel_address_goes_to_the_first_node_by_name() -> None:
+    dp = desired(dual_view(tunnels6={"d": tunnel6("c")}), me6())
+    assert Neighbour(VXLAN_DEVICE, tunnel6("c"), vtep_mac("c")) in dp.neighbours
+    assert not [n for n in dp.neighbours if n.mac == vtep_mac("d")]  # d has no VTEP at all
+    assert any(
+        f"IPv6 VXLAN tunnel address {tunnel6('c')} is also used by c" in p.reason
+        for p in dp.peers
+        if p.node == "d"
+    )
+    mine = desired(dual_view(tunnels6={"b": tunnel6("a")}), me6())
+    assert any("is also used by a" in p.reason for p in mine.peers if p.node == "b")
+
+
+def test_a_borrowed_ipv6_address_gets_a_host_route() -> None:
+    view = dual_view(tunnels6={})
+    pod = IPAddress("fd00:10:244::3:5")  # in c's block, hosted on b
+    blocks = [b for b in view.blocks if b.cidr != block6("c")]
+    blocks.append(BlockInfo(block6("c"), "c", {pod: "b"}))
+    dp = desired(
+        ClusterView(nodes=list(view.nodes.values()), pools=view.pools, blocks=blocks), me6()
+    )
+    host = Route(IPNetwork(f"{pod}/128"), nexthop=NexthopKey(tunnel6("b"), VXLAN_DEVICE))
+    assert host in dp.routes
+    # The incremental path agrees with a fresh compute, across the change and back.
+    cache = ComputeCache()
+    for v in (
+        view,
+        ClusterView(nodes=list(view.nodes.values()), pools=view.pools, blocks=blocks),
+        view,
+    ):
+        assert compute(v, me6(), DataplaneConfig(), cache) == desired(v, me6())
 
 
 def test_the_tunnel_filter_admits_every_node_address_for_the_tunnels_in_use() -> None:

@@ -39,6 +39,8 @@ NAMES = ["a", "b", "c", "d", "e"]
 POOL_CIDRS = [IPNetwork("10.244.0.0/16"), IPNetwork("10.245.0.0/16")]
 BLOCKS = [IPNetwork(f"10.{p}.0.{i * 64}/26") for p in (244, 245) for i in range(4)]
 BLOCKS.append(IPNetwork("10.99.0.0/26"))  # in no pool
+POOL6 = IPNetwork("fd00:10:244::/48")
+BLOCKS6 = [IPNetwork(f"fd00:10:244::{i * 64:x}/122") for i in range(3)]
 MACS = ["02:00:00:00:00:01", "02:00:00:00:00:02"]
 
 modes = st.sampled_from(list(EncapMode))
@@ -55,6 +57,7 @@ def underlays(draw: st.DrawFn) -> IPNetwork:
 tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 60))
 # Few addresses: duplicate VTEPs (and their hand-overs between nodes) are common.
 few_tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 4))
+tunnel_ips6 = st.builds(lambda i: IPAddress(f"fd00:10:244::{i:x}"), st.integers(1, 6))
 
 
 def mostly(strategy: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
@@ -70,6 +73,7 @@ def nodes(draw: st.DrawFn, name: str, tunnels: st.SearchStrategy[IPAddress] = tu
         ipv4_vxlan_tunnel_addr=draw(mostly(tunnels)),
         ipv4_ipip_tunnel_addr=draw(mostly(tunnels)),
         vxlan_tunnel_mac=draw(st.none() | st.none() | st.sampled_from(MACS)),
+        ipv6_vxlan_tunnel_addr=draw(st.none() | tunnel_ips6),
     )
 
 
@@ -90,12 +94,24 @@ def views(draw: st.DrawFn, tunnels: st.SearchStrategy[IPAddress] = tunnel_ips) -
         for i, cidr in enumerate(POOL_CIDRS)
         if i == 0 or draw(st.booleans())
     ]
+    if draw(st.booleans()):  # IPv6 pools carry no ipipMode (it is refused for them)
+        pools.append(
+            IPPool(
+                name="p6",
+                cidr=POOL6,
+                block_size=122,
+                vxlan_mode=draw(modes),
+                disabled=draw(st.booleans()),
+            )
+        )
     owners = st.one_of(st.none(), st.just("ghost"), *[st.sampled_from(names)] * 4)
     blocks = []
-    for cidr in draw(st.lists(st.sampled_from(BLOCKS), unique=True, min_size=1, max_size=6)):
+    for cidr in draw(
+        st.lists(st.sampled_from(BLOCKS + BLOCKS6), unique=True, min_size=1, max_size=7)
+    ):
         borrowed = draw(
             st.dictionaries(
-                st.builds(lambda o, c=cidr: IPAddress(c.first + o), st.integers(0, 63)),
+                st.builds(lambda o, c=cidr: IPAddress(c.first + o, c.version), st.integers(0, 63)),
                 st.sampled_from(NAMES),
                 max_size=3,
             )
@@ -113,6 +129,7 @@ def locals_(draw: st.DrawFn) -> LocalNode:
         vxlan_tunnel_addr=draw(mostly(tunnel_ips)),
         ipip_tunnel_addr=draw(mostly(tunnel_ips)),
         mac=draw(st.none() | st.sampled_from(MACS)),
+        vxlan_tunnel_addr6=draw(st.none() | tunnel_ips6),
     )
 
 
@@ -149,6 +166,7 @@ def junk_ops() -> st.SearchStrategy[Op]:
             mac=st.sampled_from(MACS),
             mtu=st.sampled_from([1450, 1400]),
             address=st.none() | small_ips,
+            address6=st.none() | tunnel_ips6,
         ),
         st.builds(IpipDevice, st.just(IPIP_DEVICE), st.sampled_from([1480, 1400]), small_ips),
     )

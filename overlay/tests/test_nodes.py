@@ -131,6 +131,23 @@ def test_register_assigns_ipip_from_the_ipip_pool() -> None:
     assert c.ipam.ips_by_handle(tunnel_handle("ipip", "node-a")) == [node.ipv4_ipip_tunnel_addr]
 
 
+def test_register_assigns_an_ipv6_vxlan_address_from_an_ipv6_vxlan_pool() -> None:
+    v6 = IPPool("vx6", NET("fd00:10:244::/48"), 122, vxlan_mode=CROSS)
+    c = Cluster(VXLAN_POOL, v6)
+    node = c.register()
+    addr = node.ipv6_vxlan_tunnel_addr
+    assert addr is not None and addr in v6.cidr
+    assert node.ipv4_vxlan_tunnel_addr in VXLAN_POOL.cidr
+    alloc = c.ipam.get_attributes(addr)
+    assert alloc is not None and alloc.handle_id == "vxlan-v6-tunnel-addr-node-a"
+    assert alloc.attrs == {"node": "node-a", "type": "vxlanV6TunnelAddress"}
+    # The pool goes to Never: the address is released and cleared.
+    c.store.apply(dataclasses.replace(v6, vxlan_mode=NEVER))
+    assert c.register().ipv6_vxlan_tunnel_addr is None
+    assert c.ipam.ips_by_handle("vxlan-v6-tunnel-addr-node-a") == []
+    assert c.ipam.check_consistency() == []
+
+
 def test_no_encapsulating_pool_means_no_tunnel_address() -> None:
     c = Cluster(PLAIN_POOL)
     node = c.register()
