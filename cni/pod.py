@@ -271,6 +271,8 @@ def _host_sysctls(
         _sysctl(f"ipv4/neigh/{host}/proxy_delay", "0")
         _sysctl(f"ipv4/conf/{host}/route_localnet", "1")
     if any(ip.version == 6 for ip in ips):
+        # IPv6 forwards only with the host-wide switch on (the per-device one is not enough).
+        _sysctl("ipv6/conf/all/forwarding", "1")
         _sysctl(f"ipv6/conf/{host}/disable_ipv6", "0")
         _sysctl(f"ipv6/conf/{host}/accept_dad", "0")
         _sysctl(f"ipv6/conf/{host}/proxy_ndp", "1")

@@ -28,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--datastore", dest="lab_datastore", choices=("sqlite", "etcd"),
                    default="sqlite", help="sqlite file in the lab dir, or an etcd in the "
                    "router namespace (sqlite)")  # fmt: skip
+    p.add_argument("--ipv6", action="store_true",
+                   help="dual-stack pods: an IPv6 pool too (needs --encap vxlan)")  # fmt: skip
     p.set_defaults(func=cmd_up)
 
     p = cmds.add_parser("status", help="show the lab's nodes, pods and processes")
@@ -65,6 +67,7 @@ def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
         mode=args.mode,
         pods_per_node=args.pods_per_node,
         datastore=args.lab_datastore,
+        ipv6=args.ipv6,
     )
     opts.validate()  # TopologyError is a ValueError: one line, exit 1
     start = time.monotonic()
@@ -156,7 +159,8 @@ def cmd_check(args: argparse.Namespace, ctx: Context) -> int:
                   "'!' = not the path the pool's mode calls for")  # fmt: skip
         for p in probes:
             if not p.passed:
-                ctx.print(f"  {p.src} -> {p.dst}: {p.cell} (expected {p.expected})")
+                over = " over IPv6" if p.family == 6 else ""
+                ctx.print(f"  {p.src} -> {p.dst}{over}: {p.cell} (expected {p.expected})")
         verdict = "ok" if result["ok"] else f"{result['failed']} of {result['total']} FAILED"
         ctx.print(f"{result['total']} probes in {elapsed:.1f}s: {verdict}")
     return 0 if result["ok"] else 1

@@ -5,7 +5,8 @@ Every node namespace gets a lab-owned nftables table counting what leaves its un
 interface: VXLAN (UDP 4789), IP-in-IP (protocol 4), and plain pod-to-pod packets (direct).
 The external namespace counts echo requests per source address, which shows whether
 NAT-outgoing rewrote the pod address into its node's. Pings run one at a time, so the
-counters of the source node move only for the ping in flight.
+counters of the source node move only for the ping in flight. A dual-stack lab (--ipv6)
+also pings every pair over IPv6, which always rides the IPv4 VXLAN between nodes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from overlay.lab import netns
 from overlay.lab.lab import LabState, load
-from overlay.lab.topology import EXTERNAL_HOST, POOL_CIDR
+from overlay.lab.topology import EXTERNAL_HOST, POOL6_CIDR, POOL_CIDR
 
 PROBE_TABLE = "overlay-lab-probe"
 UNDERLAY_IF = "eth0"
@@ -35,6 +36,7 @@ class Probe:
     answered: bool  # the ping got its reply
     path: str  # local | direct | vxlan | ipip | nat | no-nat | unseen | skipped
     expected: str
+    family: int = 4  # the IP version pinged
 
     @property
     def passed(self) -> bool:
@@ -64,6 +66,8 @@ def node_probe_script() -> str:
         f'    oifname "{UNDERLAY_IF}" udp dport 4789 counter name "vxlan"\n'
         f'    oifname "{UNDERLAY_IF}" ip protocol 4 counter name "ipip"\n'
         f'    oifname "{UNDERLAY_IF}" ip saddr {POOL_CIDR} ip daddr {POOL_CIDR} '
+        'counter name "direct"\n'
+        f'    oifname "{UNDERLAY_IF}" ip6 saddr {POOL6_CIDR} ip6 daddr {POOL6_CIDR} '
         'counter name "direct"\n'
         "  }\n}\n"
     )
@@ -114,19 +118,34 @@ def classify(same_node: bool, moved: Mapping[str, int]) -> str:
 
 
 def expected_path(
-    encap: str, mode: str, src_node: str, dst_node: str, subnets: Mapping[str, str]
+    encap: str,
+    mode: str,
+    src_node: str,
+    dst_node: str,
+    subnets: Mapping[str, str],
+    family: int = 4,
 ) -> str:
     if src_node == dst_node:
         return "local"
+    if family == 6:
+        return "vxlan"  # no IPv6 underlay to go direct on
     if mode == "cross-subnet" and subnets[src_node] == subnets[dst_node]:
         return "direct"
     return encap
 
 
 def render_matrix(pods: Sequence[str], probes: Sequence[Probe]) -> str:
-    """Rows: source pod; columns: destination pods then the external host."""
+    """Rows: source pod; columns: destination pods then the external host. IPv6 probes
+    (a dual-stack lab) get a second matrix below, without the external host."""
+    v6 = [p for p in probes if p.family == 6]
+    text = _matrix(pods, [p for p in probes if p.family == 4], [*pods, EXTERNAL])
+    if v6:
+        text += "\n\nIPv6:\n" + _matrix(pods, v6, list(pods))
+    return text
+
+
+def _matrix(pods: Sequence[str], probes: Sequence[Probe], cols: list[str]) -> str:
     cells = {(p.src, p.dst): p.cell for p in probes}
-    cols = [*pods, EXTERNAL]
     width = max([len(c) for c in cols] + [len(c) for c in cells.values()] + [4])
     first = max([len(p) for p in pods] + [8])
     lines = [" " * first + "  " + "  ".join(c.ljust(width) for c in cols)]
@@ -181,17 +200,20 @@ def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, li
     for src in state.pods:
         node = state.node(src.node)
         before = _counters(node.netns)
-        for dst in state.pods:
+        targets = [(dst, 4, dst.ip) for dst in state.pods]
+        if opts.get("ipv6"):
+            targets += [(dst, 6, dst.ip6) for dst in state.pods]
+        for dst, family, address in targets:
             if dst.name == src.name:
                 continue
-            want = expected_path(opts["encap"], opts["mode"], src.node, dst.node, subnets)
-            if time.monotonic() > deadline or not dst.ip:
-                probes.append(Probe(src.name, dst.name, False, "skipped", want))
+            want = expected_path(opts["encap"], opts["mode"], src.node, dst.node, subnets, family)
+            if time.monotonic() > deadline or not address:
+                probes.append(Probe(src.name, dst.name, False, "skipped", want, family))
                 continue
-            answered = _ping(src.netns, dst.ip)
+            answered = _ping(src.netns, address)
             after = _counters(node.netns)
             path = classify(src.node == dst.node, delta(before, after))
-            probes.append(Probe(src.name, dst.name, answered, path, want))
+            probes.append(Probe(src.name, dst.name, answered, path, want, family))
             before = after
         if time.monotonic() > deadline:
             probes.append(Probe(src.name, EXTERNAL, False, "skipped", "nat"))

@@ -25,7 +25,14 @@ from typing import Any
 
 from overlay.lab import httpwait, netns
 from overlay.lab.netns import NetnsError
-from overlay.lab.topology import EXTERNAL_HOST, LabOptions, Topology, build, pool_manifest
+from overlay.lab.topology import (
+    EXTERNAL_HOST,
+    LabOptions,
+    Topology,
+    build,
+    pool6_manifest,
+    pool_manifest,
+)
 
 LAB_ROOT = Path(os.environ.get("OVERLAY_LAB_ROOT", "/run/overlay-lab"))
 METRICS_ADDR = "127.0.0.1:9099"
@@ -73,6 +80,7 @@ class PodState:
     netns: str
     node: str
     ip: str | None = None
+    ip6: str | None = None  # dual-stack labs (--ipv6)
 
 
 @dataclass
@@ -135,19 +143,15 @@ def ns_order(names: set[str], name: str) -> list[str]:
     return sorted(names, key=key)
 
 
-def conflist(socket: str) -> dict[str, Any]:
+def conflist(socket: str, ipv6: bool = False) -> dict[str, Any]:
     """The node's CNI network configuration list (what a runtime would read from disk)."""
+    ipam: dict[str, Any] = {"type": "overlay-ipam"}
+    if ipv6:
+        ipam["assignIPv6"] = True
     return {
         "cniVersion": "1.1.0",
         "name": CNI_NETWORK,
-        "plugins": [
-            {
-                "type": "overlay-cni",
-                "agentSocket": socket,
-                "mtu": 0,
-                "ipam": {"type": "overlay-ipam"},
-            }
-        ],
+        "plugins": [{"type": "overlay-cni", "agentSocket": socket, "mtu": 0, "ipam": ipam}],
     }
 
 
@@ -342,11 +346,15 @@ def _seed_datastore(state: LabState, topo: Topology) -> None:
     _, seed_url = datastore_urls(opts, topo, Path(state.dir))
     if opts.datastore == "etcd":
         _start_etcd(state, topo)
-    manifest = Path(state.dir) / "pool.json"
-    manifest.write_text(json.dumps(pool_manifest(opts), indent=2) + "\n")
-    # The real CLI, from the router namespace: the only place an in-lab etcd is reachable.
-    argv = [bin_path("overlayctl"), "--datastore", seed_url, "apply", "-f", str(manifest)]
-    netns.run_in(state.router_netns, argv, timeout=60)
+    manifests = [("pool.json", pool_manifest(opts))]
+    if opts.ipv6:
+        manifests.append(("pool6.json", pool6_manifest(opts)))
+    for file_name, doc in manifests:
+        manifest = Path(state.dir) / file_name
+        manifest.write_text(json.dumps(doc, indent=2) + "\n")
+        # The real CLI, from the router namespace: the only place an in-lab etcd is reachable.
+        argv = [bin_path("overlayctl"), "--datastore", seed_url, "apply", "-f", str(manifest)]
+        netns.run_in(state.router_netns, argv, timeout=60)
 
 
 def _start_etcd(state: LabState, topo: Topology) -> None:
@@ -447,7 +455,8 @@ def _start_agents(state: LabState) -> None:
     agent = bin_path("overlay-agent")
     for n in state.nodes:
         Path(n.dir).mkdir(parents=True, exist_ok=True)
-        Path(n.cni_conflist).write_text(json.dumps(conflist(n.socket), indent=2) + "\n")
+        doc = conflist(n.socket, bool(state.options.get("ipv6")))
+        Path(n.cni_conflist).write_text(json.dumps(doc, indent=2) + "\n")
         argv = [
             agent, "--node-name", n.name, "--datastore", state.datastore,
             "--state-dir", n.dir, "--socket", n.socket,
@@ -530,13 +539,13 @@ def cni(
     return out if isinstance(out, dict) else {}
 
 
-def pod_ip(result: dict[str, Any]) -> str:
-    """The first IPv4 address of an ADD result, without its prefix."""
+def pod_ip(result: dict[str, Any], version: int = 4) -> str:
+    """The first address of `version` in an ADD result, without its prefix."""
     for entry in result.get("ips", []):
         address = str(entry.get("address", ""))
-        if "." in address:
+        if ("." if version == 4 else ":") in address:
             return address.split("/")[0]
-    raise LabError(f"CNI ADD result has no IPv4 address: {json.dumps(result)}")
+    raise LabError(f"CNI ADD result has no IPv{version} address: {json.dumps(result)}")
 
 
 def _make_pods(state: LabState) -> None:
@@ -545,7 +554,10 @@ def _make_pods(state: LabState) -> None:
         netns.batch(p.netns, ["link set lo up"])
 
     def add(p: PodState) -> None:
-        p.ip = pod_ip(cni("ADD", state, p))
+        result = cni("ADD", state, p)
+        p.ip = pod_ip(result)
+        if state.options.get("ipv6"):
+            p.ip6 = pod_ip(result, 6)
 
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
         list(pool.map(add, state.pods))  # re-raises the first failure
@@ -602,7 +614,9 @@ def status(name: str) -> dict[str, Any]:
             for n in state.nodes
         ],
         "pods": [
-            {"name": p.name, "netns": p.netns, "node": p.node, "ip": p.ip} for p in state.pods
+            {"name": p.name, "netns": p.netns, "node": p.node, "ip": p.ip}
+            | ({"ip6": p.ip6} if p.ip6 else {})
+            for p in state.pods
         ],
     }
 

@@ -18,6 +18,7 @@ from typing import Any
 import netaddr
 
 POOL_CIDR = "10.244.0.0/16"
+POOL6_CIDR = "fd00:10:244::/48"
 EXTERNAL_NET = netaddr.IPNetwork("203.0.113.0/24")
 EXTERNAL_HOST = netaddr.IPAddress("203.0.113.10")
 ENCAPS = ("vxlan", "ipip")
@@ -37,6 +38,7 @@ class LabOptions:
     mode: str = "cross-subnet"
     pods_per_node: int = 2
     datastore: str = "sqlite"  # sqlite | etcd
+    ipv6: bool = False  # dual-stack pods: an IPv6 pool too, its pods over the IPv4 VXLAN
 
     def validate(self) -> None:
         if not (self.name.isascii() and self.name.replace("-", "").isalnum()) or not (
@@ -55,6 +57,10 @@ class LabOptions:
             raise TopologyError(f"--mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if self.datastore not in ("sqlite", "etcd"):
             raise TopologyError(f"--datastore: {self.datastore!r} is not sqlite or etcd")
+        if self.ipv6 and self.encap != "vxlan":
+            raise TopologyError(
+                f"--ipv6: needs --encap vxlan (IP-in-IP carries IPv4 only, got {self.encap!r})"
+            )
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,18 @@ def build(opts: LabOptions) -> Topology:
         for j in range(opts.pods_per_node)
     ]
     return Topology(opts, f"{p}-router", f"{p}-ext", subnets, nodes, pods)
+
+
+def pool6_manifest(opts: LabOptions) -> dict[str, Any]:
+    """The IPv6 pool of a dual-stack lab: VXLAN in the lab's mode, no NAT (the lab's
+    underlay and external host are IPv4 only)."""
+    mode = "Always" if opts.mode == "always" else "CrossSubnet"
+    return {
+        "apiVersion": "projectcalico.org/v3",
+        "kind": "IPPool",
+        "metadata": {"name": "lab-pool6"},
+        "spec": {"cidr": POOL6_CIDR, "blockSize": 122, "vxlanMode": mode},
+    }
 
 
 def pool_manifest(opts: LabOptions) -> dict[str, Any]:

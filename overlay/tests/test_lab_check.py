@@ -84,6 +84,24 @@ def test_matrix_has_a_row_per_source_and_a_column_per_destination() -> None:
     assert result["ok"] is False and result["failed"] == 2 and result["total"] == 4
 
 
+def test_ipv6_probes_get_their_own_matrix_and_always_expect_vxlan_between_nodes() -> None:
+    subnets = {"n1": "s1", "n2": "s1"}
+    assert check.expected_path("vxlan", "cross-subnet", "n1", "n2", subnets) == "direct"
+    assert check.expected_path("vxlan", "cross-subnet", "n1", "n2", subnets, 6) == "vxlan"
+    assert check.expected_path("vxlan", "cross-subnet", "n1", "n1", subnets, 6) == "local"
+    probes = [
+        Probe("p1", "p2", True, "direct", "direct"),
+        Probe("p1", "p2", True, "vxlan", "vxlan", 6),
+        Probe("p2", "p1", True, "direct", "vxlan", 6),
+    ]
+    text = check.render_matrix(["p1", "p2"], probes)
+    v4, v6 = text.split("\n\nIPv6:\n")
+    assert v4.splitlines()[1].split() == ["p1", "-", "direct", "-"]
+    assert v6.splitlines()[0].split() == ["p1", "p2"]  # no external host column
+    assert v6.splitlines()[2].split() == ["p2", "direct!", "-"]
+    assert "ip6 saddr fd00:10:244::/48" in check.node_probe_script()
+
+
 def _status(**over: object) -> dict[str, object]:
     doc: dict[str, object] = {
         "datastore": {"synced": True},

@@ -13,7 +13,7 @@ from ipam.model import IPPool
 from ipam.resources import from_manifest
 from overlay.cli_lab import render_status
 from overlay.lab import lab
-from overlay.lab.topology import LabOptions, TopologyError, build, pool_manifest
+from overlay.lab.topology import LabOptions, TopologyError, build, pool6_manifest, pool_manifest
 
 
 def test_nodes_fill_subnets_in_runs_with_unique_addresses() -> None:
@@ -48,6 +48,7 @@ def test_largest_lab_stays_inside_its_subnets() -> None:
         (LabOptions(mode="never"), "--mode"),
         (LabOptions(pods_per_node=-1), "--pods-per-node"),
         (LabOptions(datastore="redis"), "--datastore"),
+        (LabOptions(encap="ipip", ipv6=True), "--ipv6"),
     ],
 )
 def test_bad_options_name_the_flag(opts: LabOptions, field: str) -> None:
@@ -70,6 +71,17 @@ def test_pool_manifest_is_a_valid_pool_in_the_chosen_mode(
     assert manifest["spec"]["vxlanMode"] == vxlan and manifest["spec"]["ipipMode"] == ipip
     pool = from_manifest(manifest)  # the datastore accepts it
     assert isinstance(pool, IPPool) and str(pool.cidr) == "10.244.0.0/16"
+
+
+def test_dual_stack_lab_adds_an_ipv6_vxlan_pool_and_asks_the_cni_for_ipv6() -> None:
+    opts = LabOptions(mode="always", ipv6=True)
+    pool = from_manifest(pool6_manifest(opts))
+    assert isinstance(pool, IPPool) and pool.version == 6 and pool.block_size == 122
+    assert pool.vxlan_mode.value == "Always" and not pool.nat_outgoing
+    parsed = parse_conflist(json.dumps(lab.conflist("/s.sock", ipv6=True)))
+    assert plugin_config(parsed, 0, {})["ipam"] == {"type": "overlay-ipam", "assignIPv6": True}
+    result = {"ips": [{"address": "10.244.3.7/32"}, {"address": "fd00::5/128"}]}
+    assert lab.pod_ip(result, 6) == "fd00::5"
 
 
 def test_namespace_pattern_matches_only_this_lab() -> None:

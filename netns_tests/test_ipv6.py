@@ -1,0 +1,130 @@
+"""Dual-stack pods: IPv6 pod traffic rides the IPv4 vxlan.calico between nodes.
+
+A dual-stack lab (--ipv6): node1, node2 on 192.168.1.0/24 and node3, node4 on
+192.168.2.0/24, cross-subnet mode, one pod per node with an IPv4 and an IPv6 address.
+The underlay is IPv4 only, so IPv6 between pods of different nodes is VXLAN even where
+IPv4 goes direct. Asserted with pings, on the wire (tcpdump + scapy) and in the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netns_tests.lab_fixtures import VXLAN_DEV, Capture, Lab, poll, running_lab
+from overlay.lab import check, netns
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
+
+VNI = 4096
+VXLAN_PORT = 4789
+
+
+@pytest.fixture(scope="module")
+def dual() -> Iterator[Lab]:
+    with running_lab(nodes=4, subnets=2, mode="cross-subnet", pods_per_node=1, ipv6=True) as lab:
+        yield lab
+
+
+def ip6(lab: Lab, node: int) -> str:
+    address = lab.pod(node).ip6
+    assert address, f"pod of node{node} has no IPv6 address"
+    return address
+
+
+def routes6(ns: str) -> list[dict[str, object]]:
+    out = netns.run(["ip", "-j", "-6", "-n", ns, "route", "show", "proto", "80"])
+    return list(json.loads(out or "[]"))
+
+
+def neighbours6(ns: str) -> set[tuple[str, str]]:
+    out = netns.run(["ip", "-j", "-6", "-n", ns, "neigh", "show", "dev", VXLAN_DEV])
+    return {(n["dst"], n["lladdr"]) for n in json.loads(out or "[]") if "PERMANENT" in n["state"]}
+
+
+def test_lab_check_pings_every_pair_over_ipv6_through_vxlan(dual: Lab) -> None:
+    _, probes = check.run_check(dual.name, timeout=120)
+    v6 = [p for p in probes if p.family == 6]
+    assert len(v6) == 4 * 3  # every ordered pair of pods
+    assert all(p.passed and p.path == "vxlan" for p in v6), [p for p in v6 if not p.passed]
+    assert all(p.passed for p in probes), [p for p in probes if not p.passed]
+    # Same subnet: IPv4 went direct while IPv6 was tunnelled.
+    same = {
+        (p.family, p.path) for p in probes if {p.src, p.dst} == {dual.pod(1).name, dual.pod(2).name}
+    }
+    assert same == {(4, "direct"), (6, "vxlan")}
+
+
+def test_ipv6_pod_traffic_is_vxlan_between_the_ipv4_node_addresses(
+    dual: Lab, tmp_path: Path
+) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6EchoRequest, IPv6
+    from scapy.layers.vxlan import VXLAN
+
+    # Pods on node1 and node2 share an IPv4 subnet: the case where IPv4 would go direct.
+    src, dst = ip6(dual, 1), ip6(dual, 2)
+    n1, n2 = dual.address(dual.node(1)), dual.address(dual.node(2))
+    with Capture(dual.node(1).netns, tmp_path / "v6.pcap", "udp or ip6", count=6) as cap:
+        assert dual.ping(dual.pod(1).netns, dst, count=3)
+    packets = cap.packets()
+    seen = set()
+    for p in packets:
+        assert p.haslayer(VXLAN), f"not encapsulated: {p.summary()}"
+        assert p[UDP].dport == VXLAN_PORT and p[VXLAN].vni == VNI, p.summary()
+        assert {p[IP].src, p[IP].dst} == {n1, n2}, p.summary()
+        inner = p[VXLAN][IPv6]
+        kind = "request" if inner.haslayer(ICMPv6EchoRequest) else "reply"
+        assert inner.haslayer(ICMPv6EchoRequest) or inner.haslayer(ICMPv6EchoReply)
+        seen.add((p[IP].src, inner.src, inner.dst, kind))
+    assert (n1, src, dst, "request") in seen and (n2, dst, src, "reply") in seen, seen
+
+
+def test_ipv6_kernel_state_and_path_mtu(dual: Lab) -> None:
+    ns = dual.node(1).netns
+    via = {str(r["dst"]): r for r in routes6(ns)}
+    blackholes = [d for d, r in via.items() if r.get("type") == "blackhole"]
+    nhid_routes = [d for d, r in via.items() if "nhid" in r]
+    assert len(blackholes) == 1 and len(nhid_routes) == 3, via  # ours, and one per peer
+    assert all(via[d].get("dev") == VXLAN_DEV for d in nhid_routes), via
+    macs = {m for _, m in neighbours6(ns)}
+    assert len(neighbours6(ns)) == 3
+    fdb = netns.run(["bridge", "-n", ns, "fdb", "show", "dev", VXLAN_DEV])
+    assert all(mac in fdb for mac in macs)  # the IPv4 FDB entries serve IPv6 too
+    # A full-size IPv6 packet fits: pod MTU 1450 = 40 (IPv6) + 8 (ICMPv6) + 1402.
+    src, dst = dual.pod(1), ip6(dual, 3)
+    big = ["ping", "-n", "-q", "-c", "1", "-W", "2", "-M", "do", "-s", "1402", dst]
+    netns.run_in(src.netns, big, timeout=10)  # raises if it gets no answer
+    with pytest.raises(netns.NetnsError):  # one byte more does not fit the pod's MTU
+        netns.run_in(src.netns, [*big[:-2], "1403", dst], timeout=10)
+
+
+def test_ipv6_route_and_ndp_entry_deleted_by_hand_come_back_within_a_second(dual: Lab) -> None:
+    ns = dual.node(1).netns
+    before_routes, before_neigh = routes6(ns), neighbours6(ns)
+    peer_block = next(str(r["dst"]) for r in before_routes if "nhid" in r)
+    tunnel, _mac = sorted(before_neigh)[0]
+    for argv in (
+        ["ip", "-n", ns, "-6", "route", "del", peer_block],
+        ["ip", "-n", ns, "-6", "neigh", "del", tunnel, "dev", VXLAN_DEV],
+    ):
+        start = time.monotonic()
+        netns.run(argv)
+        back, took = poll(
+            lambda: routes6(ns) == before_routes and neighbours6(ns) == before_neigh,
+            timeout=5.0,
+            interval=0.02,
+        )
+        assert back, f"{' '.join(argv)}: not restored"
+        print(f"\n{argv[4]} {argv[5]} restored in {(time.monotonic() - start) * 1000:.0f} ms")
+        assert took <= 1.0, f"{' '.join(argv)}: restored after {took:.2f}s"
+    assert dual.ping(dual.pod(1).netns, ip6(dual, 3), count=2)
