@@ -168,6 +168,7 @@ class _NodePiece(NamedTuple):  # a tuple: built per peer, cheap
     node: Node
     underlay: netaddr.IPAddress | None
     candidate: _Vtep | str  # the VTEP it asks for, or why it has none
+    claims: tuple[tuple[str, object], ...] = ()  # the candidate's claims()
 
 
 class _BlockPiece(NamedTuple):  # a tuple: built per peer, cheap
@@ -199,6 +200,7 @@ def _node_piece(name: str, node: Node) -> _NodePiece:
     else:
         mac = vtep_mac(name, node.vxlan_tunnel_mac)
         candidate = _Vtep(tunnel, mac, underlay, tunnel6)
+        return _NodePiece(node, underlay, candidate, candidate.claims())
     return _NodePiece(node, underlay, candidate)
 
 
@@ -411,7 +413,7 @@ class ComputeCache:
         for name in changed:
             old = self.nodes.pop(name, None)
             if old is not None:
-                touched |= self._claim(name, old.candidate, add=False)
+                touched |= self._claim(name, old.claims, add=False)
                 if old.underlay is not None:
                     self.hosts_changed = True
                     if hosts[old.underlay] == 1:
@@ -421,7 +423,7 @@ class ComputeCache:
             node = view.nodes.get(name)
             if node is not None:
                 piece = self.nodes[name] = _node_piece(name, node)
-                touched |= self._claim(name, piece.candidate, add=True)
+                touched |= self._claim(name, piece.claims, add=True)
                 if piece.underlay is not None:
                     self.hosts_changed = True
                     hosts[piece.underlay] = hosts.get(piece.underlay, 0) + 1
@@ -429,14 +431,14 @@ class ComputeCache:
             self._resolve_vtep(name)
         return touched
 
-    def _claim(self, name: str, candidate: _Vtep | str, *, add: bool) -> set[str]:
+    def _claim(self, name: str, keys: tuple[tuple[str, object], ...], *, add: bool) -> set[str]:
         """Add or drop a peer's claims on its tunnel addresses and MAC; return the other
         claimants (whose VTEP may now be won or lost)."""
         others: set[str] = set()
-        if name == self.me_name or isinstance(candidate, str):
+        if name == self.me_name:
             return others
         claims = self.claims
-        for key in candidate.claims():
+        for key in keys:
             held = claims.get(key)
             if held is None or held == name:  # the usual case: alone with it
                 if add:
@@ -469,7 +471,7 @@ class ComputeCache:
         if isinstance(c, str):
             self.problems[name] = c
             return
-        for key in c.claims():
+        for key in piece.claims:
             owner = self.me_name if key in self.my_claims else _first(self.claims[key])
             if owner != name:
                 what = {
