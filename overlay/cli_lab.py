@@ -133,8 +133,13 @@ def render_status(doc: dict[str, Any]) -> str:
         ],
     )
     lines.append("")
+    dual = any(p.get("ip6") for p in doc["pods"])
     lines += _table(
-        ["POD", "NODE", "IP"], [[p["name"], p["node"], p["ip"] or "-"] for p in doc["pods"]]
+        ["POD", "NODE", "IP", *(["IPV6"] if dual else [])],
+        [
+            [p["name"], p["node"], p["ip"] or "-", *([p.get("ip6") or "-"] if dual else [])]
+            for p in doc["pods"]
+        ],
     )
     return "\n".join(lines)
 
