@@ -184,7 +184,7 @@ class _BlockPiece(NamedTuple):  # a tuple: built per peer, cheap
 def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
     if pool.vxlan_mode is not EncapMode.NEVER:
         return Path.VXLAN, pool.vxlan_mode, "vxlanMode"
-    if pool.ipip_mode is not EncapMode.NEVER:
+    if pool.ipip_mode is not EncapMode.NEVER and pool.version == 4:  # (IPv6 ones are refused)
         return Path.IPIP, pool.ipip_mode, "ipipMode"
     return None
 

@@ -60,7 +60,7 @@ _TUNNEL_TYPES = {
 
 
 def tunnel_handle(kind: TunnelKind, node: str) -> str:
-    """Calico's handle names: ipip-tunnel-addr-<node>, vxlan-tunnel-addr-<node>."""
+    """Calico's handle names: ipip-, vxlan- and vxlan-v6-tunnel-addr-<node>."""
     return f"{kind}-tunnel-addr-{node}"
 
 
