@@ -103,7 +103,10 @@ def read_device(sock: RtnlSocket, name: str, tool: Ethtool | None = None) -> Dev
         # once configured (up or addressed).
         if not addrs and not link.flags & IFF_UP:
             return None
-        return IpipDevice(name=name, mtu=link.mtu, address=_tunnel_address(addrs), tx_checksum=tx)
+        # IPv4 only: an IPv6 address on it is as out of place as a second IPv4 one.
+        v4_only = all(ip.version == 4 for ip, _ in addrs)
+        address = _tunnel_address(addrs) if v4_only else MESSY_ADDRESS
+        return IpipDevice(name=name, mtu=link.mtu, address=address, tx_checksum=tx)
     return None
 
 
