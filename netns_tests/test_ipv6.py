@@ -128,3 +128,19 @@ def test_ipv6_route_and_ndp_entry_deleted_by_hand_come_back_within_a_second(dual
         print(f"\n{argv[4]} {argv[5]} restored in {(time.monotonic() - start) * 1000:.0f} ms")
         assert took <= 1.0, f"{' '.join(argv)}: restored after {took:.2f}s"
     assert dual.ping(dual.pod(1).netns, ip6(dual, 3), count=2)
+
+
+def test_a_restarted_agent_finds_its_ipv6_objects_in_place_and_changes_nothing(
+    dual: Lab,
+) -> None:
+    node = dual.node(1)
+    before = (routes6(node.netns), neighbours6(node.netns))
+    argv = dual.stop_agent(node)
+    offset = dual.log_size(node)
+    dual.start_agent(node, argv)
+    dual.wait_agent(node, peers=3)
+    assert dual.kernel_changes(node, offset) == [], dual.log_since(node, offset)[-1500:]
+    rec = dual.status(node)["reconciler"]
+    assert rec["ops_applied"] == 0 and rec["passes"] >= 1, rec
+    assert (routes6(node.netns), neighbours6(node.netns)) == before
+    assert dual.ping(dual.pod(1).netns, ip6(dual, 4), count=2)
