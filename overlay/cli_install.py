@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--network-name", default=install.DEFAULT_NETWORK, metavar="NAME")
     p.add_argument(
+        "--assign-ipv6",
+        action="store_true",
+        help="dual-stack pods: the CNI config asks for an IPv6 address too "
+        "(from an IPv6 pool; it reaches other nodes when the pool has a vxlanMode)",
+    )
+    p.add_argument(
         "--force", action="store_true", help="overwrite files in the way that are not ours"
     )
     p.add_argument(
@@ -73,6 +79,7 @@ def cmd_install(args: argparse.Namespace, ctx: Context) -> int:
         node_name=args.node_name,
         ip_autodetection=args.ip_autodetection,
         network_name=args.network_name,
+        assign_ipv6=args.assign_ipv6,
         force=args.force,
     )
     try:

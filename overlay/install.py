@@ -61,6 +61,7 @@ class InstallOptions:
     node_name: str | None = None
     ip_autodetection: str | None = None
     network_name: str = DEFAULT_NETWORK
+    assign_ipv6: bool = False  # dual-stack pods: the conflist asks IPAM for IPv6 too
     # Where this environment's scripts live: its python runs the CNI launchers, and the
     # systemd unit starts overlay-agent from here.
     scripts_dir: Path = field(default_factory=lambda: Path(sys.prefix) / "bin")
@@ -138,13 +139,18 @@ def render_launcher(scripts_dir: Path, plugin: str) -> str:
         raise InstallError(f"cannot write the {plugin} launcher: {e}") from None
 
 
-def render_conflist(network_name: str, chained: Sequence[str] = ()) -> str:
+def render_conflist(
+    network_name: str, chained: Sequence[str] = (), assign_ipv6: bool = False
+) -> str:
+    ipam: dict[str, object] = {"type": "overlay-ipam"}
+    if assign_ipv6:
+        ipam["assignIPv6"] = True
     plugins: list[dict[str, object]] = [
         {
             "type": "overlay-cni",
             "mtu": 0,  # 0: the pod MTU the agent derived (underlay MTU - encapsulation)
             "agentSocket": AGENT_SOCKET,
-            "ipam": {"type": "overlay-ipam"},
+            "ipam": ipam,
         }
     ]
     plugins += [dict(CHAINABLE[name]) for name in chained]
@@ -204,7 +210,7 @@ def plan_files(opts: InstallOptions, chained: Sequence[str] = ()) -> dict[str, F
         for name in PLUGINS
     }
     files[f"{opts.cni_conf_dir.rstrip('/')}/{CONFLIST_NAME}"] = FileSpec(
-        render_conflist(opts.network_name, chained)
+        render_conflist(opts.network_name, chained, opts.assign_ipv6)
     )
     files[AGENT_ENV] = FileSpec(
         render_agent_env(opts.datastore, opts.node_name, opts.ip_autodetection)

@@ -162,6 +162,16 @@ def test_unit_passes_systemd_analyze_verify(
     assert not complaints, res.stderr
 
 
+def test_assign_ipv6_makes_the_conflist_ask_for_dual_stack(
+    root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    do_install(root, capsys, "--assign-ipv6")
+    doc = parse_conflist((root / "etc/cni/net.d/10-overlay.conflist").read_text())
+    plugins = doc["plugins"]
+    assert isinstance(plugins, list)
+    assert plugins[0]["ipam"] == {"type": "overlay-ipam", "assignIPv6": True}
+
+
 def test_second_install_changes_nothing(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
     do_install(root, capsys)
     before = snapshot(root)
