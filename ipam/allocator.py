@@ -178,6 +178,12 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat()
 
 
+def _cooled_before(cfg: IPAMConfig) -> str:
+    """Addresses released before this time have cooled down."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (now - datetime.timedelta(seconds=cfg.ip_cooldown_seconds)).isoformat()
+
+
 def _claimed_after(claim_time: str | None, when: datetime.datetime) -> bool:
     """Whether a block's affinityClaimTime is later than `when` (no time or an unreadable
     one counts as long ago, as a zero time does in Calico)."""
@@ -256,8 +262,8 @@ class IPAM:
                 )
         except BaseException:
             taken = [ReleaseRequest(n.ip, handle) for n in result.ipv4 + result.ipv6]
-            if taken:
-                self.release(taken)
+            if taken:  # never handed out: free at once, no cooldown
+                self._release(taken, released_at=None)
             raise
         return result
 
@@ -280,7 +286,8 @@ class IPAM:
         if any(addr in r for r in reserved):
             raise AddressReserved(f"address {addr} is reserved by an IPReservation")
         cidr = block_for(addr, pool)
-        strict = self._res.ipam_config().strict_affinity
+        cfg = self._res.ipam_config()
+        strict = cfg.strict_affinity
         key = block_key(cidr)
         for _ in range(self._retries):
             kv = self._ds.get(key)
@@ -288,6 +295,7 @@ class IPAM:
                 self._claim(cidr, node)  # lost to another node: its block exists now
                 continue
             block = Block.from_json(kv.value)
+            block.collect_cooled(_cooled_before(cfg))
             if strict and block.host != node:
                 raise IPAMError(
                     f"address {addr}: its block {cidr} is affine to {block.affinity!r}, "
@@ -305,7 +313,13 @@ class IPAM:
         return self.release(requests).unallocated
 
     def release(self, requests: Iterable[ReleaseRequest]) -> ReleaseOutcome:
-        """Free addresses, grouped per block (one write per block)."""
+        """Free addresses, grouped per block (one write per block). With a cooldown
+        configured they rest first (see ipam/block.py)."""
+        return self._release(requests, self._release_stamp())
+
+    def _release(
+        self, requests: Iterable[ReleaseRequest], released_at: str | None
+    ) -> ReleaseOutcome:
         out = ReleaseOutcome()
         pools = self._res.list_pools()
         groups: dict[str, list[ReleaseRequest]] = {}
@@ -327,8 +341,12 @@ class IPAM:
                 else:
                     groups.setdefault(str(home), []).append(req)
         for cidr, reqs in groups.items():
-            self._release_in_block(cidr, reqs, out)
+            self._release_in_block(cidr, reqs, out, released_at)
         return out
+
+    def _release_stamp(self) -> str | None:
+        """The release time to record when released addresses must cool down, else None."""
+        return _now() if self._res.ipam_config().ip_cooldown_seconds > 0 else None
 
     def release_by_handle(self, handle: str) -> list[netaddr.IPAddress]:
         """Free every address of `handle`; [] when the handle does not exist."""
@@ -339,8 +357,9 @@ class IPAM:
         rec = HandleRecord.from_json(kv.value)
         freed: list[netaddr.IPAddress] = []
         hint: KV | None = kv
+        released_at = self._release_stamp()
         for cidr, counted in rec.blocks.items():
-            ips = self._release_handle_in_block(cidr, handle)
+            ips = self._release_handle_in_block(cidr, handle, released_at)
             freed.extend(ips)
             # Also drops a count left by a crash between handle and block write.
             self._adjust_handle(handle, cidr, -max(len(ips), counted), hint)
@@ -563,11 +582,12 @@ class IPAM:
         self._release_unselected(version, node, pools)
         need = num
         tried: set[netaddr.IPNetwork] = set()
+        cooled = _cooled_before(cfg)
 
         def take(cidr: netaddr.IPNetwork, owner: str | None, hint: KV | None = None) -> None:
             nonlocal need
             tried.add(cidr)
-            got = self._assign_in_block(cidr, need, handle, attrs, reserved, owner, hint)
+            got = self._assign_in_block(cidr, need, handle, attrs, reserved, owner, cooled, hint)
             out.extend(got)
             need -= len(got)
             if owner is not None:
@@ -618,6 +638,7 @@ class IPAM:
                 # The listing postdates steps 1-2, so blocks tried there show up full;
                 # one skipped there as no longer ours may be borrowed like any other.
                 for block, kv in candidates:
+                    block.collect_cooled(cooled)  # (on this copy: to judge it)
                     if need and block.assignable(reserved):
                         take(block.cidr, None, kv)
                 if not need:
@@ -635,10 +656,11 @@ class IPAM:
         attrs: dict[str, str],
         reserved: list[netaddr.IPNetwork],
         owner: str | None,
+        cooled_before: str,
         hint: KV | None = None,
     ) -> list[netaddr.IPNetwork]:
         """Up to `num` addresses from one block; with `owner`, only while the block is
-        still affine to that node."""
+        still affine to that node. Addresses released before `cooled_before` are free."""
         key = block_key(cidr)
         kv = hint
         remembered = False
@@ -654,6 +676,7 @@ class IPAM:
                     continue
                 return []
             block = Block.from_json(kv.value)
+            block.collect_cooled(cooled_before)
             stale_owner = owner is not None and block.host != owner
             ips = [] if stale_owner else block.auto_assign(num, handle, attrs, reserved)
             if not ips and remembered:
@@ -899,7 +922,13 @@ class IPAM:
 
     # ==== release internals ===============================================================
 
-    def _release_in_block(self, cidr: str, reqs: list[ReleaseRequest], out: ReleaseOutcome) -> None:
+    def _release_in_block(
+        self,
+        cidr: str,
+        reqs: list[ReleaseRequest],
+        out: ReleaseOutcome,
+        released_at: str | None,
+    ) -> None:
         key = block_key(cidr)
         for _ in range(self._retries):
             kv = self._ds.get(key)
@@ -909,7 +938,7 @@ class IPAM:
             block = Block.from_json(kv.value)
             res = BlockRelease()
             for r in reqs:
-                one = block.release([r.ip], r.handle, r.sequence_number)
+                one = block.release([r.ip], r.handle, r.sequence_number, released_at)
                 res.released += one.released
                 res.unallocated += one.unallocated
                 res.mismatched += one.mismatched
@@ -924,14 +953,16 @@ class IPAM:
         out.mismatched += res.mismatched
         self._uncount(cidr, [h for _, h in res.released])
 
-    def _release_handle_in_block(self, cidr: str, handle: str) -> list[netaddr.IPAddress]:
+    def _release_handle_in_block(
+        self, cidr: str, handle: str, released_at: str | None
+    ) -> list[netaddr.IPAddress]:
         key = block_key(cidr)
         for _ in range(self._retries):
             kv = self._ds.get(key)
             if kv is None:
                 return []
             block = Block.from_json(kv.value)
-            ips = block.release_handle(handle)
+            ips = block.release_handle(handle, released_at)
             if not ips or self._write_released(key, kv, block, ips):
                 return ips
         raise self._max_retries(f"release handle {handle} in block {cidr}")

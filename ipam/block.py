@@ -10,10 +10,16 @@ assignment pops from the head, release appends to the tail, so the address that 
 free longest is reused first. `sequence_number` grows on every change and each allocation
 remembers the value it was made at, so a release that carries a stale number (or the wrong
 handle) cannot free an address that has since been given to someone else (ABA).
+
+With a cooldown (IPAMConfiguration ipCooldownSeconds, Calico v3.33+) a released address
+is not free at once: it keeps an attribute with no owner and the release time
+(`releasedAt`), and collect_cooled() moves it to the tail of the free list once its time
+is up. Until then it is neither anyone's allocation nor assignable.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from collections.abc import Iterable
@@ -76,17 +82,22 @@ def block_index(pool: IPPool, block: netaddr.IPNetwork) -> int:
 
 
 class AllocationAttribute(NamedTuple):
-    """Who holds an allocation: the handle and free-form owner attributes."""
+    """Who holds an allocation: the handle and free-form owner attributes; or, for an
+    address cooling down after its release, only when it was released."""
 
     handle_id: str | None
     secondary: dict[str, str]
+    released_at: str | None = None  # ISO 8601, UTC
 
     def to_dict(self) -> dict[str, Any]:
-        return {"handle_id": self.handle_id, "secondary": self.secondary}
+        out: dict[str, Any] = {"handle_id": self.handle_id, "secondary": self.secondary}
+        if self.released_at is not None:
+            out["releasedAt"] = self.released_at
+        return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> AllocationAttribute:
-        return cls(raw.get("handle_id"), raw.get("secondary") or {})
+        return cls(raw.get("handle_id"), raw.get("secondary") or {}, raw.get("releasedAt"))
 
 
 @dataclass(frozen=True)
@@ -205,8 +216,10 @@ class Block:
 
     # ---- assignment ---------------------------------------------------------------------
 
-    def _attribute_index(self, handle: str | None, attrs: dict[str, str]) -> int:
-        wanted = AllocationAttribute(handle, dict(attrs))
+    def _attribute_index(
+        self, handle: str | None, attrs: dict[str, str], released_at: str | None = None
+    ) -> int:
+        wanted = AllocationAttribute(handle, dict(attrs), released_at)
         for i, existing in enumerate(self.attributes):
             if existing == wanted:
                 return i
@@ -253,6 +266,11 @@ class Block:
         o = self.ordinal(ip)
         addr = self.address(o)
         current = self.allocations[o]
+        if current is not None and self.attributes[current].released_at is not None:
+            raise AddressInUse(
+                f"address {addr} is cooling down since its release at "
+                f"{self.attributes[current].released_at} (IPAMConfiguration ipCooldownSeconds)"
+            )
         if current is not None:
             holder = self.attributes[current].handle_id
             if handle is not None and holder == handle:
@@ -278,16 +296,18 @@ class Block:
         ips: Iterable[netaddr.IPAddress | str],
         handle: str | None = None,
         sequence_number: int | None = None,
+        released_at: str | None = None,
     ) -> BlockRelease:
         """Free addresses. A given handle / sequence number must match the allocation's,
-        else the address stays allocated and is reported in `mismatched`."""
+        else the address stays allocated and is reported in `mismatched`. With
+        `released_at` they cool down instead (see collect_cooled)."""
         out = BlockRelease()
         freed: list[int] = []
         for ip in ips:
             o = self.ordinal(ip)
             addr = self.address(o)
             index = self.allocations[o]
-            if index is None:
+            if index is None or self.attributes[index].released_at is not None:
                 out.unallocated.append(addr)
                 continue
             holder = self.attributes[index].handle_id
@@ -306,15 +326,53 @@ class Block:
             out.released.append((addr, holder))
         if freed:
             self.sequence_number += 1
-            self.unallocated.extend(freed)  # tail: reused last
+            if released_at is None:
+                self.unallocated.extend(freed)  # tail: reused last
+            else:
+                cooling = self._attribute_index(None, {}, released_at)
+                for o in freed:
+                    self.allocations[o] = cooling
             self._compact_attributes()
         return out
 
-    def release_handle(self, handle: str) -> list[netaddr.IPAddress]:
+    def release_handle(
+        self, handle: str, released_at: str | None = None
+    ) -> list[netaddr.IPAddress]:
         """Free every address `handle` holds here; returns them."""
         ips = self.ips_by_handle(handle)
-        self.release(ips, handle=handle)
+        self.release(ips, handle=handle, released_at=released_at)
         return ips
+
+    def collect_cooled(self, released_before: str) -> int:
+        """Free the addresses whose cooldown is over (released before the ISO time
+        `released_before`), to the tail of the free list; how many."""
+        if not any(a.released_at is not None for a in self.attributes):
+            return 0  # the usual case: nothing is cooling
+        done = [
+            o
+            for o, index in enumerate(self.allocations)
+            if index is not None
+            and (at := self.attributes[index].released_at) is not None
+            and _before(at, released_before)
+        ]
+        if done:
+            for o in done:
+                self.allocations[o] = None
+            self.sequence_number += 1
+            self.unallocated.extend(done)
+            self._compact_attributes()
+        return len(done)
+
+    def cooling_since(self, ip: netaddr.IPAddress | str) -> str | None:
+        """When the address was released, if it is cooling down; else None."""
+        index = self.allocations[self.ordinal(ip)]
+        return None if index is None else self.attributes[index].released_at
+
+    @property
+    def cooling(self) -> int:
+        """Addresses cooling down after their release."""
+        cooling = {i for i, a in enumerate(self.attributes) if a.released_at is not None}
+        return sum(1 for index in self.allocations if index in cooling) if cooling else 0
 
     def _compact_attributes(self) -> None:
         used = sorted({i for i in self.allocations if i is not None})
@@ -333,11 +391,14 @@ class Block:
         return [self.address(o) for o, i in enumerate(self.allocations) if i in indexes]
 
     def allocation(self, ip: netaddr.IPAddress | str) -> Allocation | None:
+        """What an allocated address carries; None when free or cooling down."""
         o = self.ordinal(ip)
         index = self.allocations[o]
         if index is None:
             return None
         attr = self.attributes[index]
+        if attr.released_at is not None:
+            return None
         return Allocation(
             self.address(o),
             attr.handle_id,
@@ -418,3 +479,14 @@ class Block:
     @classmethod
     def from_json(cls, text: str) -> Block:
         return cls.from_dict(json.loads(text))
+
+
+def _before(when: str, cutoff: str) -> bool:
+    """Whether ISO time `when` is before `cutoff` (an unreadable `when` counts as long ago)."""
+    try:
+        at = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=datetime.UTC)
+    return at < datetime.datetime.fromisoformat(cutoff)

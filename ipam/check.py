@@ -155,11 +155,10 @@ def find_leaks(
     allocations = 0
     for cidr, block in sorted(snap.blocks.items(), key=lambda kv: kv[1].cidr.sort_key()):
         for ordinal, index in enumerate(block.allocations):
-            if index is None:
-                continue
+            alloc = None if index is None else block.allocation(block.address(ordinal))
+            if alloc is None:
+                continue  # free, or cooling down after its release: nobody's
             allocations += 1
-            alloc = block.allocation(block.address(ordinal))
-            assert alloc is not None
             node = alloc.attrs.get("node")
             reason = None
             if node is not None and node not in existing:

@@ -53,6 +53,9 @@ class IPAMConfig:
     strict_affinity: bool = False
     max_blocks_per_host: int = 0  # 0: the effective default, DEFAULT_MAX_BLOCKS_PER_HOST
     auto_allocate_blocks: bool = True
+    # Seconds a released address rests before it is handed out again (Calico v3.33+), so
+    # stale conntrack entries or caches elsewhere cannot reach a new pod. 0: at once.
+    ip_cooldown_seconds: int = 0
 
 
 DEFAULT_MAX_BLOCKS_PER_HOST = 20

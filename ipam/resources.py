@@ -75,6 +75,7 @@ _KIND_ALIASES = {
     "nodes": "Node",
 }
 IPAM_CONFIG_NAME = "default"
+MAX_IP_COOLDOWN_SECONDS = 1200  # Calico's bound
 # `kind: List` and calicoctl's `<Kind>List`, lower-cased without the "List" suffix.
 _LIST_KINDS = {"", *_KIND_ALIASES}
 
@@ -528,11 +529,16 @@ def _ipam_config(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) 
     kv = spec.get("kubeVirtVMAddressPersistence")
     if kv is not None and kv not in ("Enabled", "Disabled"):
         ctx.fail("spec.kubeVirtVMAddressPersistence", f"{_show(kv)} is not Enabled or Disabled")
-    cooldown = spec.get("ipCooldownSeconds")
-    if cooldown not in (None, 0):
-        ctx.fail("spec.ipCooldownSeconds", f"{_show(cooldown)} is not supported (only 0)")
+    cooldown = ctx.typed(
+        "spec.ipCooldownSeconds", spec.get("ipCooldownSeconds", 0), int, "an integer"
+    )
+    if not 0 <= cooldown <= MAX_IP_COOLDOWN_SECONDS:
+        ctx.fail("spec.ipCooldownSeconds", f"{cooldown} is outside 0..{MAX_IP_COOLDOWN_SECONDS}")
     return IPAMConfig(
-        strict_affinity=strict, max_blocks_per_host=max_blocks, auto_allocate_blocks=auto
+        strict_affinity=strict,
+        max_blocks_per_host=max_blocks,
+        auto_allocate_blocks=auto,
+        ip_cooldown_seconds=cooldown,
     )
 
 
@@ -760,6 +766,7 @@ def to_manifest(res: Resource) -> dict[str, Any]:
             "strictAffinity": res.strict_affinity,
             "maxBlocksPerHost": res.max_blocks_per_host,
             "autoAllocateBlocks": res.auto_allocate_blocks,
+            "ipCooldownSeconds": res.ip_cooldown_seconds,
         }
     elif isinstance(res, IPReservation):
         spec = {"reservedCIDRs": [str(c) for c in res.reserved_cidrs]}

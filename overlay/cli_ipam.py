@@ -119,6 +119,11 @@ def _show_ip(addr: netaddr.IPAddress, ctx: Context) -> int:
     kv = ctx.datastore().get(block_key(cidr))
     block = None if kv is None else Block.from_json(kv.value)
     alloc = None if block is None else block.allocation(addr)
+    since = None if block is None else block.cooling_since(addr)
+    if since is not None:
+        ctx.print(f"{addr} is cooling down since its release at {since} (pool {pool.name}, "
+                  f"block {cidr}; IPAMConfiguration ipCooldownSeconds)")  # fmt: skip
+        return 0
     if block is None or alloc is None:
         ctx.print(f"{addr} is not assigned (pool {pool.name}, block {cidr})")
         return 0

@@ -11,6 +11,7 @@ import pytest
 
 from ipam.allocator import IPAM, ReleaseRequest, fnv32, random_block_order
 from ipam.block import Block
+from ipam.check import find_leaks
 from ipam.datastore.memory import MemoryDatastore
 from ipam.errors import (
     AddressInUse,
@@ -346,6 +347,37 @@ def test_release_by_ip_and_by_handle() -> None:
     nxt = ipam.auto_assign("hc", "n1").ipv4[0].ip
     assert nxt not in a
     assert_consistent(ipam)
+
+
+def test_with_a_cooldown_a_released_address_is_not_handed_out_until_its_time_is_up() -> None:
+    # One /29 block, strict affinity: the released address is the only one left.
+    cfg = IPAMConfig(strict_affinity=True, ip_cooldown_seconds=600)
+    ipam, ds, res = make("10.0.0.0/29", config=cfg)
+    got = [n.ip for n in ipam.auto_assign("h", "n1", num4=8).ipv4]
+    assert ipam.release_by_handle("h")[:1] == got[:1]
+    assert ds.get(handle_key("h")) is None  # the handle goes at release, as without cooldown
+    assert_consistent(ipam)
+    with pytest.raises(PoolExhausted):
+        ipam.auto_assign("next", "n1")
+    with pytest.raises(AddressInUse, match="cooling down"):
+        ipam.assign_ip(got[0], "named", "n1")
+    assert ipam.get_attributes(got[0]) is None and ipam.allocations_in("10.0.0.0/29") == []
+    # Leak checks see no leak in a cooling address: it is nobody's.
+    assert find_leaks(ipam.snapshot(), ["n1"], set(), "g").leaked == []
+    # The cooldown is over (here: configured shorter): the next assignment collects them,
+    # oldest release first, and writes that with its own allocation.
+    res.config = IPAMConfig(strict_affinity=True, ip_cooldown_seconds=0)
+    assert ipam.auto_assign("next", "n1").ipv4[0].ip in got
+    assert block_of(ds, "10.0.0.0/29").cooling == 0
+    assert_consistent(ipam)
+
+
+def test_without_a_cooldown_a_released_address_is_free_at_once() -> None:
+    ipam, ds, _ = make("10.0.0.0/29", config=IPAMConfig(strict_affinity=True))
+    got = [n.ip for n in ipam.auto_assign("h", "n1", num4=8).ipv4]
+    ipam.release_ips([ReleaseRequest(got[3])])
+    assert ipam.auto_assign("next", "n1").ipv4[0].ip == got[3]
+    assert block_of(ds, "10.0.0.0/29").cooling == 0
 
 
 def test_release_with_stale_sequence_number_keeps_the_new_owner() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import netaddr
 import pytest
 
@@ -81,6 +83,33 @@ def test_release_appends_to_tail_so_longest_free_is_reused_first() -> None:
     # 5 was freed before 2, so 5 comes back first.
     assert b.auto_assign(1, "x") == [IP("10.0.0.5")]
     assert b.auto_assign(1, "y") == [IP("10.0.0.2")]
+
+
+T0 = "2026-11-27T10:00:00+00:00"
+
+
+def test_a_released_address_cools_down_then_goes_to_the_tail() -> None:
+    b = Block.new("10.0.0.0/29")
+    b.auto_assign(8, "h", {"pod": "a"})
+    out = b.release(["10.0.0.3", "10.0.0.5"], handle="h", released_at=T0)
+    assert [ip for ip, _ in out.released] == [IP("10.0.0.3"), IP("10.0.0.5")]
+    # Nobody's, not free, not assignable, and not releasable again.
+    assert b.allocation("10.0.0.3") is None and b.cooling_since("10.0.0.3") == T0
+    assert (b.free, b.cooling, b.empty) == (0, 2, False)
+    assert b.auto_assign(1, "x") == []
+    assert b.handle_counts() == {"h": 6}
+    assert b.release(["10.0.0.3"]).unallocated == [IP("10.0.0.3")]
+    with pytest.raises(AddressInUse, match=re.escape("cooling down since its release at " + T0)):
+        b.assign("10.0.0.3", "y")
+    assert Block.from_json(b.to_json()) == b  # releasedAt is stored
+    assert b.validate() == []
+    # Not before its time; then both, to the tail of the free list.
+    assert b.collect_cooled("2026-11-27T09:59:59+00:00") == 0
+    b.release(["10.0.0.1"], handle="h")  # freed without a cooldown: first in line
+    assert b.collect_cooled("2026-11-27T10:00:30+00:00") == 2
+    assert (b.free, b.cooling) == (3, 0)
+    assert b.auto_assign(3, "z") == [IP("10.0.0.1"), IP("10.0.0.3"), IP("10.0.0.5")]
+    assert b.validate() == []
 
 
 def test_fifo_holds_across_partial_use() -> None:

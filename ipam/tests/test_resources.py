@@ -244,6 +244,9 @@ def test_ipam_config_calico_kind_and_fields() -> None:
         strict_affinity=True, max_blocks_per_host=4, auto_allocate_blocks=False
     )
     assert from_manifest(ipam_doc(kind="IPAMConfig")) == IPAMConfig()
+    cooled = from_manifest(ipam_doc(ipCooldownSeconds=30))
+    assert cooled == IPAMConfig(ip_cooldown_seconds=30)
+    assert from_manifest(to_manifest(cooled)) == cooled
 
 
 @pytest.mark.parametrize(
@@ -255,7 +258,9 @@ def test_ipam_config_calico_kind_and_fields() -> None:
         (ipam_doc(maxBlocksPerHost=-1), ["spec.maxBlocksPerHost", "-1"]),
         (ipam_doc(maxBlocksPerHost="3"), ["spec.maxBlocksPerHost", "string '3'"]),
         (ipam_doc(strictAffinity="yes"), ["spec.strictAffinity", "'yes'"]),
-        (ipam_doc(ipCooldownSeconds=30), ["spec.ipCooldownSeconds", "30"]),
+        (ipam_doc(ipCooldownSeconds=1201), ["spec.ipCooldownSeconds", "1201", "0..1200"]),
+        (ipam_doc(ipCooldownSeconds=-1), ["spec.ipCooldownSeconds", "-1"]),
+        (ipam_doc(ipCooldownSeconds=True), ["spec.ipCooldownSeconds", "an integer"]),
         (ipam_doc(foo=1), ["spec.foo", "unknown field"]),
     ],
 )

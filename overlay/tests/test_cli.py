@@ -319,6 +319,24 @@ def test_release_by_ip_and_by_handle(url: str) -> None:
     assert pools[0]["inUse"] == 0
 
 
+def test_with_ip_cooldown_a_released_address_rests_on_the_sqlite_file(url: str) -> None:
+    ok(url, "apply", "-f", "-", stdin=pool_doc("tiny", "10.70.0.0/30", 30))
+    cfg = (
+        "apiVersion: projectcalico.org/v3\nkind: IPAMConfiguration\nmetadata: {name: default}\n"
+        "spec: {strictAffinity: true, ipCooldownSeconds: 600}\n"
+    )
+    ok(url, "apply", "-f", "-", stdin=cfg)
+    got = [ok(url, "ipam", "assign", "--node", "n1", "--handle", f"h{i}").strip() for i in range(4)]
+    assert ok(url, "ipam", "release", "--handle", "h2") == f"released {got[2]} (handle h2)\n"
+    shown = ok(url, "ipam", "show", "--ip", got[2])
+    assert shown.startswith(f"{got[2]} is cooling down since its release at "), shown
+    assert_user_error(
+        url, "ipam", "assign", "--node", "n1", "--handle", "h5", expect="no free addresses"
+    )
+    ok(url, "apply", "-f", "-", stdin=cfg.replace("600", "0"))  # the cooldown is over
+    assert ok(url, "ipam", "assign", "--node", "n1", "--handle", "h5").strip() == got[2]
+
+
 OVERLAYCTL = Path(sys.executable).parent / "overlayctl"
 
 
