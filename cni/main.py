@@ -58,6 +58,7 @@ def run(
 
         env = spec.parse_env(environ)
         conf = spec.parse_config(plugin, data, verb)
+        spec.apply_cni_args(conf, env)  # (to refuse a bad one here; the agent applies it)
         request = protocol.encode_request(verb, plugin, env.to_wire(), conf.raw)
         fd = _open_netns(verb, env.netns) if plugin == "cni" else -1
         try:

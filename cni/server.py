@@ -49,6 +49,7 @@ def dispatch(handler: CniHandler, line: bytes, fds: list[int] | None = None) -> 
                 f"CNI_COMMAND={env.command!r} does not match the request verb {request.verb!r}",
             )
         config = spec.parse_config(request.plugin, request.config, request.verb)
+        spec.apply_cni_args(config, env)
         result = handler.handle(request.verb, request.plugin, env, config)
         return protocol.encode_result(result)
     except CniError as e:

@@ -62,6 +62,10 @@ _CNI_ARGS_KNOWN = (
     "K8S_POD_INFRA_CONTAINER_ID",
     "K8S_POD_UID",
     "IgnoreUnknown",
+    # host-local's and tuning's keys, which podman sends for --ip and --mac-address
+    # (Calico's IPAM plugin reads IP too): see apply_cni_args().
+    "IP",
+    "MAC",
 )
 
 # Keys every plugin object may carry: identity, runtime-reserved and well-known ones.
@@ -554,9 +558,25 @@ def _parse_common(conf: NetConf, obj: dict[str, object]) -> None:
     if "dns" in obj:
         conf.dns = _parse_dns(obj["dns"])
     conf.valid_attachments = _parse_attachments(obj)
-    families = {6 if ":" in ip else 4 for ip in conf.requested_ips}  # validated addresses
-    if len(families) != len(conf.requested_ips):
-        raise _bad("runtimeConfig.ips", list(conf.requested_ips), "at most one address per family")
+    _check_families(conf.requested_ips, "runtimeConfig.ips")
+
+
+def _check_families(ips: tuple[str, ...], field: str) -> None:
+    families = {6 if ":" in ip else 4 for ip in ips}  # validated addresses
+    if len(families) != len(ips):
+        raise _bad(field, list(ips), "at most one address per family")
+
+
+def apply_cni_args(conf: NetConf, env: CniEnv) -> None:
+    """For ADD: addresses and MAC asked for in CNI_ARGS (IP=a[,b], MAC=m), used when
+    runtimeConfig and args ask for none."""
+    if env.command != "ADD":
+        return
+    if not conf.requested_ips and env.args.get("IP"):
+        conf.requested_ips = _parse_ip_list(env.args["IP"].split(","), "CNI_ARGS IP")
+        _check_families(conf.requested_ips, "CNI_ARGS IP")
+    if not conf.requested_mac and env.args.get("MAC"):
+        conf.requested_mac = _parse_mac(env.args["MAC"], "CNI_ARGS MAC")
 
 
 def parse_cni_config(data: bytes | str | dict[str, object], verb: str = "ADD") -> NetConf:

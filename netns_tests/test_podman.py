@@ -153,3 +153,17 @@ def test_podman_containers_talk_across_subnets_and_publish_ports(
     assert str(PORT) not in nat
     p2("rm", "-f", "-t", "0", "client")
     assert c.allocations() == {}
+
+
+def test_podman_static_ip_and_mac_reach_the_plugin(env: tuple[Cluster, list[Podman]]) -> None:
+    # podman passes --ip and --mac-address as CNI_ARGS IP= and MAC= (host-local's keys).
+    c, (p1, _p2) = env
+    want_ip, want_mac = "10.244.250.9", "0a:58:0a:f4:fa:09"
+    p1("run", "-d", "--name", "fixed", "--ulimit", "nofile=1024:1024",
+       "--ulimit", "nproc=1024:1024", "--network", NETWORK, "--ip", want_ip,
+       "--mac-address", want_mac, IMAGE, "/bin/sleep", "600")  # fmt: skip
+    doc = json.loads(p1("inspect", "fixed", "--format", "{{json .NetworkSettings.Networks}}"))
+    assert doc[NETWORK]["IPAddress"] == want_ip and doc[NETWORK]["MacAddress"] == want_mac, doc
+    assert c.allocations()[want_ip].startswith(f"{NETWORK}.")
+    p1("rm", "-f", "-t", "0", "fixed")
+    assert want_ip not in c.allocations()

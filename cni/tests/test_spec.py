@@ -277,6 +277,34 @@ def test_cni_args_unknown_keys_ignored_with_ignore_unknown() -> None:
     assert args == {"IgnoreUnknown": "true", "K8S_POD_NAME": "a"}
 
 
+def _with_args(cni_args: str, command: str = "ADD", **config: object) -> spec.NetConf:
+    c = spec.parse_cni_config(conf(**config))
+    spec.apply_cni_args(c, spec.parse_env(env(CNI_ARGS=cni_args, CNI_COMMAND=command)))
+    return c
+
+
+def test_cni_args_ip_and_mac_ask_for_an_address_and_mac_as_podman_sends_them() -> None:
+    c = _with_args("IgnoreUnknown=1;K8S_POD_NAME=a;MAC=0A:58:0a:f4:fa:09;IP=10.65.0.9,fd00::9")
+    assert c.requested_ips == ("10.65.0.9", "fd00::9") and c.requested_mac == "0a:58:0a:f4:fa:09"
+    # runtimeConfig wins; DEL never looks at them.
+    rc = _with_args("IP=10.65.0.9", runtimeConfig={"ips": ["10.65.0.7"]})
+    assert rc.requested_ips == ("10.65.0.7",)
+    assert _with_args("IP=nonsense", command="DEL").requested_ips == ()
+
+
+@pytest.mark.parametrize(
+    ("cni_args", "contains"),
+    [
+        ("IP=10.65.0.300", 'CNI_ARGS IP[0]="10.65.0.300" is invalid'),
+        ("IP=10.65.0.1,10.65.0.2", "at most one address per family"),
+        ("MAC=ff:ff:ff:ff:ff:ff", 'CNI_ARGS MAC="ff:ff:ff:ff:ff:ff" is invalid: a multicast'),
+        ("MAC=nope", "CNI_ARGS MAC"),
+    ],
+)
+def test_bad_cni_args_ip_or_mac_name_the_key_and_value(cni_args: str, contains: str) -> None:
+    fails(_with_args, cni_args, code=7, contains=contains)
+
+
 # --------------------------------------------------------------------------- results
 
 IFACES: list[dict[str, object]] = [
