@@ -371,8 +371,8 @@ class Block:
     @property
     def cooling(self) -> int:
         """Addresses cooling down after their release."""
-        cooling = {i for i, a in enumerate(self.attributes) if a.released_at is not None}
-        return sum(1 for index in self.allocations if index in cooling) if cooling else 0
+        resting = {i for i, a in enumerate(self.attributes) if a.released_at is not None}
+        return sum(1 for index in self.allocations if index in resting) if resting else 0
 
     def _compact_attributes(self) -> None:
         used = sorted({i for i in self.allocations if i is not None})
