@@ -65,7 +65,8 @@ class Snapshot:
     nexthops: frozenset[tuple[str, str]]  # (gateway, dev)
     neighbours: frozenset[tuple[str, str]]  # (ip, mac) on vxlan.calico
     fdb: frozenset[tuple[str, str]]  # (mac, underlay dst) on vxlan.calico
-    device: tuple[str, ...] | None  # (vni, port, local, dev, mac, mtu) of vxlan.calico
+    # (vni, port, local, dev, mac, mtu, its global addresses) of vxlan.calico
+    device: tuple[str, ...] | None
 
     def mentions(self, text: str) -> list[str]:
         """Every entry that names `text` (an address or MAC), for "nothing stale" checks."""
@@ -108,6 +109,7 @@ def snapshot(ns: str) -> Snapshot:
     device = None
     if links:
         info = links[0].get("linkinfo", {}).get("info_data", {})
+        addrs = _json(["ip", "-n", ns, "-j", "addr", "show", "dev", VXLAN_DEV, "scope", "global"])
         device = tuple(
             str(v)
             for v in (
@@ -117,6 +119,13 @@ def snapshot(ns: str) -> Snapshot:
                 info.get("link"),
                 links[0].get("address"),
                 links[0].get("mtu"),
+                # (iproute2 prints an empty object for each address its filter hides)
+                sorted(
+                    f"{a['local']}/{a['prefixlen']}"
+                    for x in addrs
+                    for a in x.get("addr_info", [])
+                    if "local" in a
+                ),
             )
         )
     return Snapshot(routes, nexthops, neighbours, fdb, device)

@@ -209,7 +209,7 @@ def test_pod_reaches_the_external_host_with_the_node_address(xsub: Lab, tmp_path
 
 def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], float]]:
     """(what, `ip`/`bridge` argv deleting it, time bound) for one object of each kind
-    that node `ns` holds for node3."""
+    that node `ns` holds for node3, and for our own tunnel address."""
     node3 = lab.address(lab.node(3))
     mac = next(m for m, d in before.fdb if d == node3)
     tunnel = next(ip for ip, m in before.neighbours if m == mac)
@@ -219,6 +219,8 @@ def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], f
         for n in _ip_json(ns, "nexthop", "show")
         if n.get("gateway") == tunnel and n.get("dev") == VXLAN_DEV
     )
+    addrs = _ip_json(ns, "-4", "addr", "show", "dev", VXLAN_DEV)
+    (ours,) = [a for x in addrs for a in x.get("addr_info", []) if "local" in a]
     return [
         ("route", ["ip", "-n", ns, "route", "del", block], REPAIR_BOUND_S),
         ("neighbour", ["ip", "-n", ns, "neigh", "del", tunnel, "dev", VXLAN_DEV], REPAIR_BOUND_S),
@@ -228,6 +230,11 @@ def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], f
             REPAIR_BOUND_S,
         ),
         ("nexthop", ["ip", "-n", ns, "nexthop", "del", "id", nh_id], REPAIR_BOUND_S),
+        (
+            "tunnel address",
+            ["ip", "-n", ns, "addr", "del", f"{ours['local']}/32", "dev", VXLAN_DEV],
+            REPAIR_BOUND_S,
+        ),
         ("device", ["ip", "-n", ns, "link", "del", VXLAN_DEV], DEVICE_REPAIR_BOUND_S),
     ]
 

@@ -9,7 +9,8 @@ neighbours turned non-permanent, which is also how the kernel announces a neighb
 is reported as the exact kernel keys that went away instead: the reconciler then forgets
 those and re-adds them without re-reading 50k objects (a 10k-peer re-read costs ~0.5 s of
 CPU, and our own removal of one peer would otherwise cost one, delaying the next change).
-Anything less precise (device changes, foreign replacements, lost events) still kicks.
+Anything less precise (device changes, a tunnel address taken off our device, foreign
+replacements, lost events) still kicks.
 
 Our nftables tables (NAT-outgoing, the tunnel filter) are watched on the netfilter netlink
 group: a committed transaction that changed one is reported as ("nat" | "tunnel_filter",
@@ -29,14 +30,21 @@ from collections.abc import Callable, Sequence
 
 import netaddr
 
-from overlay.kernel import nat, nlmsg, tunnel_filter
+from overlay.kernel import linkmsg, nat, nlmsg, tunnel_filter
 from overlay.kernel.batch import RtnlSocket, in_netns, open_rtnl
 from overlay.kernel.nftevents import Transactions, open_events
 from overlay.model import IPIP_DEVICE, MAIN_TABLE, RT_PROTO, VXLAN_DEVICE, GoneKey
 
 log = logging.getLogger("overlay.kernel")
 
-GROUPS = nlmsg.RTMGRP_LINK | nlmsg.RTMGRP_NEIGH | nlmsg.RTMGRP_IPV4_ROUTE | nlmsg.RTMGRP_IPV6_ROUTE
+GROUPS = (
+    nlmsg.RTMGRP_LINK
+    | nlmsg.RTMGRP_NEIGH
+    | nlmsg.RTMGRP_IPV4_ROUTE
+    | nlmsg.RTMGRP_IPV6_ROUTE
+    | nlmsg.RTMGRP_IPV4_IFADDR
+    | nlmsg.RTMGRP_IPV6_IFADDR
+)
 POLL_S = 0.2
 # Our nftables tables, by the GoneKey kind the reconciler knows them by.
 _TABLE_KINDS = {tunnel_filter.TABLE: "tunnel_filter", nat.TABLE: "nat"}
@@ -189,6 +197,17 @@ class Monitor:
                 if name in self.names:
                     self._index[index] = name
             return f"device_changed dev={name}", None
+        if msg_type == linkmsg.RTM_DELADDR:
+            # A tunnel address taken off our device (by NetworkManager, say): the device
+            # check puts it back. The kernel's own IPv6 link-local ones are not ours.
+            a = linkmsg.decode_addr(payload)
+            raw = a.address or a.local
+            if a.index not in self._index or not raw:
+                return "", None
+            ip = netaddr.IPAddress(int.from_bytes(raw, "big"), _version(raw))
+            if ip.version == 6 and ip.is_link_local():
+                return "", None
+            return f"address_deleted dev={self._index[a.index]} addr={ip}", None
         # Our own changes echo back here by the 10k: the cheap header checks come first.
         if msg_type == nlmsg.RTM_NEWROUTE and not flags & nlmsg.NLM_F_REPLACE:
             return "", None
