@@ -389,6 +389,27 @@ def test_deleted_ipip_nexthop_is_restored_within_a_second(ipip_lab: lab.LabState
     assert res.returncode == 0, res.stdout
 
 
+def test_tunl0_address_deleted_is_restored_within_a_second(ipip_lab: lab.LabState) -> None:
+    ns = ipip_lab.nodes[0].netns
+    bound, slowdown = repair_bound()
+
+    def address() -> str:
+        out = _ip("-n", ns, "-4", "-o", "addr", "show", "dev", IPIP_DEVICE).stdout.split()
+        return out[out.index("inet") + 1] if "inet" in out else ""
+
+    ours = address()
+    assert ours.endswith("/32"), ours
+    start = time.monotonic()
+    _ip("-n", ns, "addr", "del", ours, "dev", IPIP_DEVICE)
+    took = wait_for(lambda: address() == ours, timeout=15)
+    elapsed = time.monotonic() - start if took is not None else None
+    assert elapsed is not None, f"{ours} never came back on tunl0\n{agent_logs(ipip_lab)}"
+    print(
+        f"\ntunl0 address {ours} restored in {elapsed:.3f}s (bound {bound:.2f}s, x{slowdown:.1f})"
+    )
+    assert elapsed < bound, f"tunl0 address restored only after {elapsed:.2f}s"
+
+
 def test_deleted_filter_table_is_restored_within_a_second(ipip_lab: lab.LabState) -> None:
     # On the distribution kernel too: the monitor sees nftables transactions and their pid.
     node1 = ipip_lab.nodes[0]
