@@ -43,6 +43,7 @@ pytestmark = [
 VNI = 4096
 VXLAN_PORT = 4789
 REPAIR_BOUND_S = 1.0
+OTHER_MAC = "02:00:00:00:00:99"
 DEVICE_REPAIR_BOUND_S = 5.0
 
 
@@ -208,8 +209,8 @@ def test_pod_reaches_the_external_host_with_the_node_address(xsub: Lab, tmp_path
 
 
 def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], float]]:
-    """(what, `ip`/`bridge` argv deleting it, time bound) for one object of each kind
-    that node `ns` holds for node3, and for our own tunnel address."""
+    """(what, `ip`/`bridge` argv deleting or changing it, time bound) for one object of each
+    kind that node `ns` holds for node3, and for our own tunnel address."""
     node3 = lab.address(lab.node(3))
     mac = next(m for m, d in before.fdb if d == node3)
     tunnel = next(ip for ip, m in before.neighbours if m == mac)
@@ -219,6 +220,10 @@ def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], f
         for n in _ip_json(ns, "nexthop", "show")
         if n.get("gateway") == tunnel and n.get("dev") == VXLAN_DEV
     )
+    change_neighbour = ["ip", "-n", ns, "neigh", "replace", tunnel, "lladdr", OTHER_MAC,
+                        "dev", VXLAN_DEV, "nud", "permanent"]  # fmt: skip
+    change_fdb = ["bridge", "-n", ns, "fdb", "replace", mac, "dev", VXLAN_DEV,
+                  "dst", "192.0.2.99", "permanent", "self"]  # fmt: skip
     addrs = _ip_json(ns, "-4", "addr", "show", "dev", VXLAN_DEV)
     (ours,) = [a for x in addrs for a in x.get("addr_info", []) if "local" in a]
     return [
@@ -230,6 +235,8 @@ def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], f
             REPAIR_BOUND_S,
         ),
         ("nexthop", ["ip", "-n", ns, "nexthop", "del", "id", nh_id], REPAIR_BOUND_S),
+        ("neighbour changed", change_neighbour, REPAIR_BOUND_S),
+        ("fdb changed", change_fdb, REPAIR_BOUND_S),
         (
             "tunnel address",
             ["ip", "-n", ns, "addr", "del", f"{ours['local']}/32", "dev", VXLAN_DEV],

@@ -225,8 +225,10 @@ class Nexthop:
 
 # An object of ours that the netlink monitor saw deleted, keyed like the kernel keys it:
 # ("route", table, dst network), ("neighbour", dev, ip), ("fdb", dev, mac),
-# ("nexthop", id, "") (the kernel drops the routes using it).
-GoneKey = tuple[str, int | str, netaddr.IPNetwork | netaddr.IPAddress | str]
+# ("nexthop", id, "") (the kernel drops the routes using it); or a permanent entry the
+# kernel now holds on our device, as it holds it: ("neighbour_set", dev, Neighbour),
+# ("fdb_set", dev, FdbEntry) (our own writes echo back so; a replacement differs).
+GoneKey = tuple[str, int | str, netaddr.IPNetwork | netaddr.IPAddress | str | Neighbour | FdbEntry]
 
 
 class Action(enum.Enum):

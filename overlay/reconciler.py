@@ -22,7 +22,16 @@ from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from overlay.model import Action, Dataplane, GoneKey, IpipDevice, Op, VxlanDevice
+from overlay.model import (
+    Action,
+    Dataplane,
+    FdbEntry,
+    GoneKey,
+    IpipDevice,
+    Neighbour,
+    Op,
+    VxlanDevice,
+)
 from overlay.plan import assign_nexthop_ids, plan, settled
 from overlay.view import ClusterView
 
@@ -352,8 +361,10 @@ def _foreign(gone: list[GoneKey], kernel: KernelPort) -> list[GoneKey]:
 
 
 def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
-    """Drop from `actual` (in place) the objects the kernel reported deleted; return how
-    many it still held (0: the deletions were ours, already accounted for)."""
+    """Drop from `actual` (in place) the objects the kernel reported deleted, and put in the
+    entries it reported set; return how many changed it (0: the changes were ours, already
+    accounted for)."""
+    changed = _take_sets(actual, gone)
     routes = {(k[1], k[2]) for k in gone if k[0] == "route"}
     neighbours = {(k[1], k[2]) for k in gone if k[0] == "neighbour"}
     fdb = {(k[1], k[2]) for k in gone if k[0] == "fdb"}
@@ -386,7 +397,29 @@ def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
         actual.nat, lost_tables = None, lost_tables + 1
     if "tunnel_filter" in kinds and actual.tunnel_filter is not None:
         actual.tunnel_filter, lost_tables = None, lost_tables + 1
-    return len(lost_nh) + len(lost_routes) + len(lost_neigh) + len(lost_fdb) + lost_tables
+    return changed + len(lost_nh) + len(lost_routes) + len(lost_neigh) + len(lost_fdb) + lost_tables
+
+
+def _take_sets(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
+    """For each ("neighbour_set" | "fdb_set", dev, entry) the kernel reported: unless
+    `actual` holds that very entry (our own write echoed back), it replaces the one `actual`
+    holds under the same kernel key (neighbour: dev and ip; FDB: dev and MAC). plan() then
+    puts ours back, or deletes the entry if we want none there."""
+    neighbours = [k[2] for k in gone if k[0] == "neighbour_set" and k[2] not in actual.neighbours]
+    fdb = [k[2] for k in gone if k[0] == "fdb_set" and k[2] not in actual.fdb]
+    for new in neighbours:
+        assert isinstance(new, Neighbour)
+        actual.neighbours.difference_update(
+            [n for n in actual.neighbours if (n.dev, n.ip) == (new.dev, new.ip)]
+        )
+        actual.neighbours.add(new)
+    for entry in fdb:
+        assert isinstance(entry, FdbEntry)
+        actual.fdb.difference_update(
+            [f for f in actual.fdb if (f.dev, f.mac) == (entry.dev, entry.mac)]
+        )
+        actual.fdb.add(entry)
+    return len(neighbours) + len(fdb)
 
 
 def _count(done: Any) -> int:

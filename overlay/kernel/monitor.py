@@ -6,9 +6,11 @@ then finds nothing to do, which is safe but not cheap at scale (see below).
 
 With `on_gone`, a burst made only of deletions of our routes, neighbours or FDB entries (or
 neighbours turned non-permanent, which is also how the kernel announces a neighbour deletion)
-is reported as the exact kernel keys that went away instead: the reconciler then forgets
-those and re-adds them without re-reading 50k objects (a 10k-peer re-read costs ~0.5 s of
-CPU, and our own removal of one peer would otherwise cost one, delaying the next change).
+is reported as the exact kernel keys that went away instead, and a permanent neighbour or
+FDB entry set on our device as the entry the kernel now holds: the reconciler then compares
+those with what it wrote and re-sets what differs, without re-reading 50k objects (a
+10k-peer re-read costs ~0.5 s of CPU, and our own removal of one peer would otherwise cost
+one, delaying the next change).
 Anything less precise (device changes, a tunnel address taken off our device, foreign
 replacements, lost events) still kicks.
 
@@ -33,7 +35,15 @@ import netaddr
 from overlay.kernel import linkmsg, nat, nlmsg, tunnel_filter
 from overlay.kernel.batch import RtnlSocket, in_netns, open_rtnl
 from overlay.kernel.nftevents import Transactions, open_events
-from overlay.model import IPIP_DEVICE, MAIN_TABLE, RT_PROTO, VXLAN_DEVICE, GoneKey
+from overlay.model import (
+    IPIP_DEVICE,
+    MAIN_TABLE,
+    RT_PROTO,
+    VXLAN_DEVICE,
+    FdbEntry,
+    GoneKey,
+    Neighbour,
+)
 
 log = logging.getLogger("overlay.kernel")
 
@@ -212,12 +222,8 @@ class Monitor:
         if msg_type == nlmsg.RTM_NEWROUTE and not flags & nlmsg.NLM_F_REPLACE:
             return "", None
         if msg_type == nlmsg.RTM_NEWNEIGH:
-            family, ifindex, state, _flags, _type = nlmsg.NDMSG.unpack_from(payload)
-            if (
-                ifindex not in self._index
-                or family == nlmsg.AF_BRIDGE
-                or state & nlmsg.NUD_PERMANENT
-            ):
+            _family, ifindex, _state, _flags, _type = nlmsg.NDMSG.unpack_from(payload)
+            if ifindex not in self._index:
                 return "", None
         if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
             r = nlmsg.decode_route(payload)
@@ -244,10 +250,16 @@ class Monitor:
                 mac = nlmsg.format_mac(nb.lladdr)
                 if msg_type == nlmsg.RTM_DELNEIGH:
                     return f"fdb_deleted dev={dev} key={mac}", ("fdb", dev, mac)
+                if nb.state & nlmsg.NUD_PERMANENT and nb.dst:
+                    # Our own adds echo back like this; so does someone's replacement.
+                    dst = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
+                    return f"fdb_set dev={dev} key={mac}", ("fdb_set", dev, FdbEntry(dev, mac, dst))
                 return "", None
-            if msg_type == nlmsg.RTM_NEWNEIGH and nb.state & nlmsg.NUD_PERMANENT:
-                return "", None  # how ours look (our own adds echo back this way)
             ip = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
+            if msg_type == nlmsg.RTM_NEWNEIGH and nb.state & nlmsg.NUD_PERMANENT:
+                # Our own adds echo back like this; so does someone's replacement.
+                held = Neighbour(dev, ip, nlmsg.format_mac(nb.lladdr))
+                return f"neighbour_set dev={dev} key={ip}", ("neighbour_set", dev, held)
             if msg_type == nlmsg.RTM_DELNEIGH:
                 return f"neighbour_deleted dev={dev} key={ip}", ("neighbour", dev, ip)
             # Not permanent: also how the kernel starts deleting a permanent neighbour (it

@@ -178,6 +178,14 @@ class FakeKernel:
             }
         )
 
+    def external_set(self, obj: Neighbour | FdbEntry) -> None:
+        """Someone else set a permanent neighbour or FDB entry on our device (drift): the
+        kernel has no owner field for those, so it reads back like one of ours."""
+        if isinstance(obj, Neighbour):
+            self.neighbours[(obj.dev, obj.ip)] = _Entry(obj)
+        else:
+            self.fdb[(obj.dev, obj.mac)] = _Entry(obj)
+
     def external_delete(self, obj: object) -> None:
         """Someone else removed one of our objects (drift)."""
         if isinstance(obj, str | VxlanDevice | IpipDevice):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from netaddr import IPAddress
+
 from ipam.model import EncapMode
-from overlay.model import MAIN_TABLE, Action, Dataplane
+from overlay.model import MAIN_TABLE, Action, Dataplane, FdbEntry, Neighbour
 from overlay.reconciler import Outcome, Reconciler, forget
 from overlay.tests.fake_kernel import FakeKernel
 from overlay.tests.scenarios import desired, me, pool, standard_view
@@ -48,6 +50,35 @@ def test_exact_deletions_are_restored_without_reading_the_kernel() -> None:
     assert route in after.routes and neighbour in after.neighbours and fdb in after.fdb
     restored = {op.obj for op in kernel.ops_of(Action.SET)[-3:]}
     assert restored == {route, neighbour, fdb}
+    assert rec.stats().drift_repairs == 3
+
+
+def test_entries_set_behind_our_back_are_put_right_and_our_own_echoes_cost_nothing() -> None:
+    kernel, rec, want = _converged()
+    neighbour = sorted(want.neighbours, key=str)[0]
+    fdb = sorted(want.fdb, key=str)[0]
+    # Our own writes echo back as the entries we wrote: nothing to do, no re-read.
+    reads, ops = kernel.reads, len(kernel.ops_of())
+    rec.kick("neighbour_set", gone=[("neighbour_set", neighbour.dev, neighbour),
+                                    ("fdb_set", fdb.dev, fdb)])  # fmt: skip
+    assert rec.run_once() is Outcome.IDLE
+    assert (kernel.reads, len(kernel.ops_of())) == (reads, ops)
+
+    # Someone replaces the MAC of a neighbour and the destination of an FDB entry, and adds
+    # a permanent neighbour of their own on our device.
+    theirs = Neighbour(neighbour.dev, neighbour.ip, "02:00:00:00:00:99")
+    moved = FdbEntry(fdb.dev, fdb.mac, IPAddress("192.0.2.99"))
+    stray = Neighbour(neighbour.dev, IPAddress("10.244.250.250"), "02:00:00:00:00:98")
+    for obj in (theirs, moved, stray):
+        kernel.external_set(obj)
+    rec.kick("neighbour_set (+2 more)", gone=[("neighbour_set", theirs.dev, theirs),
+             ("fdb_set", moved.dev, moved), ("neighbour_set", stray.dev, stray)])  # fmt: skip
+    assert rec.run_once() is Outcome.SYNCED
+    assert kernel.reads == reads  # repaired from the entries alone
+    after = kernel.read()
+    assert neighbour in after.neighbours and fdb in after.fdb
+    assert theirs not in after.neighbours and moved not in after.fdb
+    assert stray not in after.neighbours  # a permanent entry on our device we do not want
     assert rec.stats().drift_repairs == 3
 
 
