@@ -23,6 +23,7 @@ import pytest
 
 from netns_tests.lab_fixtures import (
     KERNEL_CHANGE,
+    OUR_PROTO,
     VXLAN_DEV,
     Capture,
     Lab,
@@ -224,6 +225,11 @@ def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], f
                         "dev", VXLAN_DEV, "nud", "permanent"]  # fmt: skip
     change_fdb = ["bridge", "-n", ns, "fdb", "replace", mac, "dev", VXLAN_DEV,
                   "dst", "192.0.2.99", "permanent", "self"]  # fmt: skip
+    # Another writer using our own route protocol number: only the content tells.
+    change_nexthop = ["ip", "-n", ns, "nexthop", "replace", "id", nh_id, "via", "10.244.99.99",
+                      "dev", VXLAN_DEV, "onlink", "proto", OUR_PROTO]  # fmt: skip
+    change_route = ["ip", "-n", ns, "route", "replace", block, "via", node3, "dev", "eth0",
+                    "onlink", "proto", OUR_PROTO]  # fmt: skip
     addrs = _ip_json(ns, "-4", "addr", "show", "dev", VXLAN_DEV)
     (ours,) = [a for x in addrs for a in x.get("addr_info", []) if "local" in a]
     return [
@@ -237,6 +243,8 @@ def _drifts(lab: Lab, ns: str, before: Snapshot) -> list[tuple[str, list[str], f
         ("nexthop", ["ip", "-n", ns, "nexthop", "del", "id", nh_id], REPAIR_BOUND_S),
         ("neighbour changed", change_neighbour, REPAIR_BOUND_S),
         ("fdb changed", change_fdb, REPAIR_BOUND_S),
+        ("nexthop changed", change_nexthop, REPAIR_BOUND_S),
+        ("route changed", change_route, REPAIR_BOUND_S),
         (
             "tunnel address",
             ["ip", "-n", ns, "addr", "del", f"{ours['local']}/32", "dev", VXLAN_DEV],

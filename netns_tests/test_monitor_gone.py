@@ -12,7 +12,7 @@ import pytest
 from netns_tests.kernel_fixtures import ip, peer, peer_ops, underlay, vxlan_device
 from overlay.kernel.apply import Kernel
 from overlay.kernel.monitor import Monitor
-from overlay.model import MAIN_TABLE, RT_PROTO, VXLAN_DEVICE, Action, GoneKey, Op
+from overlay.model import MAIN_TABLE, RT_PROTO, VXLAN_DEVICE, Action, GoneKey, Neighbour, Op
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -110,3 +110,51 @@ def test_a_neighbour_of_ours_turned_non_permanent_is_named(node: str) -> None:
         assert got.wait(2.0), f"no on_gone call; kicks={kicks}"
         assert ("neighbour", VXLAN_DEVICE, nb.ip) in gone
         assert kicks == []
+
+
+def test_our_own_writes_are_told_by_their_port_and_others_by_their_content(node: str) -> None:
+    """Notifications carry the requester's netlink port: most of what the agent's own socket
+    did is skipped outright. The kernel stamps neighbour deletions and the VXLAN driver's
+    FDB notifications with no port; those come as keys that match what we wrote, which the
+    reconciler recognises. The same kind of change by another process is reported with the
+    content it left behind."""
+    kicks: list[str] = []
+    calls: list[list[GoneKey]] = []
+    lock = threading.Lock()
+
+    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
+        with lock:
+            calls.append(keys)
+
+    def seen() -> list[GoneKey]:
+        with lock:
+            return [key for keys in calls for key in keys]
+
+    nb, fdb, nh, route = peer(1)
+    with (
+        Kernel(netns=node, use_nexthops=True) as k,
+        Monitor(kicks.append, netns=node, on_gone=on_gone, own_port=k.port_id),
+    ):
+        # Ours: delete and put back a whole peer.
+        for action in (Action.DELETE, Action.SET):
+            assert not k.apply(peer_ops(1, start=1, action=action)).failed
+        threading.Event().wait(0.3)  # a duration to let echoes arrive, not a condition
+        ours = seen()
+        assert kicks == [], f"our own writes kicked a full re-read: {kicks}"
+        assert not [key for key in ours if key[0] in ("route", "nexthop", "neighbour_set")]
+        assert [key for key in ours if key[0] == "fdb_set"] in ([], [("fdb_set", fdb.dev, fdb)])
+        # Theirs: the same neighbour with another MAC, the nexthop pointing elsewhere.
+        ip("-n", node, "neigh", "replace", str(nb.ip), "lladdr", "02:00:00:00:00:99",
+           "dev", VXLAN_DEVICE, "nud", "permanent")  # fmt: skip
+        ip("-n", node, "nexthop", "replace", "id", str(nh.id), "via", "10.99.0.1",
+           "dev", VXLAN_DEVICE, "onlink", "proto", str(RT_PROTO))  # fmt: skip
+        for _ in range(40):
+            theirs = seen()[len(ours) :]
+            if len(theirs) >= 2:
+                break
+            threading.Event().wait(0.05)
+    assert kicks == []
+    assert ("nexthop", nh.id, "") in theirs, theirs
+    changed = [key for key in theirs if key[0] == "neighbour_set"]
+    assert [key[2] for key in changed] == [Neighbour(nb.dev, nb.ip, "02:00:00:00:00:99")]
+    assert route.dst  # (the peer's route itself was not touched by the others)

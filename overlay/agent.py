@@ -583,6 +583,7 @@ class Agent:
                 self.reconciler.kick(reason, gone=gone) if self.reconciler else None
             ),
             on_pod_route_gone=keeper.route_deleted,
+            own_port=kernel.port_id,  # our own changes echo back: skipped, no pass for them
         )
         self._threads = [*threads]
         self._monitor = monitor

@@ -113,6 +113,12 @@ class Kernel:
         self._ethtool = Ethtool(netns)  # TX checksum offload of our devices
         self._nexthops = use_nexthops
 
+    @property
+    def port_id(self) -> int:
+        """The netlink port of our one writing socket: the monitor tells our own changes
+        from others' by it (notifications carry the requester's port)."""
+        return int(self._sock.sock.getsockname()[0])
+
     def close(self) -> None:
         self._sock.close()
         self._ethtool.close()

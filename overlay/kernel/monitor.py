@@ -77,9 +77,13 @@ class Monitor:
         device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE),
         on_gone: Callable[[str, list[GoneKey]], None] | None = None,
         on_pod_route_gone: Callable[[str, int], None] | None = None,
+        own_port: int = 0,
     ) -> None:
         self.callback = callback
         self.on_gone = on_gone
+        # The netlink port of the agent's writing socket (0: unknown). Notifications carry
+        # the requester's port: those from ours echo what we just did and are skipped.
+        self.own_port = own_port
         self.on_pod_route_gone = on_pod_route_gone  # (address, ifindex): see pod_routes.py
         self.netns = netns
         self.names = frozenset(device_names)
@@ -169,7 +173,7 @@ class Monitor:
                 if self._stop.is_set():
                     return False
                 raise
-            for msg_type, flags, _seq, payload in nlmsg.iter_messages(bytes(buf[:n])):
+            for msg_type, flags, port, payload in nlmsg.iter_events(bytes(buf[:n])):
                 if sock is self._nft_sock:
                     for table, pid in self._nft.feed(msg_type, payload):
                         # No pid (a kernel before 4.20): ours or not cannot be told, and
@@ -178,35 +182,40 @@ class Monitor:
                             burst.add(f"nft_table_changed table={table} pid={pid}",
                                       (_TABLE_KINDS[table], pid, ""))  # fmt: skip
                 else:
-                    why, key = self._classify(msg_type, flags, payload)
+                    ours = port != 0 and port == self.own_port
+                    why, key = self._classify(msg_type, flags, payload, ours)
                     if why:
                         burst.add(why, key)
         return True
 
     def _classify(
-        self, msg_type: int, flags: int, payload: memoryview
+        self, msg_type: int, flags: int, payload: memoryview, ours: bool = False
     ) -> tuple[str, GoneKey | None]:
-        """(reason to kick or "", the exact key of a deleted object of ours if known)."""
+        """(reason to kick or "", the exact key of a deleted object of ours if known).
+        `ours`: the agent's own writing socket asked for this change."""
         try:
-            return self._classify_unchecked(msg_type, flags, payload)
+            return self._classify_unchecked(msg_type, flags, payload, ours)
         except (IndexError, ValueError, KeyError, struct.error):
             return "", None  # truncated/odd message: not ours to judge
 
     def _classify_unchecked(
-        self, msg_type: int, flags: int, payload: memoryview
+        self, msg_type: int, flags: int, payload: memoryview, ours: bool
     ) -> tuple[str, GoneKey | None]:
         if msg_type in (nlmsg.RTM_NEWLINK, nlmsg.RTM_DELLINK):
             index, name, _f = nlmsg.decode_link(payload)
             if name not in self.names and index not in self._index:
                 return "", None
+            # Our own device changes too: the index of a device we create must be learnt.
             if msg_type == nlmsg.RTM_DELLINK:
                 self._index.pop(index, None)
-                return f"device_deleted dev={name}", None
+                return ("", None) if ours else (f"device_deleted dev={name}", None)
             if self._index.get(index) != name:
                 self._index = {i: n for i, n in self._index.items() if n != name}
                 if name in self.names:
                     self._index[index] = name
-            return f"device_changed dev={name}", None
+            return ("", None) if ours else (f"device_changed dev={name}", None)
+        if ours:
+            return "", None  # our own change echoed back: nothing to repair
         if msg_type == linkmsg.RTM_DELADDR:
             # A tunnel address taken off our device (by NetworkManager, say): the device
             # check puts it back. The kernel's own IPv6 link-local ones are not ours.
@@ -218,8 +227,8 @@ class Monitor:
             if ip.version == 6 and ip.is_link_local():
                 return "", None
             return f"address_deleted dev={self._index[a.index]} addr={ip}", None
-        # Our own changes echo back here by the 10k: the cheap header checks come first.
-        if msg_type == nlmsg.RTM_NEWROUTE and not flags & nlmsg.NLM_F_REPLACE:
+        # Without our port, our own changes echo back here by the 10k: cheap checks first.
+        if msg_type == nlmsg.RTM_NEWROUTE and not flags & nlmsg.NLM_F_REPLACE and not self.own_port:
             return "", None
         if msg_type == nlmsg.RTM_NEWNEIGH:
             _family, ifindex, _state, _flags, _type = nlmsg.NDMSG.unpack_from(payload)
@@ -228,9 +237,12 @@ class Monitor:
         if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
             r = nlmsg.decode_route(payload)
             dst = f"{_addr(r.dst)}/{r.dst_len}"
-            if msg_type == nlmsg.RTM_DELROUTE and r.protocol == RT_PROTO:
+            if r.protocol == RT_PROTO and (msg_type == nlmsg.RTM_DELROUTE or self.own_port):
+                # Deleted, or set by someone else writing with our protocol (told from our
+                # own writes by the port): either way the reconciler writes ours again.
                 net = netaddr.IPNetwork((int.from_bytes(r.dst, "big"), r.dst_len), _version(r.dst))
-                return f"route_deleted dst={dst}", ("route", r.table, net)
+                what = "deleted" if msg_type == nlmsg.RTM_DELROUTE else "set"
+                return f"route_{what} dst={dst}", ("route", r.table, net)
             if (
                 msg_type == nlmsg.RTM_NEWROUTE
                 and flags & nlmsg.NLM_F_REPLACE
@@ -272,6 +284,12 @@ class Monitor:
             nh = nlmsg.decode_nexthop(payload)
             if nh.protocol == RT_PROTO:
                 return f"nexthop_deleted id={nh.id}", ("nexthop", nh.id, "")
+        if msg_type == nlmsg.RTM_NEWNEXTHOP and self.own_port:
+            # Someone else set a nexthop: if the id is one of ours, it now points elsewhere,
+            # and every route using it with it. Reported like a deletion (the reconciler
+            # ignores ids that are not ours), so it is written again.
+            nh = nlmsg.decode_nexthop(payload)
+            return f"nexthop_set id={nh.id}", ("nexthop", nh.id, "")
         return "", None
 
 

@@ -309,6 +309,21 @@ def iter_messages(
         off += (length + 3) & ~3
 
 
+def iter_events(
+    buf: bytes | bytearray | memoryview,
+) -> Iterator[tuple[int, int, int, memoryview]]:
+    """Yield (type, flags, sender port id, payload) for each message of a multicast read.
+    The port id is the requesting socket's (0 for what the kernel did on its own)."""
+    view = memoryview(buf)
+    off, end = 0, len(buf)
+    while off + 16 <= end:
+        length, msg_type, flags, _seq, pid = NLMSG_HDR.unpack_from(buf, off)
+        if length < 16 or off + length > end:
+            break
+        yield msg_type, flags, pid, view[off + 16 : off + length]
+        off += (length + 3) & ~3
+
+
 def parse_attrs(payload: memoryview, offset: int) -> dict[int, memoryview]:
     """Top-level attributes after a fixed header of `offset` bytes (last one wins)."""
     attrs: dict[int, memoryview] = {}
