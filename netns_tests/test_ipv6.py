@@ -18,6 +18,7 @@ import pytest
 
 from netns_tests.lab_fixtures import VXLAN_DEV, Capture, Lab, poll, running_lab
 from overlay.lab import check, netns
+from overlay.lab import lab as lab_cli
 from overlay.lab.topology import POOL6_CIDR
 
 pytestmark = [
@@ -157,3 +158,13 @@ def test_a_restarted_agent_finds_its_ipv6_objects_in_place_and_changes_nothing(
     assert rec["ops_applied"] == 0 and rec["passes"] >= 1, rec
     assert (routes6(node.netns), neighbours6(node.netns)) == before
     assert dual.ping(dual.pod(1).netns, ip6(dual, 4), count=2)
+
+
+def test_status_names_both_tunnel_addresses_held_on_the_device(dual: Lab) -> None:
+    node = dual.node(1)
+    tunnels = dual.status(node)["tunnel_addresses"]
+    assert set(tunnels) == {"vxlan", "vxlan-v6"}, tunnels
+    assert addresses6(node.netns) == [tunnels["vxlan-v6"]]
+    text = netns.run_in(node.netns, [lab_cli.bin_path("overlayctl"), "status"])
+    line = next(x for x in text.splitlines() if x.startswith("Tunnels:"))
+    assert tunnels["vxlan"] in line and tunnels["vxlan-v6"] in line, line

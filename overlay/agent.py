@@ -136,6 +136,18 @@ def _external_node(text: str) -> netaddr.IPNetwork:
     return net
 
 
+def _tunnel_addresses(node: Node | None) -> dict[str, str]:
+    """This node's tunnel addresses by kind, for `overlayctl status`."""
+    if node is None:
+        return {}
+    fields = (
+        ("vxlan", node.ipv4_vxlan_tunnel_addr),
+        ("vxlan-v6", node.ipv6_vxlan_tunnel_addr),
+        ("ipip", node.ipv4_ipip_tunnel_addr),
+    )
+    return {kind: str(addr) for kind, addr in fields if addr is not None}
+
+
 def _filter_status(desired: Dataplane | None) -> dict[str, Any] | None:
     f = desired.tunnel_filter if desired is not None else None
     if f is None:
@@ -330,6 +342,7 @@ class Agent:
                 "mtu": self._underlay_mtu,
             },
             "pod_mtu": self.pod_mtu,
+            "tunnel_addresses": _tunnel_addresses(self.node),
             "nexthop_objects": self.nexthops,
             "tx_checksum_offload": "off" if self.tx_checksum_off else "unchanged",
             "tunnel_filter": _filter_status(self._desired),

@@ -53,6 +53,11 @@ def render(st: dict[str, Any]) -> str:
             else "classic routes (this kernel lacks nexthop objects, before 5.3)"
         ),
     ]
+    tunnels = st.get("tunnel_addresses") or {}
+    if tunnels:
+        lines.append(
+            "Tunnels:     " + ", ".join(f"{kind} {addr}" for kind, addr in tunnels.items())
+        )
     f = st.get("tunnel_filter")
     if f:
         extra = f" and {', '.join(f['external'])}" if f["external"] else ""
