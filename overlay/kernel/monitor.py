@@ -202,93 +202,106 @@ class Monitor:
         self, msg_type: int, flags: int, payload: memoryview, ours: bool
     ) -> tuple[str, GoneKey | None]:
         if msg_type in (nlmsg.RTM_NEWLINK, nlmsg.RTM_DELLINK):
-            index, name, _f = nlmsg.decode_link(payload)
-            if name not in self.names and index not in self._index:
-                return "", None
-            # Our own device changes too: the index of a device we create must be learnt.
-            if msg_type == nlmsg.RTM_DELLINK:
-                self._index.pop(index, None)
-                return ("", None) if ours else (f"device_deleted dev={name}", None)
-            if self._index.get(index) != name:
-                self._index = {i: n for i, n in self._index.items() if n != name}
-                if name in self.names:
-                    self._index[index] = name
-            return ("", None) if ours else (f"device_changed dev={name}", None)
+            return self._link(msg_type, payload, ours)
         if ours:
             return "", None  # our own change echoed back: nothing to repair
         if msg_type == linkmsg.RTM_DELADDR:
-            # A tunnel address taken off our device (by NetworkManager, say): the device
-            # check puts it back. The kernel's own IPv6 link-local ones are not ours.
-            a = linkmsg.decode_addr(payload)
-            raw = a.address or a.local
-            if a.index not in self._index or not raw:
+            return self._address_deleted(payload)
+        if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
+            # Without our port, our own adds echo back here by the 10k: skip them cheaply.
+            new = msg_type == nlmsg.RTM_NEWROUTE and not flags & nlmsg.NLM_F_REPLACE
+            if new and not self.own_port:
                 return "", None
-            ip = netaddr.IPAddress(int.from_bytes(raw, "big"), _version(raw))
-            if ip.version == 6 and ip.is_link_local():
-                return "", None
-            return f"address_deleted dev={self._index[a.index]} addr={ip}", None
-        # Without our port, our own changes echo back here by the 10k: cheap checks first.
-        if msg_type == nlmsg.RTM_NEWROUTE and not flags & nlmsg.NLM_F_REPLACE and not self.own_port:
-            return "", None
-        if msg_type == nlmsg.RTM_NEWNEIGH:
+            return self._route(msg_type, flags, payload)
+        if msg_type in (nlmsg.RTM_DELNEIGH, nlmsg.RTM_NEWNEIGH):
             _family, ifindex, _state, _flags, _type = nlmsg.NDMSG.unpack_from(payload)
             if ifindex not in self._index:
-                return "", None
-        if msg_type in (nlmsg.RTM_DELROUTE, nlmsg.RTM_NEWROUTE):
-            r = nlmsg.decode_route(payload)
-            dst = f"{_addr(r.dst)}/{r.dst_len}"
-            if r.protocol == RT_PROTO and (msg_type == nlmsg.RTM_DELROUTE or self.own_port):
-                # Deleted, or set by someone else writing with our protocol (told from our
-                # own writes by the port): either way the reconciler writes ours again.
-                net = netaddr.IPNetwork((int.from_bytes(r.dst, "big"), r.dst_len), _version(r.dst))
-                what = "deleted" if msg_type == nlmsg.RTM_DELROUTE else "set"
-                return f"route_{what} dst={dst}", ("route", r.table, net)
-            if (
-                msg_type == nlmsg.RTM_NEWROUTE
-                and flags & nlmsg.NLM_F_REPLACE
-                and r.protocol != RT_PROTO
-                and r.table == MAIN_TABLE
-            ):
-                return f"route_replaced dst={dst} proto={r.protocol}", None
-            if msg_type == nlmsg.RTM_DELROUTE and self.on_pod_route_gone and _pod_route(r):
-                self.on_pod_route_gone(_addr(r.dst), r.oif)  # only queues the check
+                return "", None  # (cheap: most neighbour traffic is on other devices)
+            return self._neighbour(msg_type, payload)
+        if msg_type in (nlmsg.RTM_DELNEXTHOP, nlmsg.RTM_NEWNEXTHOP):
+            return self._nexthop(msg_type, payload)
+        return "", None
+
+    def _link(self, msg_type: int, payload: memoryview, ours: bool) -> tuple[str, GoneKey | None]:
+        index, name, _f = nlmsg.decode_link(payload)
+        if name not in self.names and index not in self._index:
             return "", None
-        if msg_type in (nlmsg.RTM_DELNEIGH, nlmsg.RTM_NEWNEIGH):
-            nb = nlmsg.decode_neighbour(payload)
-            if nb.ifindex not in self._index:
-                return "", None
-            dev = self._index[nb.ifindex]
-            if nb.family == nlmsg.AF_BRIDGE:
-                mac = nlmsg.format_mac(nb.lladdr)
-                if msg_type == nlmsg.RTM_DELNEIGH:
-                    return f"fdb_deleted dev={dev} key={mac}", ("fdb", dev, mac)
-                if nb.state & nlmsg.NUD_PERMANENT and nb.dst:
-                    # Our own adds echo back like this; so does someone's replacement.
-                    dst = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
-                    return f"fdb_set dev={dev} key={mac}", ("fdb_set", dev, FdbEntry(dev, mac, dst))
-                return "", None
-            ip = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
-            if msg_type == nlmsg.RTM_NEWNEIGH and nb.state & nlmsg.NUD_PERMANENT:
-                # Our own adds echo back like this; so does someone's replacement.
-                held = Neighbour(dev, ip, nlmsg.format_mac(nb.lladdr))
-                return f"neighbour_set dev={dev} key={ip}", ("neighbour_set", dev, held)
+        # Our own device changes too: the index of a device we create must be learnt.
+        if msg_type == nlmsg.RTM_DELLINK:
+            self._index.pop(index, None)
+            return ("", None) if ours else (f"device_deleted dev={name}", None)
+        if self._index.get(index) != name:
+            self._index = {i: n for i, n in self._index.items() if n != name}
+            if name in self.names:
+                self._index[index] = name
+        return ("", None) if ours else (f"device_changed dev={name}", None)
+
+    def _address_deleted(self, payload: memoryview) -> tuple[str, GoneKey | None]:
+        """A tunnel address taken off our device (by NetworkManager, say): the device check
+        puts it back. The kernel's own IPv6 link-local ones are not ours."""
+        a = linkmsg.decode_addr(payload)
+        raw = a.address or a.local
+        if a.index not in self._index or not raw:
+            return "", None
+        ip = netaddr.IPAddress(int.from_bytes(raw, "big"), _version(raw))
+        if ip.version == 6 and ip.is_link_local():
+            return "", None
+        return f"address_deleted dev={self._index[a.index]} addr={ip}", None
+
+    def _route(self, msg_type: int, flags: int, payload: memoryview) -> tuple[str, GoneKey | None]:
+        r = nlmsg.decode_route(payload)
+        dst = f"{_addr(r.dst)}/{r.dst_len}"
+        if r.protocol == RT_PROTO and (msg_type == nlmsg.RTM_DELROUTE or self.own_port):
+            # Deleted, or set by someone else writing with our protocol (told from our own
+            # writes by the port): either way the reconciler writes ours again.
+            net = netaddr.IPNetwork((int.from_bytes(r.dst, "big"), r.dst_len), _version(r.dst))
+            what = "deleted" if msg_type == nlmsg.RTM_DELROUTE else "set"
+            return f"route_{what} dst={dst}", ("route", r.table, net)
+        if (
+            msg_type == nlmsg.RTM_NEWROUTE
+            and flags & nlmsg.NLM_F_REPLACE
+            and r.protocol != RT_PROTO
+            and r.table == MAIN_TABLE
+        ):
+            return f"route_replaced dst={dst} proto={r.protocol}", None
+        if msg_type == nlmsg.RTM_DELROUTE and self.on_pod_route_gone and _pod_route(r):
+            self.on_pod_route_gone(_addr(r.dst), r.oif)  # only queues the check
+        return "", None
+
+    def _neighbour(self, msg_type: int, payload: memoryview) -> tuple[str, GoneKey | None]:
+        nb = nlmsg.decode_neighbour(payload)
+        dev = self._index[nb.ifindex]
+        if nb.family == nlmsg.AF_BRIDGE:
+            mac = nlmsg.format_mac(nb.lladdr)
             if msg_type == nlmsg.RTM_DELNEIGH:
-                return f"neighbour_deleted dev={dev} key={ip}", ("neighbour", dev, ip)
-            # Not permanent: also how the kernel starts deleting a permanent neighbour (it
-            # turns FAILED, then goes), ours included. Reported as gone: the reconciler
-            # re-sets it if it was ours and meant to stay, without re-reading everything.
-            return f"neighbour_changed dev={dev} key={ip}", ("neighbour", dev, ip)
-        if msg_type == nlmsg.RTM_DELNEXTHOP:
+                return f"fdb_deleted dev={dev} key={mac}", ("fdb", dev, mac)
+            if nb.state & nlmsg.NUD_PERMANENT and nb.dst:
+                # Our own adds echo back like this (the VXLAN driver names no port); so
+                # does someone's replacement. The reconciler compares.
+                dst = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
+                return f"fdb_set dev={dev} key={mac}", ("fdb_set", dev, FdbEntry(dev, mac, dst))
+            return "", None
+        ip = netaddr.IPAddress(int.from_bytes(nb.dst, "big"), _version(nb.dst))
+        if msg_type == nlmsg.RTM_NEWNEIGH and nb.state & nlmsg.NUD_PERMANENT:
+            held = Neighbour(dev, ip, nlmsg.format_mac(nb.lladdr))
+            return f"neighbour_set dev={dev} key={ip}", ("neighbour_set", dev, held)
+        if msg_type == nlmsg.RTM_DELNEIGH:
+            return f"neighbour_deleted dev={dev} key={ip}", ("neighbour", dev, ip)
+        # Not permanent: also how the kernel starts deleting a permanent neighbour (it turns
+        # FAILED, then goes), ours included. Reported as gone: the reconciler re-sets it if
+        # it was ours and meant to stay, without re-reading everything.
+        return f"neighbour_changed dev={dev} key={ip}", ("neighbour", dev, ip)
+
+    def _nexthop(self, msg_type: int, payload: memoryview) -> tuple[str, GoneKey | None]:
+        nh = nlmsg.decode_nexthop(payload)
+        if msg_type == nlmsg.RTM_DELNEXTHOP and nh.protocol == RT_PROTO:
             # The kernel drops the routes using a deleted nexthop without telling: the
             # reconciler forgets those with it (keyed by id).
-            nh = nlmsg.decode_nexthop(payload)
-            if nh.protocol == RT_PROTO:
-                return f"nexthop_deleted id={nh.id}", ("nexthop", nh.id, "")
+            return f"nexthop_deleted id={nh.id}", ("nexthop", nh.id, "")
         if msg_type == nlmsg.RTM_NEWNEXTHOP and self.own_port:
             # Someone else set a nexthop: if the id is one of ours, it now points elsewhere,
             # and every route using it with it. Reported like a deletion (the reconciler
             # ignores ids that are not ours), so it is written again.
-            nh = nlmsg.decode_nexthop(payload)
             return f"nexthop_set id={nh.id}", ("nexthop", nh.id, "")
         return "", None
 
