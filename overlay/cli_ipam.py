@@ -1,8 +1,9 @@
-"""overlayctl ipam show | assign | release | check."""
+"""overlayctl ipam show | assign | release | check | configure."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -38,6 +39,22 @@ def _attr(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     return key, value
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -92,6 +109,18 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="write the JSON report here (for `ipam release --from-report`)",
     )
     p.set_defaults(func=cmd_check)
+
+    p = cmds.add_parser(
+        "configure",
+        help="change the cluster's IPAM configuration (shown afterwards; alone: shown)",
+    )
+    p.add_argument("--strictaffinity", type=_boolean, metavar="true|false",
+                   help="never borrow addresses from other nodes' blocks")  # fmt: skip
+    p.add_argument("--max-blocks-per-host", type=_count, metavar="N",
+                   help="blocks a node may claim (0: the default, 20)")  # fmt: skip
+    p.add_argument("--ip-cooldown-seconds", type=_count, metavar="N",
+                   help="seconds a released address rests before reuse (0..1200)")  # fmt: skip
+    p.set_defaults(func=cmd_configure)
 
 
 # ---------------------------------------------------------------------------- show
@@ -274,4 +303,31 @@ def cmd_check(args: argparse.Namespace, ctx: Context) -> int:
         _write_atomically(args.output, report.to_json())
         ctx.print()
         ctx.print(f"report written to {args.output}")
+    return 0
+
+
+def cmd_configure(args: argparse.Namespace, ctx: Context) -> int:
+    """calicoctl's `ipam configure`: read, change what was asked, write (checked like a
+    manifest, so a bad value names its field), then show the result."""
+    store = ctx.store()
+    current = store.ipam_config()
+    changes = {
+        field: value
+        for field, value in (
+            ("strict_affinity", args.strictaffinity),
+            ("max_blocks_per_host", args.max_blocks_per_host),
+            ("ip_cooldown_seconds", args.ip_cooldown_seconds),
+        )
+        if value is not None
+    }
+    config = dataclasses.replace(current, **changes)
+    if changes:
+        ctx.print(f"ipamconfig/default {store.apply(config)}")
+    ctx.print(
+        f"strictAffinity: {str(config.strict_affinity).lower()}\n"
+        f"maxBlocksPerHost: {config.max_blocks_per_host}"
+        f"{' (the default, 20)' if config.max_blocks_per_host == 0 else ''}\n"
+        f"autoAllocateBlocks: {str(config.auto_allocate_blocks).lower()}\n"
+        f"ipCooldownSeconds: {config.ip_cooldown_seconds}"
+    )
     return 0

@@ -337,6 +337,29 @@ def test_with_ip_cooldown_a_released_address_rests_on_the_sqlite_file(url: str) 
     assert ok(url, "ipam", "assign", "--node", "n1", "--handle", "h5").strip() == got[2]
 
 
+def test_ipam_configure_shows_changes_and_refuses_bad_values(url: str) -> None:
+    shown = ok(url, "ipam", "configure")
+    assert "strictAffinity: false" in shown and "ipCooldownSeconds: 0" in shown
+    out = ok(url, "ipam", "configure", "--ip-cooldown-seconds", "60", "--strictaffinity", "true")
+    assert out.startswith("ipamconfig/default created\n"), out
+    assert "strictAffinity: true" in out and "ipCooldownSeconds: 60" in out
+    assert ok(url, "ipam", "configure", "--ip-cooldown-seconds", "60").startswith(
+        "ipamconfig/default unchanged"
+    )
+    assert_user_error(
+        url, "ipam", "configure", "--ip-cooldown-seconds", "5000",
+        expect="spec.ipCooldownSeconds: 5000 is outside 0..1200",
+    )  # fmt: skip
+    assert_user_error(
+        url, "ipam", "configure", "--strictaffinity", "yes", expect="expected true or false"
+    )
+    assert_user_error(
+        url, "ipam", "configure", "--max-blocks-per-host", "-1", expect="must not be negative"
+    )
+    doc = json.loads(ok(url, "get", "ipamconfig", "default", "-o", "json"))
+    assert doc["spec"]["ipCooldownSeconds"] == 60 and doc["spec"]["strictAffinity"] is True
+
+
 OVERLAYCTL = Path(sys.executable).parent / "overlayctl"
 
 
