@@ -407,18 +407,22 @@ def _take_sets(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
     puts ours back, or deletes the entry if we want none there."""
     neighbours = [k[2] for k in gone if k[0] == "neighbour_set" and k[2] not in actual.neighbours]
     fdb = [k[2] for k in gone if k[0] == "fdb_set" and k[2] not in actual.fdb]
-    for new in neighbours:
-        assert isinstance(new, Neighbour)
-        actual.neighbours.difference_update(
-            [n for n in actual.neighbours if (n.dev, n.ip) == (new.dev, new.ip)]
-        )
-        actual.neighbours.add(new)
-    for entry in fdb:
-        assert isinstance(entry, FdbEntry)
-        actual.fdb.difference_update(
-            [f for f in actual.fdb if (f.dev, f.mac) == (entry.dev, entry.mac)]
-        )
-        actual.fdb.add(entry)
+    if neighbours:
+        held_n = {(n.dev, n.ip): n for n in actual.neighbours}  # one pass, however many
+        for new in neighbours:
+            assert isinstance(new, Neighbour)
+            if (old := held_n.get((new.dev, new.ip))) is not None:
+                actual.neighbours.discard(old)
+            actual.neighbours.add(new)
+            held_n[(new.dev, new.ip)] = new
+    if fdb:
+        held_f = {(f.dev, f.mac): f for f in actual.fdb}
+        for entry in fdb:
+            assert isinstance(entry, FdbEntry)
+            if (old_f := held_f.get((entry.dev, entry.mac))) is not None:
+                actual.fdb.discard(old_f)
+            actual.fdb.add(entry)
+            held_f[(entry.dev, entry.mac)] = entry
     return len(neighbours) + len(fdb)
 
 
