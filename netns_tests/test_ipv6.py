@@ -168,3 +168,29 @@ def test_status_names_both_tunnel_addresses_held_on_the_device(dual: Lab) -> Non
     text = netns.run_in(node.netns, [lab_cli.bin_path("overlayctl"), "status"])
     line = next(x for x in text.splitlines() if x.startswith("Tunnels:"))
     assert tunnels["vxlan"] in line and tunnels["vxlan-v6"] in line, line
+
+
+def test_a_removed_node_leaves_no_ipv6_route_nexthop_or_ndp_entry_behind() -> None:
+    with running_lab(nodes=3, subnets=2, pods_per_node=0, ipv6=True) as lab:
+        victim, peers = lab.node(3), [lab.node(1), lab.node(2)]
+        tunnel6 = lab.status(victim)["tunnel_addresses"]["vxlan-v6"]
+
+        def stale() -> list[str]:
+            left = []
+            for peer in peers:
+                ns = peer.netns
+                left += [f"{ns} neigh {ip}" for ip, _ in neighbours6(ns) if ip == tunnel6]
+                left += [f"{ns} route {r['dst']}" for r in routes6(ns) if tunnel6 in str(r)]
+                nexthops = netns.run(["ip", "-n", ns, "-6", "nexthop", "show"])
+                left += [
+                    f"{ns} nexthop {line}" for line in nexthops.splitlines() if tunnel6 in line
+                ]
+            return left
+
+        held = stale()
+        assert len(held) == 3 * len(peers), held  # an NDP entry, a route, a nexthop on each
+        lab.stop_agent(victim)  # else it would register itself again
+        lab.overlayctl("delete", "node", victim.name)
+        gone, took = poll(lambda: not stale(), timeout=10.0, interval=0.05)
+        assert gone, stale()
+        print(f"\nIPv6 state of the removed node gone from both peers in {took * 1000:.0f} ms")
