@@ -33,6 +33,7 @@ pytestmark = [
 ]
 
 NETWORK = "ovpod"
+NETWORK6 = "ovpod6"
 IMAGE = "localhost/ovbusybox:latest"
 PORT = 18080
 
@@ -56,6 +57,11 @@ class Podman:
             ],
         }  # fmt: skip
         (cfg / f"10-{NETWORK}.conflist").write_text(json.dumps(conflist))
+        # The same network asking for dual-stack pods.
+        dual = json.loads(json.dumps(conflist))
+        dual["name"] = NETWORK6
+        dual["plugins"][0]["ipam"]["assignIPv6"] = True
+        (cfg / f"11-{NETWORK6}.conflist").write_text(json.dumps(dual))
         conf = self.dir / "containers.conf"
         conf.write_text(
             f'[network]\nnetwork_backend = "cni"\n'
@@ -167,3 +173,40 @@ def test_podman_static_ip_and_mac_reach_the_plugin(env: tuple[Cluster, list[Podm
     assert c.allocations()[want_ip].startswith(f"{NETWORK}.")
     p1("rm", "-f", "-t", "0", "fixed")
     assert want_ip not in c.allocations()
+
+
+POOL6 = """\
+apiVersion: projectcalico.org/v3
+kind: IPPool
+metadata: {name: pool6}
+spec: {cidr: "fd00:10:244::/48", blockSize: 122, vxlanMode: CrossSubnet}
+"""
+
+
+def test_podman_dual_stack_containers_reach_each_other_over_ipv6(
+    env: tuple[Cluster, list[Podman]], tmp_path: Path
+) -> None:
+    c, (p1, p2) = env
+    pool = tmp_path / "pool6.yaml"
+    pool.write_text(POOL6)
+    c.overlayctl("apply", "-f", str(pool))
+    for p in (p1, p2):
+        p("run", "-d", "--name", "dual", "--ulimit", "nofile=1024:1024", "--ulimit",
+          "nproc=1024:1024", "--network", NETWORK6, IMAGE, "/bin/sleep", "600")  # fmt: skip
+    nets = [json.loads(p("inspect", "dual", "--format", "{{json .NetworkSettings.Networks}}"))
+            for p in (p1, p2)]  # fmt: skip
+    v6 = [str(n[NETWORK6]["GlobalIPv6Address"]) for n in nets]
+    assert all(a.startswith("fd00:10:244:") for a in v6), nets
+    assert all(str(n[NETWORK6]["IPAddress"]).startswith("10.244.") for n in nets), nets
+
+    def pings(engine: Podman, address: str) -> bool:
+        out = engine("exec", "dual", "ping", "-6", "-c1", "-W2", address, check=False)
+        return "1 packets received" in out
+
+    # Across the two subnets, over the IPv4 VXLAN, both ways.
+    assert wait_for(lambda: pings(p1, v6[1]), timeout=20), v6
+    assert pings(p2, v6[0])
+    assert set(v6) <= set(c.allocations())
+    for p in (p1, p2):
+        p("rm", "-f", "-t", "0", "dual")
+    assert not set(v6) & set(c.allocations())  # both families freed by `podman rm`
