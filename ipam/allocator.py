@@ -128,9 +128,10 @@ class BlockUsage:
     cidr: netaddr.IPNetwork
     affinity_node: str | None
     total: int
-    in_use: int
+    in_use: int  # allocated, or cooling down after a release (ipCooldownSeconds)
     reserved: int
     free: int  # assignable: neither allocated nor reserved
+    cooling: int = 0  # of in_use: released, resting until their cooldown is over
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class PoolUsage:
     reserved: int
     free: int
     blocks: list[BlockUsage]
+    cooling: int = 0
 
 
 @dataclass(frozen=True)
@@ -511,7 +513,9 @@ class IPAM:
         for b in sorted(blocks, key=lambda b: (b.cidr.version, b.cidr.first)):
             skip = b.reserved_ordinals(reserved)
             free_reserved = sum(1 for o in b.unallocated if o in skip)
-            use = BlockUsage(b.cidr, b.host, b.size, b.in_use, len(skip), b.free - free_reserved)
+            use = BlockUsage(
+                b.cidr, b.host, b.size, b.in_use, len(skip), b.free - free_reserved, b.cooling
+            )
             owner = next((p for p in pools if b.cidr in p.cidr), None)
             (usage_of[owner.name] if owner else orphans).append(use)
         out = []
@@ -533,6 +537,7 @@ class IPAM:
                     pool_reserved.size,
                     free,
                     usage_of[p.name],
+                    sum(u.cooling for u in usage_of[p.name]),
                 )
             )
         return Utilization(out, orphans)

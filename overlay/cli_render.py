@@ -163,9 +163,18 @@ def _block_row(pool: str, u: BlockUsage) -> tuple[object, ...]:
 def usage_text(util: Utilization, nodes: list[NodeUsage], show_blocks: bool) -> str:
     parts = [
         table(
-            ["POOL", "CIDR", "TOTAL", "IN USE", "RESERVED", "FREE", "DISABLED"],
+            ["POOL", "CIDR", "TOTAL", "IN USE", "COOLING", "RESERVED", "FREE", "DISABLED"],
             [
-                (p.name, p.cidr, p.total, p.in_use, p.reserved, p.free, str(p.disabled).lower())
+                (
+                    p.name,
+                    p.cidr,
+                    p.total,
+                    p.in_use,
+                    p.cooling,
+                    p.reserved,
+                    p.free,
+                    str(p.disabled).lower(),
+                )
                 for p in util.pools
             ],
         ),
@@ -189,6 +198,7 @@ def _block_json(u: BlockUsage) -> dict[str, Any]:
         "affinity": u.affinity_node,
         "total": u.total,
         "inUse": u.in_use,
+        "cooling": u.cooling,
         "reserved": u.reserved,
         "free": u.free,
     }
@@ -203,6 +213,7 @@ def usage_json(util: Utilization, nodes: list[NodeUsage], show_blocks: bool) -> 
             "disabled": p.disabled,
             "total": p.total,
             "inUse": p.in_use,
+            "cooling": p.cooling,
             "reserved": p.reserved,
             "free": p.free,
         }

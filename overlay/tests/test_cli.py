@@ -330,6 +330,8 @@ def test_with_ip_cooldown_a_released_address_rests_on_the_sqlite_file(url: str) 
     assert ok(url, "ipam", "release", "--handle", "h2") == f"released {got[2]} (handle h2)\n"
     shown = ok(url, "ipam", "show", "--ip", got[2])
     assert shown.startswith(f"{got[2]} is cooling down since its release at "), shown
+    (usage,) = json.loads(ok(url, "ipam", "show", "-o", "json"))["pools"]
+    assert (usage["inUse"], usage["cooling"], usage["free"]) == (4, 1, 0), usage
     assert_user_error(
         url, "ipam", "assign", "--node", "n1", "--handle", "h5", expect="no free addresses"
     )
