@@ -186,6 +186,12 @@ def _cooled_before(cfg: IPAMConfig) -> str:
     return (now - datetime.timedelta(seconds=cfg.ip_cooldown_seconds)).isoformat()
 
 
+def _empty_when_cooled(block: Block, cooled_before: str) -> bool:
+    """Whether `block` (a copy: it is changed) holds nothing once cooled addresses are free."""
+    block.collect_cooled(cooled_before)
+    return block.empty
+
+
 def _claimed_after(claim_time: str | None, when: datetime.datetime) -> bool:
     """Whether a block's affinityClaimTime is later than `when` (no time or an unreadable
     one counts as long ago, as a zero time does in Calico)."""
@@ -432,11 +438,13 @@ class IPAM:
         akey, bkey = affinity_key(node, cidr), block_key(cidr)
         if not self._set_affinity_state(node, cidr, PENDING_DELETION, create=False):
             return True  # no record: nothing to release
+        cooled = _cooled_before(self._res.ipam_config())
         for _ in range(self._retries):
             kv = self._ds.get(bkey)
             if kv is None:
                 break
             block = Block.from_json(kv.value)
+            block.collect_cooled(cooled)  # addresses whose cooldown is over are free
             if block.host != node:
                 break  # the record was stale
             try:
@@ -757,6 +765,7 @@ class IPAM:
         under its compare-and-swap, so a block that gains an address stays where it is."""
         listed = {kv.key: kv for kv in self._ds.list(BLOCKS_PREFIX).items}
         oldest = datetime.datetime.now(datetime.UTC) - EMPTY_BLOCK_MIN_RECLAIM_AGE
+        cooled = _cooled_before(self._res.ipam_config())
         for pool in pools:
             for cidr in random_block_order(pool, node):
                 kv = listed.get(block_key(cidr))
@@ -764,7 +773,7 @@ class IPAM:
                     continue
                 block = Block.from_json(kv.value)
                 owner = block.host
-                if owner is None or owner == node or not block.empty:
+                if owner is None or owner == node or not _empty_when_cooled(block, cooled):
                     continue
                 if _claimed_after(block.affinity_claim_time, oldest):
                     continue
@@ -886,12 +895,13 @@ class IPAM:
         if not strays:
             return
         pools = [p for p in self._res.list_pools() if p.version == version]
+        cooled = _cooled_before(self._res.ipam_config())
         for cidr in strays:
             pool = next((p for p in pools if cidr in p.cidr), None)
             if pool is None or self._select_for_node([pool], node):
                 continue  # a pool that still selects the node, e.g. one left out by request
             kv = self._ds.get(block_key(cidr))
-            if kv is not None and not Block.from_json(kv.value).empty:
+            if kv is not None and not _empty_when_cooled(Block.from_json(kv.value), cooled):
                 continue  # cheap check first; the release re-checks under its CAS
             with contextlib.suppress(MaxRetries):  # cleanup only: the next assignment retries
                 self.release_block_affinity(node, cidr, require_empty=True)

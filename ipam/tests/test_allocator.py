@@ -218,6 +218,24 @@ def test_an_empty_block_whose_pool_no_longer_selects_the_node_loses_its_affinity
     assert_consistent(ipam)
 
 
+def test_a_block_holding_only_cooled_addresses_counts_as_empty_for_those_rules() -> None:
+    ds = MemoryDatastore()
+    zone_a = pool("10.2.0.0/24", 29, node_selector="zone == 'a'")
+    cfg = IPAMConfig(ip_cooldown_seconds=600)
+    res = FakeResources([zone_a], cfg, nodes={"n1": Node("n1", labels={"zone": "a"})})
+    ipam = IPAM(ds, res)
+    old = ipam.auto_assign("h1", "n1").ipv4[0].cidr
+    ipam.release_by_handle("h1")  # cooling for 600 s
+    res.nodes["n1"] = Node("n1", labels={"zone": "b"})
+    res.pools.append(pool("10.3.0.0/24", 29))
+    ipam.auto_assign("h2", "n1")
+    assert ds.get(affinity_key("n1", old)) is not None  # still cooling: not empty
+    res.config = IPAMConfig(ip_cooldown_seconds=0)  # the cooldown is over
+    ipam.auto_assign("h3", "n1")
+    assert ds.get(affinity_key("n1", old)) is None and ds.get(block_key(old)) is None
+    assert_consistent(ipam)
+
+
 def test_affinities_in_pools_that_still_select_the_node_or_in_no_pool_are_kept() -> None:
     ds = MemoryDatastore()
     res = FakeResources([pool("10.2.0.0/24", 29), pool("10.3.0.0/24", 29)])
