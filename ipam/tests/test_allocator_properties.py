@@ -1,9 +1,10 @@
 """Properties of the allocator under any interleaving of operations and lost CAS races.
 
 A Hypothesis state machine drives four nodes (one IPAM instance each, like the agents)
-over a /26 pool cut into /29 blocks, injecting Conflicts into random datastore writes. A
-model of who holds what is checked after every step: no address is held twice, released
-addresses become assignable again, and blocks, affinities and handles agree. A threaded
+over a /26 pool cut into /29 blocks, injecting Conflicts into random datastore writes, and
+switching an address cooldown (ipCooldownSeconds) on and off. A model of who holds what is
+checked after every step: no address is held twice, released addresses become assignable
+again (after their cooldown), and blocks, affinities and handles agree. A threaded
 test then races real concurrent writers against each other.
 """
 
@@ -22,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from ipam.allocator import IPAM, ReleaseRequest
 from ipam.datastore.memory import MemoryDatastore
 from ipam.errors import AddressInUse, PoolExhausted
+from ipam.model import IPAMConfig
 from ipam.records import PENDING
 from ipam.tests.fake_resources import FakeResources, pool
 
@@ -41,6 +43,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         # Released addresses with the sequence number they had: stale release requests.
         self.stale: list[tuple[netaddr.IPAddress, str, int]] = []
         self.count = 0
+        # Released while a cooldown was on, and it stayed on since: certainly resting.
+        self.cooling: set[netaddr.IPAddress] = set()
+        # Released during a cooldown that was then switched off: free to any assignment,
+        # which collects them; if the cooldown comes back first, resting again. Uncertain.
+        self.maybe: set[netaddr.IPAddress] = set()
 
     def _inject(self, rate: float, seed: int) -> None:
         rng = random.Random(seed)
@@ -53,6 +60,25 @@ class AllocatorMachine(RuleBasedStateMachine):
     def _all_held(self) -> set[netaddr.IPAddress]:
         return set().union(*self.held.values()) if self.held else set()
 
+    @property
+    def _cooldown_on(self) -> bool:
+        return self.res.config.ip_cooldown_seconds > 0
+
+    def _took(self, ips: set[netaddr.IPAddress]) -> None:
+        assert not ips & self.cooling, f"handed out addresses still cooling: {ips & self.cooling}"
+        self.maybe -= ips
+
+    def _released(self, ips: set[netaddr.IPAddress]) -> None:
+        if self._cooldown_on:
+            self.cooling |= ips
+
+    @rule(on=st.booleans())
+    def switch_cooldown(self, on: bool) -> None:
+        if not on and self._cooldown_on:
+            self.maybe |= self.cooling
+            self.cooling = set()
+        self.res.config = IPAMConfig(ip_cooldown_seconds=600 if on else 0)
+
     def _remember_release(self, handle: str, ips: set[netaddr.IPAddress]) -> None:
         for ip in ips:
             info = self.ipams["n0"].get_attributes(ip)
@@ -62,7 +88,8 @@ class AllocatorMachine(RuleBasedStateMachine):
     @rule(node=st.sampled_from(NODES), num=st.integers(1, 4), rate=RATES, seed=st.integers())
     def auto_assign(self, node: str, num: int, rate: float, seed: int) -> None:
         handle = self._new_handle()
-        free = CAPACITY - len(self._all_held())
+        resting = self.cooling | (self.maybe if self._cooldown_on else set())
+        free = CAPACITY - len(self._all_held()) - len(resting)  # at least this many
         self._inject(rate, seed)
         try:
             got = self.ipams[node].auto_assign(handle, node, num4=num)
@@ -74,22 +101,28 @@ class AllocatorMachine(RuleBasedStateMachine):
         ips = {n.ip for n in got.ipv4}
         assert len(ips) == num and not ips & self._all_held()
         assert all(ip in POOL.cidr for ip in ips)
+        self._took(ips)
         self.held[handle] = ips
 
     @rule(node=st.sampled_from(NODES), offset=st.integers(0, CAPACITY - 1), rate=RATES)
     def assign_ip(self, node: str, offset: int, rate: float) -> None:
         ip = netaddr.IPAddress(POOL.cidr.first + offset)
         handle = self._new_handle()
-        taken = ip in self._all_held()
+        taken = ip in self._all_held() or ip in self.cooling
+        unsure = ip in self.maybe and self._cooldown_on  # resting again, or collected
         self._inject(rate, offset)
         try:
             self.ipams[node].assign_ip(ip, handle, node)
         except AddressInUse:
-            assert taken
+            assert taken or unsure
+            if unsure:
+                self.cooling.add(ip)  # now known: it was still marked, and rests
+                self.maybe.discard(ip)
             return
         finally:
             self.ds.inject_conflict = None
         assert not taken
+        self._took({ip})
         self.held[handle] = {ip}
 
     @precondition(lambda self: bool(self.held))
@@ -103,6 +136,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         finally:
             self.ds.inject_conflict = None
         assert set(freed) == self.held.pop(handle)
+        self._released(set(freed))
 
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data(), rate=RATES, seed=st.integers())
@@ -118,6 +152,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         finally:
             self.ds.inject_conflict = None
         assert out.released == [ip]
+        self._released({ip})
         self.held[handle].discard(ip)
         if not self.held[handle]:
             del self.held[handle]
@@ -151,12 +186,18 @@ class AllocatorMachine(RuleBasedStateMachine):
     def datastore_agrees_with_model(self) -> None:
         snap = self.ipams["n0"].snapshot()
         seen: dict[netaddr.IPAddress, str] = {}
+        resting: set[netaddr.IPAddress] = set()
         for block in snap.blocks.values():
             for o, index in enumerate(block.allocations):
-                if index is not None:
+                if index is None:
+                    continue
+                if block.attributes[index].released_at is not None:
+                    resting.add(block.address(o))
+                else:
                     seen[block.address(o)] = block.attributes[index].handle_id or ""
         model = {ip: h for h, ips in self.held.items() for ip in ips}
         assert seen == model
+        assert self.cooling <= resting <= self.cooling | self.maybe, (resting, self.cooling)
         assert self.ipams["n0"].check_consistency() == []
         assert not [a for a in snap.affinities if a.state == PENDING]
 
