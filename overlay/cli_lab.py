@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    default="sqlite", help="sqlite file in the lab dir, or an etcd in the "
                    "router namespace (sqlite)")  # fmt: skip
     p.add_argument("--ipv6", action="store_true",
-                   help="dual-stack pods: an IPv6 pool too (needs --encap vxlan)")  # fmt: skip
+                   help="dual-stack pods: an IPv6 pool too (VXLAN, whatever --encap)")  # fmt: skip
     p.set_defaults(func=cmd_up)
 
     p = cmds.add_parser("status", help="show the lab's nodes, pods and processes")

@@ -48,7 +48,6 @@ def test_largest_lab_stays_inside_its_subnets() -> None:
         (LabOptions(mode="never"), "--mode"),
         (LabOptions(pods_per_node=-1), "--pods-per-node"),
         (LabOptions(datastore="redis"), "--datastore"),
-        (LabOptions(encap="ipip", ipv6=True), "--ipv6"),
     ],
 )
 def test_bad_options_name_the_flag(opts: LabOptions, field: str) -> None:
