@@ -35,6 +35,7 @@ from ipam.block import (
     block_index,
     host_affinity,
     nth_block,
+    parse_time,
 )
 from ipam.datastore.base import KV, AlreadyExists, Ambiguous, Conflict, Datastore, NotFound
 from ipam.errors import (
@@ -195,15 +196,8 @@ def _empty_when_cooled(block: Block, cooled_before: str) -> bool:
 def _claimed_after(claim_time: str | None, when: datetime.datetime) -> bool:
     """Whether a block's affinityClaimTime is later than `when` (no time or an unreadable
     one counts as long ago, as a zero time does in Calico)."""
-    if not claim_time:
-        return False
-    try:
-        claimed = datetime.datetime.fromisoformat(claim_time.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    if claimed.tzinfo is None:
-        claimed = claimed.replace(tzinfo=datetime.UTC)
-    return claimed > when
+    claimed = parse_time(claim_time) if claim_time else None
+    return claimed is not None and claimed > when
 
 
 def _check_use(pool: IPPool, use: str) -> None:

@@ -481,12 +481,17 @@ class Block:
         return cls.from_dict(json.loads(text))
 
 
+def parse_time(text: str) -> datetime.datetime | None:
+    """A stored ISO 8601 time (Calico's trailing Z, or no zone at all, meaning UTC); None
+    when unreadable, which callers take as long ago, as Calico does a zero time."""
+    try:
+        at = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=datetime.UTC)
+
+
 def _before(when: str, cutoff: str) -> bool:
     """Whether ISO time `when` is before `cutoff` (an unreadable `when` counts as long ago)."""
-    try:
-        at = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
-    except ValueError:
-        return True
-    if at.tzinfo is None:
-        at = at.replace(tzinfo=datetime.UTC)
-    return at < datetime.datetime.fromisoformat(cutoff)
+    at = parse_time(when)
+    return at is None or at < datetime.datetime.fromisoformat(cutoff)

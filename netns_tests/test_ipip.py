@@ -126,26 +126,32 @@ class Pod:
 
 @pytest.fixture(scope="module")
 def ipip_lab() -> Iterator[lab.LabState]:
+    opts = LabOptions(name=f"qi{os.getpid() % 100000}", nodes=3, subnets=2, encap="ipip",
+                      mode="cross-subnet", pods_per_node=1)  # fmt: skip
+    with lab_in_vm(opts) as state:
+        yield state
+
+
+@contextlib.contextmanager
+def lab_in_vm(opts: LabOptions) -> Iterator[lab.LabState]:
+    """`lab up` with the emulated machine's patience; `lab down` (checked) whatever happens."""
     reason = ipip_missing()
     if reason is not None:
         pytest.skip(reason)
-    name = f"qi{os.getpid() % 100000}"
     saved = lab.AGENT_SYNC_TIMEOUT
     lab.AGENT_SYNC_TIMEOUT = AGENT_SYNC_TIMEOUT_S
     try:
-        opts = LabOptions(name=name, nodes=3, subnets=2, encap="ipip", mode="cross-subnet",
-                          pods_per_node=1)  # fmt: skip
         start = time.monotonic()
         try:
             state = lab.up(opts, log=print)
         except lab.LabError as exc:
             pytest.fail(f"lab up: {exc}\n{exc.detail}")
-        print(f"lab {name} up in {time.monotonic() - start:.1f}s")
+        print(f"lab {opts.name} up in {time.monotonic() - start:.1f}s")
         yield state
     finally:
         lab.AGENT_SYNC_TIMEOUT = saved
-        report = lab.down(name)
-        assert lab.existing_namespaces(name) == [], report.problems
+        report = lab.down(opts.name)
+        assert lab.existing_namespaces(opts.name) == [], report.problems
 
 
 def pods_of(state: lab.LabState) -> dict[str, Pod]:
@@ -547,25 +553,11 @@ def test_always_mode_tunnels_every_pair(ipip_lab: lab.LabState) -> None:
 def test_dual_stack_pods_ride_ipip_for_ipv4_and_vxlan_for_ipv6() -> None:
     """A common Calico dual-stack setup: the IPv4 pool IP-in-IP, the IPv6 pool VXLAN. Both
     tunnel devices on every node; IPv4 across subnets is IP-in-IP, IPv6 is VXLAN."""
-    reason = ipip_missing()
-    if reason is not None:
-        pytest.skip(reason)
-    name = f"qd{os.getpid() % 100000}"
-    saved = lab.AGENT_SYNC_TIMEOUT
-    lab.AGENT_SYNC_TIMEOUT = AGENT_SYNC_TIMEOUT_S
-    try:
-        opts = LabOptions(name=name, nodes=2, subnets=2, encap="ipip", mode="cross-subnet",
-                          pods_per_node=1, ipv6=True)  # fmt: skip
-        try:
-            lab.up(opts, log=print)
-        except lab.LabError as exc:
-            pytest.fail(f"lab up: {exc}\n{exc.detail}")
-        _state, probes = check.run_check(name, timeout=CHECK_TIMEOUT_S)
-        failed = [p for p in probes if not p.passed]
-        assert failed == [], failed
-        paths = {(p.family, p.path) for p in probes if p.dst != check.EXTERNAL}
-        assert paths == {(4, "ipip"), (6, "vxlan")}, paths
-    finally:
-        lab.AGENT_SYNC_TIMEOUT = saved
-        report = lab.down(name)
-        assert lab.existing_namespaces(name) == [], report.problems
+    opts = LabOptions(name=f"qd{os.getpid() % 100000}", nodes=2, subnets=2, encap="ipip",
+                      mode="cross-subnet", pods_per_node=1, ipv6=True)  # fmt: skip
+    with lab_in_vm(opts):
+        _state, probes = check.run_check(opts.name, timeout=CHECK_TIMEOUT_S)
+    failed = [p for p in probes if not p.passed]
+    assert failed == [], failed
+    paths = {(p.family, p.path) for p in probes if p.dst != check.EXTERNAL}
+    assert paths == {(4, "ipip"), (6, "vxlan")}, paths

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from overlay.model import (
     Action,
@@ -34,6 +34,8 @@ from overlay.model import (
 )
 from overlay.plan import assign_nexthop_ids, plan, settled
 from overlay.view import ClusterView
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -405,25 +407,24 @@ def _take_sets(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
     `actual` holds that very entry (our own write echoed back), it replaces the one `actual`
     holds under the same kernel key (neighbour: dev and ip; FDB: dev and MAC). plan() then
     puts ours back, or deletes the entry if we want none there."""
-    neighbours = [k[2] for k in gone if k[0] == "neighbour_set" and k[2] not in actual.neighbours]
-    fdb = [k[2] for k in gone if k[0] == "fdb_set" and k[2] not in actual.fdb]
-    if neighbours:
-        held_n = {(n.dev, n.ip): n for n in actual.neighbours}  # one pass, however many
-        for new in neighbours:
-            assert isinstance(new, Neighbour)
-            if (old := held_n.get((new.dev, new.ip))) is not None:
-                actual.neighbours.discard(old)
-            actual.neighbours.add(new)
-            held_n[(new.dev, new.ip)] = new
-    if fdb:
-        held_f = {(f.dev, f.mac): f for f in actual.fdb}
-        for entry in fdb:
-            assert isinstance(entry, FdbEntry)
-            if (old_f := held_f.get((entry.dev, entry.mac))) is not None:
-                actual.fdb.discard(old_f)
-            actual.fdb.add(entry)
-            held_f[(entry.dev, entry.mac)] = entry
-    return len(neighbours) + len(fdb)
+    neighbours = [k[2] for k in gone if k[0] == "neighbour_set" and isinstance(k[2], Neighbour)]
+    fdb = [k[2] for k in gone if k[0] == "fdb_set" and isinstance(k[2], FdbEntry)]
+    return _replace_by_key(actual.neighbours, neighbours, lambda n: (n.dev, n.ip)) + (
+        _replace_by_key(actual.fdb, fdb, lambda f: (f.dev, f.mac))
+    )
+
+
+def _replace_by_key(held: set[T], entries: list[T], key: Callable[[T], object]) -> int:
+    """Put each entry into `held` in place of the one with its key; how many were new."""
+    new = [e for e in entries if e not in held]
+    if new:
+        index = {key(e): e for e in held}  # one pass, however many
+        for entry in new:
+            if (old := index.get(key(entry))) is not None:
+                held.discard(old)
+            held.add(entry)
+            index[key(entry)] = entry
+    return len(new)
 
 
 def _count(done: Any) -> int:
