@@ -299,14 +299,8 @@ def iter_messages(
     buf: bytes | bytearray | memoryview,
 ) -> Iterator[tuple[int, int, int, memoryview]]:
     """Yield (type, flags, seq, payload) for each netlink message in a receive buffer."""
-    view = memoryview(buf)
-    off, end = 0, len(buf)
-    while off + 16 <= end:
-        length, msg_type, flags, seq, _pid = NLMSG_HDR.unpack_from(buf, off)
-        if length < 16 or off + length > end:
-            break
-        yield msg_type, flags, seq, view[off + 16 : off + length]
-        off += (length + 3) & ~3
+    for msg_type, flags, seq, _port, payload in _frames(buf):
+        yield msg_type, flags, seq, payload
 
 
 def iter_events(
@@ -314,13 +308,18 @@ def iter_events(
 ) -> Iterator[tuple[int, int, int, memoryview]]:
     """Yield (type, flags, sender port id, payload) for each message of a multicast read.
     The port id is the requesting socket's (0 for what the kernel did on its own)."""
+    for msg_type, flags, _seq, port, payload in _frames(buf):
+        yield msg_type, flags, port, payload
+
+
+def _frames(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, int, int, memoryview]]:
     view = memoryview(buf)
     off, end = 0, len(buf)
     while off + 16 <= end:
-        length, msg_type, flags, _seq, pid = NLMSG_HDR.unpack_from(buf, off)
+        length, msg_type, flags, seq, port = NLMSG_HDR.unpack_from(buf, off)
         if length < 16 or off + length > end:
             break
-        yield msg_type, flags, pid, view[off + 16 : off + length]
+        yield msg_type, flags, seq, port, view[off + 16 : off + length]
         off += (length + 3) & ~3
 
 
