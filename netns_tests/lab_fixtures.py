@@ -24,6 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from overlay.lab import lab, netns
 from overlay.lab.lab import LabState, NodeState, PodState
 from overlay.lab.topology import LabOptions
@@ -34,6 +36,12 @@ METRICS_URL = f"http://{lab.METRICS_ADDR}"
 # Lines an agent logs for each kernel change it makes (overlay/kernel/apply.py describe()).
 KERNEL_CHANGE = re.compile(r"event=(route|nexthop|neighbour|fdb|device|nat)_(set|deleted)\b")
 LOG_TS = re.compile(r"ts=(\S+)Z ")
+# The marks of a test module that runs labs: namespaces, slow, root only.
+LAB_TEST_MARKS = [
+    pytest.mark.netns,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
+]
 
 
 def unique_name() -> str:

@@ -13,7 +13,6 @@ kernel read) == [] names every stale or missing route, nexthop, neighbour or FDB
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from ipam.datastore import Datastore, open_datastore
 from ipam.model import IPPool, Node
 from ipam.records import BLOCKS_PREFIX, block_key
 from ipam.store import ResourceStore, encode, resource_key
-from netns_tests.lab_fixtures import Lab, poll, running_lab
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, Lab, poll, running_lab
 from overlay.compute import compute, local_node_from
 from overlay.kernel.apply import Kernel, describe
 from overlay.model import Op
@@ -34,11 +33,7 @@ from overlay.plan import plan
 from overlay.view import ClusterView
 from overlay.watch import ClusterWatcher
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = LAB_TEST_MARKS
 
 INITIAL_PEERS = 200
 STEPS = 30

@@ -7,7 +7,6 @@ has one direct peer and one VXLAN peer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,15 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from netns_tests.lab_fixtures import METRICS_URL, Lab, poll, running_lab, snapshot
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, METRICS_URL, Lab, poll, running_lab, snapshot
 from overlay.lab import lab as labmod
 from overlay.lab import netns
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = LAB_TEST_MARKS
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,16 @@ pair must still answer.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import netaddr
-import pytest
 
-from netns_tests.lab_fixtures import VXLAN_DEV, Lab, poll, running_lab
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, VXLAN_DEV, Lab, poll, running_lab
 from overlay.lab import lab as lab_cli
 from overlay.lab import netns
 from overlay.lab.lab import PodState
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = LAB_TEST_MARKS
 
 SMALL_POOL = netaddr.IPNetwork("10.250.0.0/25")  # two /26 blocks
 

@@ -9,7 +9,6 @@ namespaces and decoded with scapy. Drift times are printed (run with -s to see t
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import pytest
 
 from netns_tests.lab_fixtures import (
     KERNEL_CHANGE,
+    LAB_TEST_MARKS,
     OUR_PROTO,
     VXLAN_DEV,
     Capture,
@@ -35,11 +35,7 @@ from netns_tests.lab_fixtures import (
 from overlay.lab import netns
 from overlay.lab.topology import EXTERNAL_HOST
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = LAB_TEST_MARKS
 
 VNI = 4096
 VXLAN_PORT = 4789

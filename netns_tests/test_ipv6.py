@@ -9,23 +9,18 @@ IPv4 goes direct. Asserted with pings, on the wire (tcpdump + scapy) and in the 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from netns_tests.lab_fixtures import VXLAN_DEV, Capture, Lab, poll, running_lab
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, VXLAN_DEV, Capture, Lab, poll, running_lab
 from overlay.lab import check, netns
 from overlay.lab import lab as lab_cli
 from overlay.lab.topology import POOL6_CIDR
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = LAB_TEST_MARKS
 
 VNI = 4096
 VXLAN_PORT = 4789

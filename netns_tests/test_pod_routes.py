@@ -9,22 +9,17 @@ route that is no pod's, or the route of a pod whose veth is gone, is not written
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import netaddr
 import pytest
 
-from netns_tests.lab_fixtures import Lab, poll, running_lab
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, Lab, poll, running_lab
 from overlay.lab import lab as lab_cli
 from overlay.lab import netns
 from overlay.lab.lab import PodState
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = LAB_TEST_MARKS
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,16 @@ sets 0.2 s) and registers it, and then:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from functools import partial
 
 import pytest
 
-from netns_tests.lab_fixtures import OUR_PROTO, VXLAN_DEV, Lab, poll, running_lab
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, OUR_PROTO, VXLAN_DEV, Lab, poll, running_lab
 from overlay.lab import netns
 from overlay.view import vtep_mac
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create network namespaces"),
-]
+pytestmark = LAB_TEST_MARKS
 
 CHECK_INTERVAL = "0.2"
 CONVERGE_S = 10.0
