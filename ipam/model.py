@@ -62,6 +62,23 @@ DEFAULT_MAX_BLOCKS_PER_HOST = 20
 
 
 @dataclass(frozen=True)
+class FelixConfiguration:
+    """Calico's dataplane settings: `default` for the cluster, `node.<node name>` for one
+    node. None: not set at this level (a less specific level, else the default, decides).
+    An MTU of 0 is set, and means "derive it from the underlay", as in Calico."""
+
+    name: str
+    vxlan_vni: int | None = None
+    vxlan_port: int | None = None
+    vxlan_mtu: int | None = None
+    ipip_mtu: int | None = None
+    route_refresh_interval: float | None = None  # seconds; 0: no periodic full resync
+    external_nodes_list: tuple[netaddr.IPNetwork, ...] | None = None
+    checksum_offload_broken: bool | None = None  # featureDetectOverride ChecksumOffloadBroken
+    log_severity_screen: str | None = None  # Debug, Info, Warning, Error or Fatal
+
+
+@dataclass(frozen=True)
 class IPReservation:
     name: str
     reserved_cidrs: tuple[netaddr.IPNetwork, ...]

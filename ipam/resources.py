@@ -23,6 +23,7 @@ from ipam.model import (
     USE_TUNNEL,
     USE_WORKLOAD,
     EncapMode,
+    FelixConfiguration,
     IPAMConfig,
     IPPool,
     IPReservation,
@@ -33,14 +34,19 @@ from ipam.selector import SelectorError, parse_selector
 __all__ = [
     "API_VERSION",
     "CALICO_API_VERSION",
+    "FELIX_DEFAULT_NAME",
+    "FELIX_NODE_PREFIX",
     "KINDS",
+    "LOG_SEVERITIES",
     "Resource",
     "ResourceError",
     "canonical_ipv4_network",
+    "duration_text",
     "from_manifest",
     "kind_of",
     "name_of",
     "parse_documents",
+    "parse_duration",
     "resolve_kind",
     "stored_node",
     "to_manifest",
@@ -50,7 +56,7 @@ API_VERSION = "overlay.dev/v1"
 CALICO_API_VERSION = "projectcalico.org/v3"
 _API_VERSIONS = (API_VERSION, CALICO_API_VERSION)
 
-Resource = IPPool | IPAMConfig | IPReservation | Node
+Resource = IPPool | IPAMConfig | IPReservation | Node | FelixConfiguration
 
 # Canonical kind name -> the type it maps to.
 KINDS: dict[str, type] = {
@@ -58,6 +64,7 @@ KINDS: dict[str, type] = {
     "IPAMConfig": IPAMConfig,
     "IPReservation": IPReservation,
     "Node": Node,
+    "FelixConfiguration": FelixConfiguration,
 }
 # Every spelling a manifest or a command line may use, lower-cased -> canonical kind.
 _KIND_ALIASES = {
@@ -73,9 +80,15 @@ _KIND_ALIASES = {
     "ipreservations": "IPReservation",
     "node": "Node",
     "nodes": "Node",
+    "felixconfiguration": "FelixConfiguration",
+    "felixconfigurations": "FelixConfiguration",
+    "felixconfig": "FelixConfiguration",
+    "felixconfigs": "FelixConfiguration",
 }
 IPAM_CONFIG_NAME = "default"
 MAX_IP_COOLDOWN_SECONDS = 1200  # Calico's bound
+FELIX_DEFAULT_NAME = "default"  # the cluster-wide FelixConfiguration
+FELIX_NODE_PREFIX = "node."  # + node name: that node's own FelixConfiguration
 # `kind: List` and calicoctl's `<Kind>List`, lower-cased without the "List" suffix.
 _LIST_KINDS = {"", *_KIND_ALIASES}
 
@@ -731,11 +744,184 @@ def stored_node(name: Any, labels: Any, fields: list[tuple[str, Any]]) -> Node |
         return None
 
 
+# ---------------------------------------------------------------------------- FelixConfiguration
+
+_FELIX_FIELDS = {
+    "vxlanVNI",
+    "vxlanPort",
+    "vxlanMTU",
+    "ipipMTU",
+    "routeRefreshInterval",
+    "externalNodesList",
+    "featureDetectOverride",
+    "logSeverityScreen",
+    # Calico fields we do not implement: accepted only with a harmless value (below).
+    "vxlanMTUV6",
+    "vxlanEnabled",
+    "ipipEnabled",
+    "bpfEnabled",
+    "bpfLogLevel",
+    "floatingIPs",
+    "reportingInterval",
+}
+# Felix's severities -> logging's level names.
+LOG_SEVERITIES = {
+    "Debug": "DEBUG",
+    "Info": "INFO",
+    "Warning": "WARNING",
+    "Error": "ERROR",
+    "Fatal": "CRITICAL",
+}
+_FEATURE_OVERRIDES = {"ChecksumOffloadBroken"}
+# Go's time.ParseDuration units, in seconds.
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in a Go duration ("90s", "1m30s", "500ms", "0"); None if it is none."""
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        part = _DURATION_PART.match(text, pos)
+        if part is None:
+            return None
+        total += float(part.group(1)) * _DURATION_UNITS[part.group(2)]
+        pos = part.end()
+    return total if text else None
+
+
+def duration_text(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _felix_int(ctx: _Ctx, spec: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = spec.get(key)
+    if value is None:
+        return None
+    value = ctx.typed(f"spec.{key}", value, int, "an integer")
+    if not low <= value <= high:
+        ctx.fail(f"spec.{key}", f"{value} is outside {low}..{high}")
+    return value
+
+
+def _felix_mtu(ctx: _Ctx, spec: dict[str, Any], key: str) -> int | None:
+    value = _felix_int(ctx, spec, key, 0, 65535)
+    if value is not None and 0 < value < 68:
+        ctx.fail(f"spec.{key}", f"{value} is below the minimum 68 (0 derives it from the underlay)")
+    return value
+
+
+def _feature_overrides(ctx: _Ctx, value: Any) -> bool | None:
+    """featureDetectOverride "Name=true|false|,...": the one feature we detect."""
+    path = "spec.featureDetectOverride"
+    text = ctx.string(path, value)
+    found: bool | None = None
+    for item in filter(None, text.split(",")):
+        key, eq, setting = item.partition("=")
+        if key not in _FEATURE_OVERRIDES:
+            ctx.fail(path, f"{key!r} is not a feature detected here (known: ChecksumOffloadBroken)")
+        if not eq or setting not in ("true", "false", ""):
+            ctx.fail(path, f"{item!r}: expected {key}=true, {key}=false or {key}= (detect)")
+        found = None if setting == "" else setting == "true"
+    return found
+
+
+def _felix(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> FelixConfiguration:
+    if name != FELIX_DEFAULT_NAME and not name.startswith(FELIX_NODE_PREFIX):
+        ctx.fail(
+            "metadata.name",
+            f"{name!r}: a FelixConfiguration is read only as 'default' (the cluster) or "
+            "'node.<node name>' (one node)",
+        )
+    spec = ctx.fields("spec", spec_value, _FELIX_FIELDS)
+    _harmless_felix_fields(ctx, spec)
+    refresh = spec.get("routeRefreshInterval")
+    if refresh is not None:
+        text = ctx.string("spec.routeRefreshInterval", refresh)
+        refresh = parse_duration(text)
+        if refresh is None:
+            ctx.fail(
+                "spec.routeRefreshInterval",
+                f"{text!r} is not a duration (e.g. 90s, 1m30s; 0 turns the refresh off)",
+            )
+    external = spec.get("externalNodesList")
+    nets: tuple[netaddr.IPNetwork, ...] | None = None
+    if external is not None:
+        items = ctx.typed("spec.externalNodesList", external, list, "a list")
+        nets = tuple(
+            _external_node(ctx, f"spec.externalNodesList[{i}]", item)
+            for i, item in enumerate(items)
+        )
+    severity = spec.get("logSeverityScreen")
+    if severity is not None:
+        text = ctx.string("spec.logSeverityScreen", severity)
+        severity = next((s for s in LOG_SEVERITIES if s.lower() == text.lower()), None)
+        if severity is None:
+            ctx.fail(
+                "spec.logSeverityScreen", f"{text!r} is not one of {', '.join(LOG_SEVERITIES)}"
+            )
+    override = spec.get("featureDetectOverride")
+    return FelixConfiguration(
+        name=name,
+        vxlan_vni=_felix_int(ctx, spec, "vxlanVNI", 1, 2**24 - 1),
+        vxlan_port=_felix_int(ctx, spec, "vxlanPort", 1, 65535),
+        vxlan_mtu=_felix_mtu(ctx, spec, "vxlanMTU"),
+        ipip_mtu=_felix_mtu(ctx, spec, "ipipMTU"),
+        route_refresh_interval=refresh,
+        external_nodes_list=nets,
+        checksum_offload_broken=None if override is None else _feature_overrides(ctx, override),
+        log_severity_screen=severity,
+    )
+
+
+def _external_node(ctx: _Ctx, path: str, value: Any) -> netaddr.IPNetwork:
+    text = ctx.string(path, value)
+    try:
+        net = netaddr.IPNetwork(text)
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        ctx.fail(path, f"{text!r} is not an IPv4 address or CIDR")
+    if net.version != 4:
+        ctx.fail(path, f"{text!r} is not IPv4 (the tunnels run over the IPv4 underlay)")
+    if net.ip != net.network:
+        ctx.fail(path, f"{text!r} has host bits set (did you mean {net.cidr}?)")
+    return net
+
+
+def _harmless_felix_fields(ctx: _Ctx, spec: dict[str, Any]) -> None:
+    """Calico fields with no counterpart here, accepted with the value that changes nothing:
+    the tunnels follow the pools; there is no eBPF mode, floating IP nor status report."""
+    v6_mtu = spec.get("vxlanMTUV6")
+    if v6_mtu not in (None, 0):
+        ctx.fail(
+            "spec.vxlanMTUV6",
+            f"{_show(v6_mtu)}: IPv6 pods share vxlan.calico with IPv4 here, set vxlanMTU",
+        )
+    for key in ("vxlanEnabled", "ipipEnabled"):
+        if spec.get(key) not in (None, True):
+            ctx.fail(
+                f"spec.{key}",
+                f"{_show(spec[key])}: the tunnels follow the pools here (set the pools' "
+                "vxlanMode / ipipMode to Never)",
+            )
+    harmless = {
+        "bpfEnabled": (False,),
+        "bpfLogLevel": ("", "Off"),
+        "floatingIPs": ("Disabled",),
+        "reportingInterval": ("0", "0s"),
+    }
+    for key, allowed in harmless.items():
+        if spec.get(key) not in (None, *allowed):
+            ctx.fail(f"spec.{key}", f"{_show(spec[key])} is not supported")
+
+
 _PARSERS: dict[str, Callable[[_Ctx, str, dict[str, str], Any], Resource]] = {
     "IPPool": _pool,
     "IPAMConfig": _ipam_config,
     "IPReservation": _reservation,
     "Node": _node,
+    "FelixConfiguration": _felix,
 }
 
 
@@ -770,6 +956,8 @@ def to_manifest(res: Resource) -> dict[str, Any]:
         }
     elif isinstance(res, IPReservation):
         spec = {"reservedCIDRs": [str(c) for c in res.reserved_cidrs]}
+    elif isinstance(res, FelixConfiguration):
+        spec = _felix_spec(res)
     elif isinstance(res, Node):
         if res.labels:
             metadata["labels"] = dict(res.labels)
@@ -794,3 +982,28 @@ def to_manifest(res: Resource) -> dict[str, Any]:
     else:
         raise TypeError(f"not a resource: {res!r}")
     return {"apiVersion": API_VERSION, "kind": kind_of(res), "metadata": metadata, "spec": spec}
+
+
+def _felix_spec(res: FelixConfiguration) -> dict[str, Any]:
+    """Only the fields set: an unset field leaves the decision to a less specific level."""
+    override, refresh = res.checksum_offload_broken, res.route_refresh_interval
+    fields: tuple[tuple[str, Any], ...] = (
+        ("vxlanVNI", res.vxlan_vni),
+        ("vxlanPort", res.vxlan_port),
+        ("vxlanMTU", res.vxlan_mtu),
+        ("ipipMTU", res.ipip_mtu),
+        (
+            "routeRefreshInterval",
+            None if refresh is None else duration_text(refresh),
+        ),
+        (
+            "externalNodesList",
+            None if res.external_nodes_list is None else [str(n) for n in res.external_nodes_list],
+        ),
+        (
+            "featureDetectOverride",
+            None if override is None else f"ChecksumOffloadBroken={str(override).lower()}",
+        ),
+        ("logSeverityScreen", res.log_severity_screen),
+    )
+    return {key: value for key, value in fields if value is not None}

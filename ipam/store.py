@@ -54,6 +54,7 @@ _PLURAL = {
     "IPAMConfig": "ipamconfigs",
     "IPReservation": "ipreservations",
     "Node": "nodes",
+    "FelixConfiguration": "felixconfigurations",
 }
 _KIND_BY_PLURAL = {plural: kind for kind, plural in _PLURAL.items()}
 MAX_ATTEMPTS = 16

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ import netaddr
 
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore, DatastoreError, open_datastore, resolve_url
-from ipam.model import IPPool, Node
+from ipam.model import FelixConfiguration, IPPool, Node
 from ipam.store import ResourceStore
 from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
@@ -41,6 +42,7 @@ from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Dataplane, PeerPath
 from overlay.pod_routes import PodRouteKeeper
 from overlay.reconciler import Outcome, Reconciler
+from overlay.settings import Flags, Settings, effective
 from overlay.status_http import Health, StatusServer
 from overlay.view import ClusterView
 from overlay.watch import ClusterWatcher
@@ -74,18 +76,25 @@ class AgentConfig:
     socket: str
     autodetect: str = "first-found"
     metrics_addr: str = DEFAULT_METRICS
-    # The safety net only: the netlink monitor repairs drift as it happens. Calico uses 90 s
-    # too; a full re-read of 10k peers costs ~0.5 s of CPU, so 30 s cost ~2% of a core idle.
-    resync_interval: float = 90.0
-    mtu: int | None = None  # pod MTU override; None: underlay MTU - encapsulation overhead
+    mtu: int | None = None  # pod MTU override; None: from the tunnel MTUs
     vtep_mac: str | None = None
+    # Settings that a FelixConfiguration may also give; None: not given here, so this
+    # node's FelixConfiguration, else the cluster's, else the default decides (settings.py).
+    # The full resync is the safety net only: the netlink monitor repairs drift as it
+    # happens. Default 90 s, as Calico; a full re-read of 10k peers costs ~0.5 s of CPU.
+    resync_interval: float | None = None
     # Calico's FeatureDetectOverride ChecksumOffloadBroken: auto (kernel <= 5.7), true, false.
-    checksum_offload_broken: str = "auto"
+    checksum_offload_broken: str | None = None
+    vxlan_vni: int | None = None
+    vxlan_port: int | None = None
+    vxlan_mtu: int | None = None  # the tunnel devices' MTUs; None: underlay MTU - overhead
+    ipip_mtu: int | None = None
+    log_level: str | None = None
     # How often the underlay is detected again, to follow a new address or interface (Felix
     # re-checks the parent every 10 s); 0 turns that off.
     underlay_check_interval: float = 10.0
     # Hosts that are no node but may send us VXLAN / IP-in-IP (Calico's externalNodesList).
-    external_nodes: tuple[str, ...] = ()
+    external_nodes: tuple[str, ...] | None = None
 
     @property
     def mtu_file(self) -> Path:
@@ -160,6 +169,17 @@ def _filter_status(desired: Dataplane | None) -> dict[str, Any] | None:
     }
 
 
+def _settings_status(s: Settings) -> dict[str, Any]:
+    """Each setting's value and where it came from, for `overlayctl status`."""
+    out: dict[str, Any] = {}
+    for name, source in s.sources.items():
+        value = getattr(s, name)
+        if name == "external_nodes":
+            value = [str(n) for n in value]
+        out[name] = {"value": value, "source": source}
+    return out
+
+
 def _pool_key(pools: list[IPPool]) -> str:
     return repr(sorted((p.name, repr(p)) for p in pools))
 
@@ -174,19 +194,31 @@ class Agent:
         self.node: Node | None = None
         self.pod_mtu = 1450
         self.nexthops = True
-        # Validated here: a bad value is an error at start, naming the option and the value.
-        self.tx_checksum_off = checksum_offload_broken(
-            os.uname().release, cfg.checksum_offload_broken
-        )
         if not cfg.underlay_check_interval >= 0:  # also refuses NaN
             raise ValueError(
                 f"underlay_check_interval: {cfg.underlay_check_interval!r} is not a number of "
                 "seconds >= 0"
             )
-        self._dataplane_cfg = DataplaneConfig(
-            tx_checksum_off=self.tx_checksum_off,
-            external_nodes=frozenset(map(_external_node, cfg.external_nodes)),
+        if cfg.resync_interval is not None and not cfg.resync_interval >= 0:
+            raise ValueError(
+                f"resync_interval: {cfg.resync_interval!r} is not a number of seconds >= 0"
+            )
+        self._flags = Flags(
+            vxlan_vni=cfg.vxlan_vni,
+            vxlan_port=cfg.vxlan_port,
+            vxlan_mtu=cfg.vxlan_mtu,
+            ipip_mtu=cfg.ipip_mtu,
+            resync_interval=cfg.resync_interval,
+            external_nodes=None
+            if cfg.external_nodes is None
+            else tuple(map(_external_node, cfg.external_nodes)),
+            checksum_offload_broken=cfg.checksum_offload_broken,
+            log_level=cfg.log_level.upper() if cfg.log_level else None,
         )
+        # Validated here: a bad flag is an error at start, naming the option and the value.
+        self._settings = effective(self._flags, {}, cfg.node_name)
+        self._dataplane_cfg = self._dataplane_config(self._settings)
+        self.tx_checksum_off = self._dataplane_cfg.tx_checksum_off
         self._desired: Dataplane | None = None
         self._compute_cache = ComputeCache()  # per-peer pieces reused between views
         self._peers: list[PeerPath] = []  # as of the last pass, for status
@@ -286,8 +318,7 @@ class Agent:
         )
         pools = store.list_pools()
         self._pools = pools
-        self.pod_mtu = nodes.mtu_for(self._underlay_mtu, nodes.encaps_in_use(pools), self.cfg.mtu)
-        nodes.write_mtu_file(self.cfg.mtu_file, self.pod_mtu)
+        self._write_pod_mtu(pools)
         self.node = node
         self.local = local_node_from(
             node, self._underlay.interface or "", underlay_mtu=self._underlay_mtu
@@ -310,8 +341,67 @@ class Agent:
                 p.cidr,
             )
 
+    # --- settings (flags, FelixConfigurations) ---------------------------------------------
+
+    @staticmethod
+    def _dataplane_config(s: Settings) -> DataplaneConfig:
+        return DataplaneConfig(
+            vxlan_mtu=s.vxlan_mtu,
+            ipip_mtu=s.ipip_mtu,
+            vxlan_vni=s.vxlan_vni,
+            vxlan_port=s.vxlan_port,
+            tx_checksum_off=checksum_offload_broken(os.uname().release, s.checksum_offload_broken),
+            external_nodes=frozenset(s.external_nodes),
+        )
+
+    def _follow_settings(
+        self, configs: Mapping[str, FelixConfiguration], *, at_start: bool = False
+    ) -> None:
+        """Take the settings these FelixConfigurations give; act on those that changed."""
+        new = effective(self._flags, configs, self.cfg.node_name)
+        old, self._settings = self._settings, new  # the sources may have moved regardless
+        changed = old.changed(new)
+        if not changed:
+            return
+        try:
+            dataplane_cfg = self._dataplane_config(new)
+        except ValueError as exc:  # the parser checks each field; this is the last guard
+            log.error("event=config_refused error=%s", exc)
+            self._settings = old
+            return
+        for name, value in changed.items():
+            log.log(
+                logging.INFO if at_start else logging.WARNING,
+                "event=config_changed setting=%s value=%s source=%r",
+                name,
+                value,
+                new.sources[name],
+            )
+        self._dataplane_cfg = dataplane_cfg
+        self.tx_checksum_off = dataplane_cfg.tx_checksum_off
+        logging.getLogger().setLevel(new.log_level)
+        interval = new.resync_interval or None  # 0: no periodic resync
+        if self.reconciler is not None:
+            self.reconciler.set_resync_interval(interval)
+        if self._pod_routes is not None:
+            self._pod_routes.interval = interval
+        if {"vxlan_mtu", "ipip_mtu"} & changed.keys() and self._underlay is not None:
+            with self._register_lock:
+                self._write_pod_mtu(self._pools)
+
+    def _write_pod_mtu(self, pools: list[IPPool]) -> None:
+        s = self._settings
+        self.pod_mtu = nodes.mtu_for(
+            self._underlay_mtu,
+            nodes.encaps_in_use(pools),
+            self.cfg.mtu,
+            {"vxlan": s.vxlan_mtu, "ipip": s.ipip_mtu},
+        )
+        nodes.write_mtu_file(self.cfg.mtu_file, self.pod_mtu)
+
     def _compute(self, view: ClusterView) -> Dataplane:
         assert self.local is not None
+        self._follow_settings(view.felix)
         desired = self._compute_cache.update(view, self.local, self._dataplane_cfg, peers=False)
         self._desired = desired
         return desired
@@ -345,6 +435,7 @@ class Agent:
             "tunnel_addresses": _tunnel_addresses(self.node),
             "nexthop_objects": self.nexthops,
             "tx_checksum_offload": "off" if self.tx_checksum_off else "unchanged",
+            "settings": _settings_status(self._settings),
             "tunnel_filter": _filter_status(self._desired),
             "dataplane_synced": bool(rec and rec.last_sync_time is not None),
             "last_sync": last_sync,
@@ -554,6 +645,7 @@ class Agent:
         ds = self.ds = open_datastore(self.cfg.datastore)
         store = self._store = ResourceStore(ds)
         ipam = self._ipam = IPAM(ds, store)
+        self._retry(lambda: self._start_settings(store), "read FelixConfigurations")
         self._retry(lambda: self.register(store, ipam), "register node")
         if self.stop_event.is_set():
             return 0
@@ -566,12 +658,12 @@ class Agent:
             log.info(
                 "event=tx_checksum_offload_off kernel=%s override=%s devices=tunnel",
                 os.uname().release,
-                self.cfg.checksum_offload_broken,
+                self._settings.checksum_offload_broken,
             )
         self.reconciler = Reconciler(
             kernel,
             self._compute,
-            resync_interval=self.cfg.resync_interval,
+            resync_interval=self._settings.resync_interval or None,
             on_pass=self._after_pass,
         )
         self.watcher = ClusterWatcher(ds, lambda v: self._on_view(v, store, ipam))
@@ -587,7 +679,7 @@ class Agent:
                 )
             )
         keeper = self._pod_routes = PodRouteKeeper(
-            ipam, self.cfg.node_name, self.cfg.resync_interval, self._borrowed_here
+            ipam, self.cfg.node_name, self._settings.resync_interval or None, self._borrowed_here
         )
         monitor = Monitor(
             lambda reason: self.reconciler.kick(reason) if self.reconciler else None,
@@ -632,6 +724,18 @@ class Agent:
             ds.close()
             log.info("event=agent_stopped node=%s", self.cfg.node_name)
         return 0
+
+    def _start_settings(self, store: ResourceStore) -> None:
+        """The settings as the datastore has them at start (the watch follows them after)."""
+        configs = store.list("FelixConfiguration")
+        self._follow_settings(
+            {c.name: c for c in configs if isinstance(c, FelixConfiguration)}, at_start=True
+        )
+        s = self._settings
+        log.info(
+            "event=settings %s",
+            " ".join(f"{name}={getattr(s, name)}@{src!r}" for name, src in s.sources.items()),
+        )
 
     def _ipam_gateway(self, address: str) -> tuple[str, str] | None:
         """For a delegating plugin (ptp): the address with its pool's prefix and this node's
@@ -699,12 +803,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "can-reach=ADDR | ADDR/PREFIX",
     )
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS)
-    p.add_argument("--resync-interval", type=float, default=AgentConfig.resync_interval)
+    # Given here, these win over the FelixConfigurations (else: theirs, else the default).
+    p.add_argument(
+        "--resync-interval",
+        type=float,
+        default=None,
+        help="seconds between full resyncs (0: none; default 90, or routeRefreshInterval)",
+    )
     p.add_argument("--mtu", type=int, default=None, help="pod MTU (default: derived)")
     p.add_argument("--vtep-mac", default=None)
+    p.add_argument("--vxlan-vni", type=int, default=None, help="default 4096, or vxlanVNI")
+    p.add_argument("--vxlan-port", type=int, default=None, help="default 4789, or vxlanPort")
+    p.add_argument(
+        "--vxlan-mtu", type=int, default=None, help="default: underlay - 50, or vxlanMTU"
+    )
+    p.add_argument("--ipip-mtu", type=int, default=None, help="default: underlay - 20, or ipipMTU")
     p.add_argument(
         "--checksum-offload-broken",
-        default=AgentConfig.checksum_offload_broken,
+        default=None,
         help="auto | true | false: turn TX checksum offload off on the tunnel devices "
         "(auto: on kernels up to 5.7, as Calico does)",
     )
@@ -716,12 +832,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--external-nodes",
-        default="",
+        default=None,
         help="CIDR[,CIDR...]: hosts that are no node but may send VXLAN / IP-in-IP to this one",
     )
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     p.add_argument("--log-file", default=None)
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default=None, help="default info, or logSeverityScreen")
     return p.parse_args(argv)
 
 
@@ -731,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler()
     )
     handler.setFormatter(KeyValueFormatter(as_json=args.log_format == "json"))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
+    logging.basicConfig(level=(args.log_level or "info").upper(), handlers=[handler], force=True)
     name = (args.node_name or socket.gethostname()).lower()
     cfg = AgentConfig(
         node_name=name,
@@ -744,8 +860,15 @@ def main(argv: list[str] | None = None) -> int:
         mtu=args.mtu,
         vtep_mac=args.vtep_mac,
         checksum_offload_broken=args.checksum_offload_broken,
+        vxlan_vni=args.vxlan_vni,
+        vxlan_port=args.vxlan_port,
+        vxlan_mtu=args.vxlan_mtu,
+        ipip_mtu=args.ipip_mtu,
+        log_level=args.log_level,
         underlay_check_interval=args.underlay_check_interval,
-        external_nodes=tuple(x for x in args.external_nodes.split(",") if x.strip()),
+        external_nodes=None
+        if args.external_nodes is None
+        else tuple(x for x in args.external_nodes.split(",") if x.strip()),
     )
     try:
         agent = Agent(cfg)

@@ -11,8 +11,8 @@ import yaml
 
 from ipam.allocator import BlockUsage, Utilization
 from ipam.block import Block
-from ipam.model import IPAMConfig, IPPool, IPReservation, Node
-from ipam.resources import API_VERSION, Resource, kind_of, name_of, to_manifest
+from ipam.model import FelixConfiguration, IPAMConfig, IPPool, IPReservation, Node
+from ipam.resources import API_VERSION, Resource, duration_text, kind_of, name_of, to_manifest
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -75,6 +75,25 @@ def resource_table(kind: str, resources: Sequence[Resource]) -> str:
                 )
                 for c in resources
                 if isinstance(c, IPAMConfig)
+            ],
+        )
+    if kind == "FelixConfiguration":
+        return table(
+            ["NAME", "VXLANVNI", "VXLANPORT", "VXLANMTU", "IPIPMTU", "ROUTEREFRESH", "LOG"],
+            [
+                (
+                    c.name,
+                    c.vxlan_vni,
+                    c.vxlan_port,
+                    c.vxlan_mtu,
+                    c.ipip_mtu,
+                    None
+                    if c.route_refresh_interval is None
+                    else duration_text(c.route_refresh_interval),
+                    c.log_severity_screen,
+                )
+                for c in resources
+                if isinstance(c, FelixConfiguration)
             ],
         )
     if kind == "IPReservation":

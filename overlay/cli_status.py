@@ -39,6 +39,12 @@ def _datastore_state(ds: dict[str, Any]) -> str:
     return "not read yet (the agent is starting)"
 
 
+def _setting(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value) or "none"
+    return str(value)
+
+
 def render(st: dict[str, Any]) -> str:
     ds = st["datastore"]
     lines = [
@@ -65,6 +71,14 @@ def render(st: dict[str, Any]) -> str:
             f"Filter:      {'/'.join(f['tunnels'])} accepted only from "
             f"{f['node_addresses']} node addresses{extra}; never from pods"
         )
+    given = {k: v for k, v in (st.get("settings") or {}).items() if v["source"] != "built-in"}
+    lines.append(
+        "Settings:    "
+        + (
+            "; ".join(f"{k} {_setting(v['value'])} ({v['source']})" for k, v in given.items())
+            or "built-in defaults"
+        )
+    )
     if st.get("tx_checksum_offload") == "off":
         lines.append("Offload:     TX checksum offload off on the tunnel devices")
     if st.get("last_sync"):

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -80,10 +80,16 @@ def encaps_in_use(pools: Iterable[IPPool]) -> set[Encap]:
     return out
 
 
-def mtu_for(underlay_mtu: int, encaps: Iterable[str], configured: int | None = None) -> int:
-    """The pod MTU: `configured` when set, else the underlay MTU minus the largest overhead
-    of the enabled encapsulations (a pod's packets may take any of them), else the
-    underlay MTU itself."""
+def mtu_for(
+    underlay_mtu: int,
+    encaps: Iterable[str],
+    configured: int | None = None,
+    tunnel_mtus: Mapping[str, int | None] | None = None,
+) -> int:
+    """The pod MTU: `configured` when set, else the smallest MTU of the enabled
+    encapsulations (a pod's packets may take any of them), each one's from `tunnel_mtus`
+    when set there (FelixConfiguration vxlanMTU / ipipMTU, as Calico's MTU file), else
+    the underlay MTU minus its overhead; with no encapsulation, the underlay MTU itself."""
     if configured:
         if not MIN_MTU <= configured <= MAX_MTU:
             raise ValueError(f"mtu {configured}: must be between {MIN_MTU} and {MAX_MTU}")
@@ -94,12 +100,13 @@ def mtu_for(underlay_mtu: int, encaps: Iterable[str], configured: int | None = N
                 underlay_mtu,
             )
         return configured
-    overheads = []
+    mtus = []
     for encap in encaps:
         if encap not in _OVERHEAD:
             raise ValueError(f"encapsulation {encap!r}: expected one of {sorted(_OVERHEAD)}")
-        overheads.append(_OVERHEAD[encap])
-    mtu = underlay_mtu - max(overheads, default=0)
+        given = (tunnel_mtus or {}).get(encap)
+        mtus.append(given or underlay_mtu - _OVERHEAD[encap])
+    mtu = min(mtus, default=underlay_mtu)
     if mtu < MIN_MTU:
         raise ValueError(
             f"underlay MTU {underlay_mtu}: leaves {mtu} for pods, below the minimum {MIN_MTU}"

@@ -41,12 +41,12 @@ class PodRouteKeeper:
         self,
         ipam: IPAM,
         node: str,
-        interval: float = 90.0,
+        interval: float | None = 90.0,  # None: no periodic catch-up
         borrowed: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._ipam = ipam
         self._node = node
-        self._interval = interval
+        self.interval = interval  # the agent changes it with routeRefreshInterval
         self._borrowed = borrowed
         # A deleted route to check, a catch-up to run, or None to stop.
         self._todo: queue.Queue[tuple[str, int] | str | None] = queue.Queue()
@@ -77,7 +77,7 @@ class PodRouteKeeper:
         self._catch_up_safely()
         while True:
             try:
-                item = self._todo.get(timeout=self._interval)
+                item = self._todo.get(timeout=self.interval)
             except queue.Empty:
                 self._catch_up_safely()
                 continue

@@ -95,14 +95,14 @@ class Reconciler:
         compute_fn: Callable[[ClusterView], Dataplane],
         *,
         clock: Callable[[], float] = time.monotonic,
-        resync_interval: float = 30.0,
+        resync_interval: float | None = 30.0,  # None: no periodic full resync
         coalesce: float = 0.01,  # the watch and the monitor already batch their bursts
         backoff_initial: float = 0.2,
         backoff_max: float = 30.0,
         nexthops_supported: bool | None = None,
         on_pass: Callable[[Outcome], None] | None = None,
     ) -> None:
-        if resync_interval <= 0:
+        if resync_interval is not None and not resync_interval > 0:
             raise ValueError(f"resync_interval: {resync_interval} must be > 0")
         if not 0 < backoff_initial <= backoff_max:
             raise ValueError(
@@ -112,7 +112,7 @@ class Reconciler:
         self._kernel = kernel
         self._compute = compute_fn
         self._clock = clock
-        self._resync_interval = resync_interval
+        self._resync_interval = float("inf") if resync_interval is None else resync_interval
         self._coalesce = coalesce
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -141,6 +141,14 @@ class Reconciler:
         self._computed: tuple[ClusterView, Dataplane] | None = None
 
     # --- producers: cheap, thread-safe, no I/O --------------------------------------------
+
+    def set_resync_interval(self, seconds: float | None) -> None:
+        """A new interval between full resyncs (None: none), counted from the last one."""
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"resync_interval: {seconds} must be > 0")
+        with self._cond:
+            self._resync_interval = float("inf") if seconds is None else seconds
+            self._cond.notify_all()
 
     def update_view(self, view: ClusterView) -> None:
         with self._cond:

@@ -1,4 +1,5 @@
-"""The cluster as the agent sees it: a snapshot of nodes, pools and IPAM blocks.
+"""The cluster as the agent sees it: a snapshot of nodes, pools, IPAM blocks and the
+FelixConfigurations.
 
 Plain values only. The datastore watch builds a new ClusterView for every change and hands
 it to the reconciler; compute() reads it and never changes it. Nothing here depends on the
@@ -16,7 +17,7 @@ from types import MappingProxyType
 
 import netaddr
 
-from ipam.model import IPPool, Node
+from ipam.model import FelixConfiguration, IPPool, Node
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,14 @@ class ClusterView:
     nodes: Mapping[str, Node]
     pools: tuple[IPPool, ...]
     blocks: tuple[BlockInfo, ...]
+    felix: Mapping[str, FelixConfiguration]  # by name
 
     def __init__(
         self,
         nodes: Mapping[str, Node] | Iterable[Node] = (),
         pools: Iterable[IPPool] = (),
         blocks: Iterable[BlockInfo] = (),
+        felix: Iterable[FelixConfiguration] = (),
     ) -> None:
         node_map = dict(nodes) if isinstance(nodes, Mapping) else {n.name: n for n in nodes}
         for key, node in node_map.items():
@@ -49,6 +52,7 @@ class ClusterView:
         object.__setattr__(self, "nodes", MappingProxyType(node_map))
         object.__setattr__(self, "pools", tuple(pools))
         object.__setattr__(self, "blocks", tuple(blocks))
+        object.__setattr__(self, "felix", MappingProxyType({c.name: c for c in felix}))
 
     def vtep_mac(self, node_name: str) -> str:
         """The VTEP MAC of a node: its recorded vxlan_tunnel_mac, else Calico's derived one."""

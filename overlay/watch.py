@@ -22,7 +22,7 @@ import netaddr
 
 from ipam.block import HOST_AFFINITY_PREFIX, Block, parse_cidr
 from ipam.datastore import KV, Compacted, Datastore, DatastoreError, Event, EventType
-from ipam.model import IPPool, Node
+from ipam.model import FelixConfiguration, IPPool, Node
 from ipam.records import BLOCKS_PREFIX
 from ipam.resources import canonical_ipv4_network
 from ipam.store import RESOURCES_PREFIX, decode, kind_prefix, load_json
@@ -33,6 +33,7 @@ log = logging.getLogger("overlay.watch")
 ROOT_PREFIX = "/overlay/v1/"
 _NODES = kind_prefix("Node")
 _POOLS = kind_prefix("IPPool")
+_FELIX = kind_prefix("FelixConfiguration")
 # What decoding a bad record raises: the record is skipped (and logged), the watch goes on.
 _BAD_RECORD = (ValueError, KeyError, TypeError)
 
@@ -160,18 +161,20 @@ def block_info(block: Block) -> BlockInfo:
 
 
 class ClusterCache:
-    """Decoded nodes, pools and blocks, updated from datastore events. Not thread-safe:
-    owned by the watch thread."""
+    """Decoded nodes, pools, blocks and FelixConfigurations, updated from datastore events.
+    Not thread-safe: owned by the watch thread."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, Node] = {}
         self.pools: dict[str, IPPool] = {}
         self.blocks: dict[str, BlockInfo] = {}
+        self.felix: dict[str, FelixConfiguration] = {}
 
     def clear(self) -> None:
         self.nodes.clear()
         self.pools.clear()
         self.blocks.clear()
+        self.felix.clear()
 
     def _table(self, key: str) -> tuple[dict[str, Any], Callable[[str, str], object]] | None:
         """Where a key's records are kept and how one is decoded; None: not for routing."""
@@ -181,6 +184,8 @@ class ClusterCache:
             return self.nodes, decode
         if key.startswith(_POOLS):
             return self.pools, decode
+        if key.startswith(_FELIX):
+            return self.felix, decode
         return None
 
     def replace(self, items: Iterable[KV]) -> list[tuple[str, Exception]]:
@@ -212,6 +217,7 @@ class ClusterCache:
             {n.name: n for n in self.nodes.values()},
             sorted(self.pools.values(), key=lambda p: p.name),
             self.blocks.values(),
+            self.felix.values(),
         )
 
 

@@ -7,7 +7,7 @@ import netaddr
 import pytest
 import yaml
 
-from ipam.model import EncapMode, IPAMConfig, IPPool, IPReservation, Node
+from ipam.model import EncapMode, FelixConfiguration, IPAMConfig, IPPool, IPReservation, Node
 from ipam.resources import (
     API_VERSION,
     Resource,
@@ -500,3 +500,108 @@ def test_resolve_kind(text: str, kind: str) -> None:
 def test_resolve_kind_unknown() -> None:
     with pytest.raises(ResourceError, match="unknown resource kind 'widget'"):
         resolve_kind("widget")
+
+
+# ---------------------------------------------------------------------------- FelixConfiguration
+
+CALICO_FELIX = """\
+apiVersion: projectcalico.org/v3
+kind: FelixConfiguration
+metadata:
+  name: default
+  resourceVersion: "77"
+spec:
+  bpfEnabled: false
+  bpfLogLevel: ""
+  floatingIPs: Disabled
+  logSeverityScreen: Info
+  reportingInterval: 0s
+  vxlanEnabled: true
+  vxlanVNI: 4097
+  vxlanPort: 8472
+  vxlanMTU: 1410
+  ipipMTU: 0
+  routeRefreshInterval: 1m30s
+  externalNodesList: [192.0.2.7, 198.51.100.0/24]
+  featureDetectOverride: ChecksumOffloadBroken=true
+"""
+
+
+def felix_doc(name: str = "default", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "projectcalico.org/v3",
+        "kind": "FelixConfiguration",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def test_calico_felix_configuration_applies_unchanged_and_round_trips() -> None:
+    [felix] = parse_documents(CALICO_FELIX)
+    assert felix == FelixConfiguration(
+        name="default",
+        vxlan_vni=4097,
+        vxlan_port=8472,
+        vxlan_mtu=1410,
+        ipip_mtu=0,  # set: "derive it", overriding a cluster value for a node
+        route_refresh_interval=90.0,
+        external_nodes_list=(
+            netaddr.IPNetwork("192.0.2.7/32"),
+            netaddr.IPNetwork("198.51.100.0/24"),
+        ),
+        checksum_offload_broken=True,
+        log_severity_screen="Info",
+    )
+    manifest = to_manifest(felix)
+    assert manifest["spec"]["routeRefreshInterval"] == "90s"
+    assert from_manifest(manifest) == felix
+    assert resolve_kind("felixconfig") == "FelixConfiguration"
+
+
+def test_an_empty_node_felix_configuration_sets_nothing() -> None:
+    felix = from_manifest(felix_doc("node.worker-1"))
+    assert felix == FelixConfiguration(name="node.worker-1")
+    assert to_manifest(felix)["spec"] == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("0", 0.0), ("90s", 90.0), ("1m30s", 90.0), ("1h", 3600.0), ("500ms", 0.5), ("1.5s", 1.5)],
+)
+def test_route_refresh_interval_reads_go_durations(text: str, seconds: float) -> None:
+    felix = from_manifest(felix_doc(routeRefreshInterval=text))
+    assert isinstance(felix, FelixConfiguration)
+    assert felix.route_refresh_interval == seconds
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "fragments"),
+    [
+        ("custom", {}, ["metadata.name", "'custom'", "'default'", "'node.<node name>'"]),
+        ("default", {"vxlanVNI": 0}, ["spec.vxlanVNI", "0 is outside 1..16777215"]),
+        ("default", {"vxlanVNI": 2**24}, ["spec.vxlanVNI", "16777216 is outside"]),
+        ("default", {"vxlanPort": 70000}, ["spec.vxlanPort", "70000 is outside 1..65535"]),
+        ("default", {"vxlanPort": "8472"}, ["spec.vxlanPort", "expected an integer"]),
+        ("default", {"vxlanMTU": 60}, ["spec.vxlanMTU", "60 is below the minimum 68"]),
+        ("default", {"ipipMTU": -1}, ["spec.ipipMTU", "-1 is outside 0..65535"]),
+        ("default", {"routeRefreshInterval": 90}, ["spec.routeRefreshInterval", "a string"]),
+        ("default", {"routeRefreshInterval": "90"}, ["spec.routeRefreshInterval", "'90'"]),
+        ("default", {"routeRefreshInterval": "-1s"}, ["spec.routeRefreshInterval", "'-1s'"]),
+        ("default", {"externalNodesList": "1.2.3.4"}, ["spec.externalNodesList", "a list"]),
+        ("default", {"externalNodesList": ["fd00::1"]}, ["[0]", "'fd00::1'", "not IPv4"]),
+        ("default", {"externalNodesList": ["10.0.0.5/24"]}, ["[0]", "host bits"]),
+        ("default", {"externalNodesList": ["x"]}, ["[0]", "'x'", "IPv4 address or CIDR"]),
+        ("default", {"featureDetectOverride": "SNATFullyRandom=true"}, ["'SNATFullyRandom'"]),
+        ("default", {"featureDetectOverride": "ChecksumOffloadBroken=yes"}, ["=yes'"]),
+        ("default", {"logSeverityScreen": "Loud"}, ["spec.logSeverityScreen", "'Loud'"]),
+        ("default", {"vxlanEnabled": False}, ["spec.vxlanEnabled", "follow the pools"]),
+        ("default", {"vxlanMTUV6": 1400}, ["spec.vxlanMTUV6", "set vxlanMTU"]),
+        ("default", {"bpfEnabled": True}, ["spec.bpfEnabled", "not supported"]),
+        ("default", {"wireguardEnabled": True}, ["spec.wireguardEnabled", "unknown field"]),
+    ],
+)
+def test_felix_refusals_name_field_and_value(
+    name: str, spec: dict[str, Any], fragments: list[str]
+) -> None:
+    msg = refused(felix_doc(name, **spec), *fragments)
+    assert msg.startswith(f'FelixConfiguration "{name}": ')

@@ -34,3 +34,36 @@ def test_external_nodes_reach_the_dataplane_merged(tmp_path: Path) -> None:
     assert nets == {"192.0.2.0/25", "198.51.100.0/24"}  # the /32 lies inside the /25
     with pytest.raises(ValueError, match="external_nodes: fd00::/64 is not an IPv4 network"):
         DataplaneConfig(external_nodes=frozenset({netaddr.IPNetwork("fd00::/64")}))
+
+
+@pytest.mark.parametrize(
+    ("option", "bad", "expect"),
+    [
+        ("vxlan_vni", 0, "vxlan_vni: 0 is outside 1..16777215"),
+        ("vxlan_port", 65536, "vxlan_port: 65536 is outside 1..65535"),
+        ("vxlan_mtu", 40, "vxlan_mtu: 40 is outside 68..65535"),
+        ("ipip_mtu", 70000, "ipip_mtu: 70000 is outside 68..65535"),
+        ("resync_interval", -1.0, "resync_interval: -1.0 is not a number of seconds >= 0"),
+        ("checksum_offload_broken", "maybe", "checksum_offload_broken: 'maybe' is not one of"),
+    ],
+)
+def test_a_bad_dataplane_flag_is_refused_naming_it(
+    tmp_path: Path, option: str, bad: object, expect: str
+) -> None:
+    with pytest.raises(ValueError, match=expect):
+        Agent(config(tmp_path, **{option: bad}))
+
+
+def test_dataplane_flags_reach_the_dataplane_and_win_over_felix_configurations(
+    tmp_path: Path,
+) -> None:
+    from ipam.model import FelixConfiguration
+
+    agent = Agent(config(tmp_path, vxlan_port=8472, vxlan_mtu=1400))
+    cluster = FelixConfiguration("default", vxlan_vni=4097, vxlan_port=9999, ipip_mtu=1460)
+    agent._follow_settings({"default": cluster})
+    cfg = agent._dataplane_cfg
+    assert (cfg.vxlan_vni, cfg.vxlan_port, cfg.vxlan_mtu, cfg.ipip_mtu) == (4097, 8472, 1400, 1460)
+    assert agent.status()["settings"]["vxlan_port"] == {"value": 8472, "source": "flag"}
+    agent._follow_settings({})  # the cluster's configuration deleted
+    assert (agent._dataplane_cfg.vxlan_vni, agent._dataplane_cfg.ipip_mtu) == (4096, None)

@@ -166,6 +166,27 @@ def test_get_in_each_format_and_yaml_round_trips(url: str) -> None:
     assert "false" in ok(url, "get", "ipamconfig")  # defaults show without any apply
 
 
+def test_felix_configurations_apply_get_and_refuse_bad_values(url: str) -> None:
+    doc = (
+        "apiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {name: %s}\n"
+        "spec: {%s}\n"
+    )
+    out = ok(url, "apply", "-f", "-", stdin=doc % ("default", "vxlanVNI: 4097, vxlanPort: 8472"))
+    assert out.strip() == "felixconfiguration/default created"
+    ok(url, "apply", "-f", "-", stdin=doc % ("node.n1", "vxlanMTU: 1300, routeRefreshInterval: 2m"))
+    table = [line.split() for line in ok(url, "get", "felixconfig").splitlines()]
+    header = ["NAME", "VXLANVNI", "VXLANPORT", "VXLANMTU", "IPIPMTU", "ROUTEREFRESH", "LOG"]
+    assert table[0] == header
+    assert table[1:] == [["default", "4097", "8472"], ["node.n1", "1300", "120s"]]  # blanks unset
+    one = yaml.safe_load(ok(url, "get", "felixconfiguration", "node.n1", "-o", "yaml"))
+    assert one["spec"] == {"vxlanMTU": 1300, "routeRefreshInterval": "120s"}
+    assert_user_error(
+        url, "apply", "-f", "-", stdin=doc % ("default", "vxlanPort: 0"),
+        expect='FelixConfiguration "default": spec.vxlanPort: 0 is outside 1..65535',
+    )  # fmt: skip
+    assert_user_error(url, "apply", "-f", "-", stdin=doc % ("n1", ""), expect="'node.<node name>'")
+
+
 def test_delete_removes_one_resource(url: str) -> None:
     ok(url, "apply", "-f", "-", stdin=NODES)
     assert ok(url, "delete", "node", "n1") == "node/n1 deleted\n"

@@ -266,3 +266,12 @@ def test_slash_32_underlay_is_reported_loudly(caplog: pytest.LogCaptureFixture) 
 
 def test_node_without_underlay_address_is_reported() -> None:
     assert "no underlay address" in check_node_address(Node("n"))[0]
+
+
+def test_mtu_for_takes_the_smallest_tunnel_mtu_given_or_derived() -> None:
+    # Calico's MTU file: the smallest MTU of the enabled encapsulations.
+    assert mtu_for(1500, ["vxlan"], tunnel_mtus={"vxlan": 1400}) == 1400
+    assert mtu_for(1500, {"vxlan", "ipip"}, tunnel_mtus={"ipip": 1300}) == 1300
+    assert mtu_for(1500, {"vxlan", "ipip"}, tunnel_mtus={"ipip": 1490}) == 1450
+    assert mtu_for(1500, ["ipip"], tunnel_mtus={"vxlan": 1000}) == 1480  # vxlan not enabled
+    assert mtu_for(1500, ["vxlan"], configured=1200, tunnel_mtus={"vxlan": 1400}) == 1200

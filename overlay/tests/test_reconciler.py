@@ -117,6 +117,24 @@ def test_periodic_resync_repairs_without_a_kick() -> None:
     assert rec.stats().drift_repairs > 0
 
 
+def test_the_resync_interval_changes_at_run_time_and_none_turns_it_off() -> None:
+    rec, kernel, clock = make(resync_interval=30.0)
+    view = standard_view(pool(ALWAYS))
+    first_sync(rec, view)
+    reads = kernel.reads
+    rec.set_resync_interval(None)  # routeRefreshInterval: 0
+    clock.now += 10_000.0
+    assert rec.run_once() is Outcome.IDLE and kernel.reads == reads
+    rec.set_resync_interval(5.0)  # counted from the last full read: due at once
+    assert rec.run_once() is Outcome.SYNCED and kernel.reads == reads + 1
+    clock.now += 4.0
+    assert rec.run_once() is Outcome.IDLE
+    clock.now += 1.0
+    assert rec.run_once() is Outcome.SYNCED and kernel.reads == reads + 2
+    with pytest.raises(ValueError, match="resync_interval: 0 must be > 0"):
+        rec.set_resync_interval(0)
+
+
 def test_failure_keeps_dirty_and_backs_off_exponentially_with_a_bound() -> None:
     rec, kernel, clock = make(backoff_initial=0.5, backoff_max=2.0)
     view = standard_view(pool(ALWAYS))

@@ -188,3 +188,17 @@ def test_resync_lists_decodes_and_logs_bad_records(
         assert len(bad) == 2 and all(RESOURCES_PREFIX in m or BLOCKS_PREFIX in m for m in bad)
     finally:
         ds.close()
+
+
+def test_felix_configurations_are_in_the_view_and_follow_changes() -> None:
+    from ipam.model import FelixConfiguration
+
+    cache = ClusterCache()
+    cluster = FelixConfiguration("default", vxlan_port=8472)
+    key = resource_key("FelixConfiguration", "default")
+    assert cache.put(key, encode(cluster))
+    assert cache.view().felix == {"default": cluster}
+    assert not cache.put(key, encode(cluster))  # the same again: nothing to do
+    assert cache.put(key, encode(FelixConfiguration("default", vxlan_port=8473)))
+    assert cache.put(key, None)
+    assert cache.view().felix == {}
