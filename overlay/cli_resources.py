@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("get", help="show resources")
-    p.add_argument("kind", metavar="KIND", help="ippool, ipamconfig, ipreservation or node")
+    p.add_argument(
+        "kind", metavar="KIND", help="ippool, ipamconfig, ipreservation, node or felixconfiguration"
+    )
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     p.set_defaults(func=cmd_get)
