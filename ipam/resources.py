@@ -36,6 +36,7 @@ __all__ = [
     "CALICO_API_VERSION",
     "FELIX_DEFAULT_NAME",
     "FELIX_NODE_PREFIX",
+    "IPAM_CONFIG_NAME",
     "KINDS",
     "LOG_SEVERITIES",
     "Resource",

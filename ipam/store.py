@@ -256,25 +256,45 @@ class ResourceStore:
         `change` gets the current node (None if absent) and returns the new one; it may be
         called again after a conflict.
         """
-        key = resource_key("Node", name)
+
+        def node_change(current: Resource | None) -> Resource:
+            return change(current if isinstance(current, Node) else None)
+
+        node, _ = self.update("Node", name, node_change)
+        assert isinstance(node, Node)
+        return node
+
+    def update(
+        self, kind: str, name: str, change: Callable[[Resource | None], Resource]
+    ) -> tuple[Resource, str]:
+        """Read-modify-write one resource with compare-and-swap: `change` gets the stored
+        value (None if absent) and returns the new one, and is called again after a
+        conflict. Returns the new value and "created", "configured" or "unchanged"; refused
+        like apply(), and when the change renames the resource or changes its kind."""
+        kind = resolve_kind(kind)
+        key = resource_key(kind, name)
         for _ in range(self.max_attempts):
             kv = self.ds.get(key)
             current = None if kv is None else decode(kv.key, kv.value)
-            node = change(current if isinstance(current, Node) else None)
-            if node.name != name:
-                raise ResourceError(f'Node "{name}": the change renamed it to "{node.name}"')
-            value = encode(from_manifest(to_manifest(node)))
+            res = change(current)
+            if (kind_of(res), name_of(res)) != (kind, name):
+                raise ResourceError(
+                    f'{kind} "{name}": the change made it {kind_of(res)} "{name_of(res)}"'
+                )
+            value = encode(from_manifest(to_manifest(res)))
             if current is not None and encode(current) == value:
-                return node
+                return res, "unchanged"
+            if isinstance(res, IPPool):
+                self._check_pool(res, current)
             try:
                 if kv is None:
                     self.ds.create(key, value)
-                else:
-                    self.ds.update(key, value, kv.mod_revision)
-                return node
+                    return res, "created"
+                self.ds.update(key, value, kv.mod_revision)
+                return res, "configured"
             except Conflict:
                 continue
-        raise Conflict(f'Node "{name}": still conflicting after {self.max_attempts} attempts')
+        raise Conflict(f'{kind} "{name}": still conflicting after {self.max_attempts} attempts')
 
     def delete(self, kind: str, name: str) -> None:
         """Delete one resource; ResourceNotFound names it when it does not exist."""

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
-from ipam.model import IPPool
-from ipam.resources import ResourceError, name_of, parse_documents, resolve_kind
+from ipam.model import IPAMConfig, IPPool
+from ipam.resources import (
+    IPAM_CONFIG_NAME,
+    Resource,
+    ResourceError,
+    from_manifest,
+    name_of,
+    parse_documents,
+    resolve_kind,
+    to_manifest,
+)
+from ipam.store import ResourceNotFound
 from overlay import cli_render
 from overlay.cli_context import CLIError, Context, read_input
 
@@ -29,6 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("name", metavar="NAME", nargs="?")
     p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table")
     p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser(
+        "patch", help="change some fields of one resource (a JSON merge patch, as calicoctl)"
+    )
+    p.add_argument("kind", metavar="KIND")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "-p",
+        "--patch",
+        required=True,
+        metavar="PATCH",
+        help='JSON or YAML, e.g. \'{"spec": {"vxlanPort": 8472}}\'; null removes a field',
+    )
+    p.set_defaults(func=cmd_patch)
 
     p = sub.add_parser("delete", help="delete one resource")
     p.add_argument("kind", metavar="KIND")
@@ -88,6 +113,45 @@ def cmd_get(args: argparse.Namespace, ctx: Context) -> int:
     else:
         doc = cli_render.resources_document(kind, found, single=bool(args.name))
         ctx.print(cli_render.dump(doc, args.output))
+    return 0
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge key by key, null removes a key, anything
+    else replaces the value whole (lists too). Pure; `target` is not changed."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def cmd_patch(args: argparse.Namespace, ctx: Context) -> int:
+    import yaml
+
+    kind = resolve_kind(args.kind)
+    try:
+        patch = yaml.safe_load(args.patch)  # JSON is YAML
+    except yaml.YAMLError as e:
+        raise CLIError(f"--patch: not JSON or YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(patch, dict):
+        raise CLIError(
+            f"--patch: expected a mapping such as '{{\"spec\": {{...}}}}', got {patch!r}"
+        )
+
+    def patched(current: Resource | None) -> Resource:
+        if current is None and kind == "IPAMConfig" and args.name == IPAM_CONFIG_NAME:
+            current = IPAMConfig()  # never applied: Calico's defaults, as `get` shows
+        if current is None:
+            raise ResourceNotFound(f'{kind} "{args.name}" not found')
+        return from_manifest(merge_patch(to_manifest(current), patch))
+
+    _, outcome = ctx.store().update(kind, args.name, patched)
+    ctx.print(f"{kind.lower()}/{args.name} {'patched' if outcome != 'unchanged' else outcome}")
     return 0
 
 

@@ -4,6 +4,7 @@ console script in parallel subprocesses."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import netaddr
 import pytest
@@ -185,6 +187,38 @@ def test_felix_configurations_apply_get_and_refuse_bad_values(url: str) -> None:
         expect='FelixConfiguration "default": spec.vxlanPort: 0 is outside 1..65535',
     )  # fmt: skip
     assert_user_error(url, "apply", "-f", "-", stdin=doc % ("n1", ""), expect="'node.<node name>'")
+
+
+def test_patch_merges_fields_as_calicoctl_patch_and_refuses_bad_results(url: str) -> None:
+    ok(url, "apply", "-f", "-", stdin=CALICO_POOL)
+    name = "default-ipv4-ippool"
+    patch = '{"spec": {"vxlanMode": "Always", "ipipMode": null}}'
+    out = ok(url, "patch", "ippool", name, "-p", patch)
+    assert out.strip() == f"ippool/{name} patched"
+    pool = yaml.safe_load(ok(url, "get", "ippool", name, "-o", "yaml"))
+    assert (pool["spec"]["vxlanMode"], pool["spec"]["ipipMode"]) == ("Always", "Never")
+    assert pool["spec"]["natOutgoing"] is True  # untouched fields stay
+    again = ok(url, "patch", "ippool", name, "-p", "spec: {vxlanMode: Always}")  # YAML too
+    assert again.strip() == f"ippool/{name} unchanged"
+    # The IPAM configuration patches from Calico's defaults when it was never applied.
+    ok(url, "patch", "ipamconfig", "default", "-p", '{"spec": {"strictAffinity": true}}')
+    assert "true" in ok(url, "get", "ipamconfig")
+    # Refused, naming the field and the value; nothing written.
+    assert_user_error(
+        url, "patch", "ippool", name, "-p", '{"spec": {"blockSize": 20}}',
+        expect=f'IPPool "{name}": spec.blockSize: cannot change 26 to 20',
+    )  # fmt: skip
+    assert_user_error(
+        url, "patch", "ippool", name, "-p", '{"spec": {"vxlanMode": "Sometimes"}}',
+        expect="spec.vxlanMode",
+    )  # fmt: skip
+    assert_user_error(
+        url, "patch", "ippool", name, "-p", '{"metadata": {"name": "other"}}',
+        expect=f'IPPool "{name}": the change made it IPPool "other"',
+    )  # fmt: skip
+    assert_user_error(url, "patch", "ippool", "nope", "-p", "{}", expect='IPPool "nope" not found')
+    assert_user_error(url, "patch", "ippool", name, "-p", "[1]", expect="expected a mapping")
+    assert_user_error(url, "patch", "ippool", name, "-p", "{", expect="--patch: not JSON or YAML")
 
 
 def test_delete_removes_one_resource(url: str) -> None:
@@ -491,3 +525,24 @@ def test_stale_or_foreign_report_is_refused(url: str, tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert_user_error(url, "ipam", "release", "--from-report", str(bad), expect="not JSON")
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "result"),
+    [  # from RFC 7386's examples
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ],
+)
+def test_merge_patch_follows_rfc_7386(target: Any, patch: Any, result: Any) -> None:
+    from overlay.cli_resources import merge_patch
+
+    before = copy.deepcopy(target)
+    assert merge_patch(target, patch) == result
+    assert target == before
