@@ -76,6 +76,7 @@ class FelixConfiguration:
     external_nodes_list: tuple[netaddr.IPNetwork, ...] | None = None
     checksum_offload_broken: bool | None = None  # featureDetectOverride ChecksumOffloadBroken
     log_severity_screen: str | None = None  # Debug, Info, Warning, Error or Fatal
+    nat_outgoing_address: netaddr.IPAddress | None = None  # None: masquerade
 
 
 @dataclass(frozen=True)

@@ -756,6 +756,7 @@ _FELIX_FIELDS = {
     "externalNodesList",
     "featureDetectOverride",
     "logSeverityScreen",
+    "natOutgoingAddress",
     # Calico fields we do not implement: accepted only with a harmless value (below).
     "vxlanMTUV6",
     "vxlanEnabled",
@@ -864,6 +865,7 @@ def _felix(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> Fel
                 "spec.logSeverityScreen", f"{text!r} is not one of {', '.join(LOG_SEVERITIES)}"
             )
     override = spec.get("featureDetectOverride")
+    nat_address = spec.get("natOutgoingAddress")
     return FelixConfiguration(
         name=name,
         vxlan_vni=_felix_int(ctx, spec, "vxlanVNI", 1, 2**24 - 1),
@@ -874,6 +876,9 @@ def _felix(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> Fel
         external_nodes_list=nets,
         checksum_offload_broken=None if override is None else _feature_overrides(ctx, override),
         log_severity_screen=severity,
+        nat_outgoing_address=None
+        if nat_address in (None, "")
+        else _v4(ctx, "spec.natOutgoingAddress", nat_address),
     )
 
 
@@ -1006,5 +1011,9 @@ def _felix_spec(res: FelixConfiguration) -> dict[str, Any]:
             None if override is None else f"ChecksumOffloadBroken={str(override).lower()}",
         ),
         ("logSeverityScreen", res.log_severity_screen),
+        (
+            "natOutgoingAddress",
+            None if res.nat_outgoing_address is None else str(res.nat_outgoing_address),
+        ),
     )
     return {key: value for key, value in fields if value is not None}

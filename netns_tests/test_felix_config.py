@@ -4,7 +4,8 @@ A lab of two nodes in two subnets (so their pods' traffic is VXLAN) with one pod
 cluster's FelixConfiguration changes the VNI and the UDP port: every agent recreates its
 `vxlan.calico`, moves its tunnel filter, and the pods talk again over the new port and VNI
 (asserted on the wire). A node's own FelixConfiguration overrides the cluster's for that node
-only (the tunnel MTU and the pod MTU file). Deleting them brings the defaults back.
+only (the tunnel MTU and the pod MTU file, the source address of NAT-outgoing traffic).
+Deleting them brings the defaults back.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import netaddr
 import pytest
 
 from netns_tests.lab_fixtures import LAB_TEST_MARKS, VXLAN_DEV, Capture, Lab, poll, running_lab
 from overlay.lab import lab as lab_cli
 from overlay.lab import netns
+from overlay.lab.topology import EXTERNAL_HOST
 
 pytestmark = LAB_TEST_MARKS
 
@@ -159,3 +162,41 @@ def test_a_bad_configuration_is_refused_and_nothing_is_stored(pair: Lab, tmp_pat
     )
     assert "default" not in pair.overlayctl("get", "felixconfigurations")
     assert vxlan_device(pair.node(1).netns)["port"] == 4789
+
+
+def test_nat_outgoing_address_is_the_source_the_external_host_sees(
+    pair: Lab, tmp_path: Path
+) -> None:
+    from scapy.layers.inet import ICMP, IP
+
+    n1, n2 = pair.node(1), pair.node(2)
+    ext = pair.state.external_netns
+
+    def sources_seen(node: int, tag: str) -> set[str]:
+        with Capture(ext, tmp_path / f"{tag}.pcap", "icmp", count=4) as cap:
+            assert pair.ping(pair.pod(node).netns, str(EXTERNAL_HOST), count=2)
+        return {p[IP].src for p in cap.packets() if p.haslayer(ICMP) and p[ICMP].type == 8}
+
+    assert sources_seen(1, "before") == {pair.address(n1)}  # masquerade: the node address
+    # A second address of node1 on its subnet: the router reaches it (connected route).
+    subnet = netaddr.IPNetwork(n1.underlay_ip)
+    extra = str(netaddr.IPAddress(subnet.last - 5))
+    netns.run_in(n1.netns, ["ip", "addr", "add", f"{extra}/{subnet.prefixlen}", "dev", "eth0"])
+    apply(pair, tmp_path, f"node.{n1.name}", f"  natOutgoingAddress: {extra}\n")
+
+    def rule() -> str:
+        return netns.run_in(n1.netns, ["nft", "list", "table", "ip", "overlay-nat"])
+
+    ok, _ = poll(lambda: f"snat to {extra}" in rule(), 5.0, interval=0.05)
+    assert ok, rule()
+    assert sources_seen(1, "snat") == {extra}
+    assert sources_seen(2, "other") == {pair.address(n2)}  # another node's setting
+
+    pair.overlayctl("delete", "felixconfiguration", f"node.{n1.name}")
+    ok, _ = poll(lambda: "masquerade" in rule(), 5.0, interval=0.05)
+    assert ok, rule()
+    assert sources_seen(1, "after") == {pair.address(n1)}
+    # Someone flushes our rule but leaves the table and its sets: written again within 1 s.
+    netns.run_in(n1.netns, ["nft", "flush", "chain", "ip", "overlay-nat", "postrouting"])
+    ok, _ = poll(lambda: "masquerade" in rule(), 1.0, interval=0.02)
+    assert ok, rule()

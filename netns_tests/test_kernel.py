@@ -347,6 +347,16 @@ def test_nat_outgoing_roundtrip(node: str) -> None:
     ruleset = ip("netns", "exec", node, "nft", "list", "table", "ip", "overlay-nat").stdout
     assert "ip saddr @sources ip daddr != @pools masquerade" in ruleset
     apply_nat(nat, node)  # replacing is atomic and repeatable
+    to = NatOutgoing(nat.sources, nat.all_pools, netaddr.IPAddress("192.0.2.9"))
+    apply_nat(to, node)
+    assert read_nat(node) == to
+    assert (
+        "daddr != @pools snat to 192.0.2.9"
+        in ip("netns", "exec", node, "nft", "list", "table", "ip", "overlay-nat").stdout
+    )
+    # Someone flushes our rule but leaves the table: read back as no table, so written again.
+    ip("netns", "exec", node, "nft", "flush", "chain", "ip", "overlay-nat", "postrouting")
+    assert read_nat(node) is None
     apply_nat(None, node)
     assert read_nat(node) is None
     apply_nat(None, node)  # deleting twice is fine

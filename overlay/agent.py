@@ -90,6 +90,7 @@ class AgentConfig:
     vxlan_mtu: int | None = None  # the tunnel devices' MTUs; None: underlay MTU - overhead
     ipip_mtu: int | None = None
     log_level: str | None = None
+    nat_outgoing_address: str | None = None  # source of natOutgoing traffic; None: masquerade
     # How often the underlay is detected again, to follow a new address or interface (Felix
     # re-checks the parent every 10 s); 0 turns that off.
     underlay_check_interval: float = 10.0
@@ -145,6 +146,18 @@ def _external_node(text: str) -> netaddr.IPNetwork:
     return net
 
 
+def _nat_address(text: str | None) -> netaddr.IPAddress | None:
+    if text is None:
+        return None
+    try:
+        address = netaddr.IPAddress(text.strip())
+    except (netaddr.AddrFormatError, ValueError, TypeError):
+        address = None
+    if address is None or address.version != 4:
+        raise ValueError(f"nat_outgoing_address: {text!r} is not an IPv4 address")
+    return address
+
+
 def _tunnel_addresses(node: Node | None) -> dict[str, str]:
     """This node's tunnel addresses by kind, for `overlayctl status`."""
     if node is None:
@@ -176,6 +189,8 @@ def _settings_status(s: Settings) -> dict[str, Any]:
         value = getattr(s, name)
         if name == "external_nodes":
             value = [str(n) for n in value]
+        elif name == "nat_outgoing_address" and value is not None:
+            value = str(value)
         out[name] = {"value": value, "source": source}
     return out
 
@@ -214,6 +229,7 @@ class Agent:
             else tuple(map(_external_node, cfg.external_nodes)),
             checksum_offload_broken=cfg.checksum_offload_broken,
             log_level=cfg.log_level.upper() if cfg.log_level else None,
+            nat_outgoing_address=_nat_address(cfg.nat_outgoing_address),
         )
         # Validated here: a bad flag is an error at start, naming the option and the value.
         self._settings = effective(self._flags, {}, cfg.node_name)
@@ -352,6 +368,7 @@ class Agent:
             vxlan_port=s.vxlan_port,
             tx_checksum_off=checksum_offload_broken(os.uname().release, s.checksum_offload_broken),
             external_nodes=frozenset(s.external_nodes),
+            nat_outgoing_address=s.nat_outgoing_address,
         )
 
     def _follow_settings(
@@ -835,6 +852,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="CIDR[,CIDR...]: hosts that are no node but may send VXLAN / IP-in-IP to this one",
     )
+    p.add_argument(
+        "--nat-outgoing-address",
+        default=None,
+        help="IPv4 address to source-NAT natOutgoing traffic to (default: masquerade, or "
+        "natOutgoingAddress)",
+    )
     p.add_argument("--log-format", choices=("kv", "json"), default="kv")
     p.add_argument("--log-file", default=None)
     p.add_argument("--log-level", default=None, help="default info, or logSeverityScreen")
@@ -865,6 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         vxlan_mtu=args.vxlan_mtu,
         ipip_mtu=args.ipip_mtu,
         log_level=args.log_level,
+        nat_outgoing_address=args.nat_outgoing_address,
         underlay_check_interval=args.underlay_check_interval,
         external_nodes=None
         if args.external_nodes is None

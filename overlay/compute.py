@@ -103,8 +103,12 @@ class DataplaneConfig:
     tx_checksum_off: bool = False
     # Senders of tunnelled packets admitted besides the nodes (Calico's externalNodesList).
     external_nodes: frozenset[netaddr.IPNetwork] = frozenset()
+    # Source address for natOutgoing traffic (Calico's natOutgoingAddress); None: masquerade.
+    nat_outgoing_address: netaddr.IPAddress | None = None
 
     def __post_init__(self) -> None:
+        if self.nat_outgoing_address is not None and self.nat_outgoing_address.version != 4:
+            raise ValueError(f"nat_outgoing_address: {self.nat_outgoing_address} is not IPv4")
         for net in self.external_nodes:
             if net.version != 4:
                 raise ValueError(f"external_nodes: {net} is not an IPv4 network")
@@ -368,7 +372,11 @@ class ComputeCache:
 
         v4_pools = [p for p in pools if p.version == 4]
         sources = frozenset(p.cidr for p in v4_pools if p.nat_outgoing)
-        nat = NatOutgoing(sources, frozenset(p.cidr for p in v4_pools)) if sources else None
+        nat = (
+            NatOutgoing(sources, frozenset(p.cidr for p in v4_pools), cfg.nat_outgoing_address)
+            if sources
+            else None
+        )
         # Copies: the caller keeps this state while the cache moves on to the next view.
         return Dataplane(
             devices=devices,

@@ -141,10 +141,12 @@ class Route:
 
 @dataclass(frozen=True)
 class NatOutgoing:
-    """Masquerade traffic from `sources` to anything outside `all_pools`."""
+    """Masquerade traffic from `sources` to anything outside `all_pools`, or source-NAT it
+    to `address` when set (Calico's natOutgoingAddress)."""
 
     sources: frozenset[netaddr.IPNetwork]
     all_pools: frozenset[netaddr.IPNetwork]
+    address: netaddr.IPAddress | None = None
 
     def normalized(self) -> NatOutgoing | None:
         """The form the kernel holds (IPv4 only, merged CIDRs; None when nothing to do),
@@ -153,7 +155,7 @@ class NatOutgoing:
         if not sources:
             return None
         pools = netaddr.cidr_merge([n for n in self.all_pools | self.sources if n.version == 4])
-        return NatOutgoing(frozenset(sources), frozenset(pools))
+        return NatOutgoing(frozenset(sources), frozenset(pools), self.address)
 
 
 @dataclass(frozen=True)

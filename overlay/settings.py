@@ -33,6 +33,7 @@ class Flags:
     external_nodes: tuple[netaddr.IPNetwork, ...] | None = None
     checksum_offload_broken: str | None = None  # auto, true or false
     log_level: str | None = None  # a logging level name
+    nat_outgoing_address: netaddr.IPAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Settings:
     external_nodes: tuple[netaddr.IPNetwork, ...] = ()
     checksum_offload_broken: str = "auto"
     log_level: str = "INFO"
+    nat_outgoing_address: netaddr.IPAddress | None = None  # None: masquerade
     # Setting -> where its value came from: "flag", "FelixConfiguration <name>" or
     # "built-in". Not part of equality: only the values decide whether anything changes.
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -68,6 +70,7 @@ _FROM_FELIX = {
     "external_nodes": ("external_nodes_list", lambda v: v),
     "checksum_offload_broken": ("checksum_offload_broken", lambda v: str(v).lower()),
     "log_level": ("log_severity_screen", lambda v: LOG_SEVERITIES[v]),
+    "nat_outgoing_address": ("nat_outgoing_address", lambda v: v),
 }
 _SETTINGS = tuple(_FROM_FELIX)
 

@@ -524,6 +524,7 @@ spec:
   routeRefreshInterval: 1m30s
   externalNodesList: [192.0.2.7, 198.51.100.0/24]
   featureDetectOverride: ChecksumOffloadBroken=true
+  natOutgoingAddress: 192.0.2.77
 """
 
 
@@ -551,6 +552,7 @@ def test_calico_felix_configuration_applies_unchanged_and_round_trips() -> None:
         ),
         checksum_offload_broken=True,
         log_severity_screen="Info",
+        nat_outgoing_address=netaddr.IPAddress("192.0.2.77"),
     )
     manifest = to_manifest(felix)
     assert manifest["spec"]["routeRefreshInterval"] == "90s"
@@ -598,6 +600,8 @@ def test_route_refresh_interval_reads_go_durations(text: str, seconds: float) ->
         ("default", {"vxlanMTUV6": 1400}, ["spec.vxlanMTUV6", "set vxlanMTU"]),
         ("default", {"bpfEnabled": True}, ["spec.bpfEnabled", "not supported"]),
         ("default", {"wireguardEnabled": True}, ["spec.wireguardEnabled", "unknown field"]),
+        ("default", {"natOutgoingAddress": "fd00::1"}, ["spec.natOutgoingAddress", "fd00::1"]),
+        ("default", {"natOutgoingAddress": "10.0.0.0/8"}, ["spec.natOutgoingAddress"]),
     ],
 )
 def test_felix_refusals_name_field_and_value(

@@ -1,13 +1,15 @@
 """NAT-outgoing with nftables: one table `ip overlay-nat`, replaced atomically via `nft -f -`.
 
-Traffic from a natOutgoing pool to a destination outside every pool is masqueraded; pod to
-pod traffic (destination inside any pool) never is. IPv4 only, like the table family.
+Traffic from a natOutgoing pool to a destination outside every pool is masqueraded, or
+source-NATed to the natOutgoingAddress when one is set; pod to pod traffic (destination
+inside any pool) never is. IPv4 only, like the table family.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import netaddr
 
@@ -39,13 +41,14 @@ def render(nat: NatOutgoing | None) -> str:
     sources, pools = _v4(nat.sources), _v4(nat.all_pools | nat.sources)
     if not sources:
         return head
+    action = "masquerade" if nat.address is None else f"snat to {nat.address}"
     return head + (
         f"table {FAMILY} {TABLE} {{\n"
         f"  set pools {{ type ipv4_addr; flags interval; {_elements(pools)} }}\n"
         f"  set sources {{ type ipv4_addr; flags interval; {_elements(sources)} }}\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
-        "    ip saddr @sources ip daddr != @pools masquerade\n"
+        f"    ip saddr @sources ip daddr != @pools {action}\n"
         "  }\n"
         "}\n"
     )
@@ -57,10 +60,11 @@ def apply_nat(nat: NatOutgoing | None, netns: str | None = None) -> None:
         log.info("event=nat_deleted table=%s", TABLE)
     else:
         log.info(
-            "event=nat_set table=%s sources=%s pools=%s",
+            "event=nat_set table=%s sources=%s pools=%s to=%s",
             TABLE,
             ",".join(map(str, _v4(nat.sources))),
             ",".join(map(str, _v4(nat.all_pools | nat.sources))),
+            nat.address or "masquerade",
         )
 
 
@@ -74,6 +78,26 @@ def read_nat(netns: str | None = None) -> NatOutgoing | None:
         for item in items
         if (s := item.get("set")) and s.get("table") == TABLE
     }
-    if "sources" not in sets:
-        return None
-    return NatOutgoing(sources=sets["sources"], all_pools=sets.get("pools", frozenset()))
+    rule = _rule_action(items)
+    if "sources" not in sets or rule is None:
+        return None  # half a table is no table: apply writes it whole again
+    return NatOutgoing(
+        sources=sets["sources"], all_pools=sets.get("pools", frozenset()), address=rule[1]
+    )
+
+
+def _rule_action(items: list[dict[str, Any]]) -> tuple[str, netaddr.IPAddress | None] | None:
+    """What our rule does: ("masquerade", None) or ("snat", address); None: no such rule."""
+    for item in items:
+        rule = item.get("rule")
+        if not rule or rule.get("table") != TABLE:
+            continue
+        for expr in rule.get("expr", ()):
+            if not isinstance(expr, dict):
+                continue
+            if "masquerade" in expr:
+                return "masquerade", None
+            snat = expr.get("snat")
+            if isinstance(snat, dict) and "addr" in snat:
+                return "snat", netaddr.IPAddress(snat["addr"])
+    return None

@@ -45,6 +45,8 @@ def test_external_nodes_reach_the_dataplane_merged(tmp_path: Path) -> None:
         ("ipip_mtu", 70000, "ipip_mtu: 70000 is outside 68..65535"),
         ("resync_interval", -1.0, "resync_interval: -1.0 is not a number of seconds >= 0"),
         ("checksum_offload_broken", "maybe", "checksum_offload_broken: 'maybe' is not one of"),
+        ("nat_outgoing_address", "fd00::1", "nat_outgoing_address: 'fd00::1' is not an IPv4"),
+        ("nat_outgoing_address", "x", "nat_outgoing_address: 'x' is not an IPv4 address"),
     ],
 )
 def test_a_bad_dataplane_flag_is_refused_naming_it(

@@ -48,15 +48,20 @@ def test_calico_values_become_ours() -> None:
         checksum_offload_broken=True,
         log_severity_screen="Fatal",
         external_nodes_list=(netaddr.IPNetwork("192.0.2.0/24"),),
+        nat_outgoing_address=netaddr.IPAddress("192.0.2.9"),
     )
     s = effective(Flags(), configs(cluster), NODE)
+    assert s.nat_outgoing_address == netaddr.IPAddress("192.0.2.9")
     assert s.resync_interval == 0.0  # no periodic resync
     assert s.checksum_offload_broken == "true"
     assert s.log_level == "CRITICAL"
     assert s.external_nodes == (netaddr.IPNetwork("192.0.2.0/24"),)
     # A flag "auto" is given, and so wins over the cluster's "true".
     assert effective(Flags(checksum_offload_broken="auto"), configs(cluster), NODE) == Settings(
-        resync_interval=0.0, log_level="CRITICAL", external_nodes=s.external_nodes
+        resync_interval=0.0,
+        log_level="CRITICAL",
+        external_nodes=s.external_nodes,
+        nat_outgoing_address=s.nat_outgoing_address,
     )
 
 

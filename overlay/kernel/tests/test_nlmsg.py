@@ -101,3 +101,7 @@ def test_nat_rules_never_masquerade_pod_to_pod() -> None:
     assert "elements = { 10.1.0.0/16 }" in script  # overlapping sources merged
     assert "elements = { 10.1.0.0/16, 10.2.0.0/16 }" in script
     assert render(None).strip().endswith("delete table ip overlay-nat")
+    to = netaddr.IPAddress("192.0.2.9")  # natOutgoingAddress: source NAT to it instead
+    script = render(NatOutgoing(frozenset(nets[:2]), frozenset(nets), to))
+    assert "ip saddr @sources ip daddr != @pools snat to 192.0.2.9" in script
+    assert "masquerade" not in script
