@@ -196,7 +196,16 @@ def test_nat_outgoing_address_is_the_source_the_external_host_sees(
     ok, _ = poll(lambda: "masquerade" in rule(), 5.0, interval=0.05)
     assert ok, rule()
     assert sources_seen(1, "after") == {pair.address(n1)}
-    # Someone flushes our rule but leaves the table and its sets: written again within 1 s.
-    netns.run_in(n1.netns, ["nft", "flush", "chain", "ip", "overlay-nat", "postrouting"])
+    # Someone flushes our rule but leaves the table and its sets: written again within 1 s
+    # (the nftables monitor sees another process change our table) ...
+    flush = ["nft", "flush", "chain", "ip", "overlay-nat", "postrouting"]
+    netns.run_in(n1.netns, flush)
     ok, _ = poll(lambda: "masquerade" in rule(), 1.0, interval=0.02)
+    assert ok, rule()
+    # ... and also while the agent is down: the restarted agent reads the rule back.
+    argv = pair.stop_agent(n1)
+    netns.run_in(n1.netns, flush)
+    pair.start_agent(n1, argv)
+    pair.wait_agent(n1, peers=1)
+    ok, _ = poll(lambda: "masquerade" in rule(), 5.0, interval=0.05)
     assert ok, rule()
