@@ -28,7 +28,8 @@ import netaddr
 from ipam.allocator import IPAM
 from ipam.datastore import Datastore, DatastoreError, open_datastore, resolve_url
 from ipam.model import FelixConfiguration, IPPool, Node
-from ipam.store import ResourceStore
+from ipam.resources import FELIX_DEFAULT_NAME, ResourceError
+from ipam.store import ResourceNotFound, ResourceStore
 from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
 from overlay.compute import (
@@ -42,7 +43,7 @@ from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Dataplane, PeerPath
 from overlay.pod_routes import PodRouteKeeper
 from overlay.reconciler import Outcome, Reconciler
-from overlay.settings import Flags, Settings, effective
+from overlay.settings import Flags, Settings, effective, felix_name
 from overlay.status_http import Health, StatusServer
 from overlay.view import ClusterView
 from overlay.watch import ClusterWatcher
@@ -743,11 +744,20 @@ class Agent:
         return 0
 
     def _start_settings(self, store: ResourceStore) -> None:
-        """The settings as the datastore has them at start (the watch follows them after)."""
-        configs = store.list("FelixConfiguration")
-        self._follow_settings(
-            {c.name: c for c in configs if isinstance(c, FelixConfiguration)}, at_start=True
-        )
+        """The settings as the datastore has them at start (the watch follows them after).
+        A corrupt record counts as absent, as the watch skips it too."""
+        configs: dict[str, FelixConfiguration] = {}
+        for name in (FELIX_DEFAULT_NAME, felix_name(self.cfg.node_name)):
+            try:
+                res = store.get("FelixConfiguration", name)
+            except ResourceNotFound:
+                continue
+            except ResourceError as exc:
+                log.warning("event=bad_record kind=FelixConfiguration name=%s error=%s", name, exc)
+                continue
+            if isinstance(res, FelixConfiguration):
+                configs[name] = res
+        self._follow_settings(configs, at_start=True)
         s = self._settings
         log.info(
             "event=settings %s",

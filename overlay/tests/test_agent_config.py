@@ -69,3 +69,24 @@ def test_dataplane_flags_reach_the_dataplane_and_win_over_felix_configurations(
     assert agent.status()["settings"]["vxlan_port"] == {"value": 8472, "source": "flag"}
     agent._follow_settings({})  # the cluster's configuration deleted
     assert (agent._dataplane_cfg.vxlan_vni, agent._dataplane_cfg.ipip_mtu) == (4096, None)
+
+
+def test_settings_at_start_come_from_the_datastore_and_a_corrupt_record_counts_as_absent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ipam.datastore.sqlite import SqliteDatastore
+    from ipam.model import FelixConfiguration
+    from ipam.store import ResourceStore, resource_key
+
+    ds = SqliteDatastore(tmp_path / "s.db")
+    try:
+        store = ResourceStore(ds)
+        store.apply(FelixConfiguration("default", vxlan_port=8472, vxlan_mtu=1400))
+        ds.create(resource_key("FelixConfiguration", "node.n1"), '{"kind": "Felix')
+        agent = Agent(config(tmp_path))
+        with caplog.at_level("WARNING", logger="overlay.agent"):
+            agent._start_settings(store)
+        assert (agent._dataplane_cfg.vxlan_port, agent._dataplane_cfg.vxlan_mtu) == (8472, 1400)
+        assert "event=bad_record kind=FelixConfiguration name=node.n1" in caplog.text
+    finally:
+        ds.close()
