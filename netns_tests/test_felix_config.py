@@ -19,6 +19,7 @@ import netaddr
 import pytest
 
 from netns_tests.lab_fixtures import LAB_TEST_MARKS, VXLAN_DEV, Capture, Lab, poll, running_lab
+from overlay.lab import check
 from overlay.lab import lab as lab_cli
 from overlay.lab import netns
 from overlay.lab.topology import EXTERNAL_HOST
@@ -103,6 +104,10 @@ def test_vni_and_port_follow_the_cluster_configuration_and_come_back(
     assert took < 5.0
     # Every pod pair talks over the new port with the new VNI, between the node addresses.
     assert vxlan_on_the_wire(pair, tmp_path, 8472) == {(8472, 4097, a1, a2), (8472, 4097, a2, a1)}
+    # `lab check` counts VXLAN on the port the devices use: every probe passes, as vxlan.
+    _, probes = check.run_check(pair.name, timeout=60)
+    assert all(p.passed for p in probes), [p for p in probes if not p.passed]
+    assert {p.path for p in probes if p.dst != check.EXTERNAL} == {"vxlan"}
     for i in (1, 2):
         node = pair.node(i)
         setting = pair.status(node)["settings"]["vxlan_port"]

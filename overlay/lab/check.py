@@ -2,7 +2,8 @@
 record the path each request took AS SEEN ON THE WIRE.
 
 Every node namespace gets a lab-owned nftables table counting what leaves its underlay
-interface: VXLAN (UDP 4789), IP-in-IP (protocol 4), and plain pod-to-pod packets (direct).
+interface: VXLAN (to the UDP port of the node's vxlan.calico, 4789 unless a FelixConfiguration
+moved it), IP-in-IP (protocol 4), and plain pod-to-pod packets (direct).
 The external namespace counts echo requests per source address, which shows whether
 NAT-outgoing rewrote the pod address into its node's. Pings run one at a time, so the
 counters of the source node move only for the ping in flight. A dual-stack lab (--ipv6)
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass
 from overlay.lab import netns
 from overlay.lab.lab import LabState, load
 from overlay.lab.topology import EXTERNAL_HOST, POOL6_CIDR, POOL_CIDR
+from overlay.model import VXLAN_DEVICE, VXLAN_PORT
 
 PROBE_TABLE = "overlay-lab-probe"
 UNDERLAY_IF = "eth0"
@@ -54,7 +56,7 @@ class Probe:
 # ------------------------------------------------------------------------------ pure
 
 
-def node_probe_script() -> str:
+def node_probe_script(vxlan_port: int = VXLAN_PORT) -> str:
     """Counters on the node's underlay egress (postrouting: after encapsulation and NAT)."""
     t = PROBE_TABLE
     return (
@@ -63,7 +65,7 @@ def node_probe_script() -> str:
         "  counter vxlan { }\n  counter ipip { }\n  counter direct { }\n"
         "  chain egress {\n"
         "    type filter hook postrouting priority 300; policy accept;\n"
-        f'    oifname "{UNDERLAY_IF}" udp dport 4789 counter name "vxlan"\n'
+        f'    oifname "{UNDERLAY_IF}" udp dport {vxlan_port} counter name "vxlan"\n'
         f'    oifname "{UNDERLAY_IF}" ip protocol 4 counter name "ipip"\n'
         f'    oifname "{UNDERLAY_IF}" ip saddr {POOL_CIDR} ip daddr {POOL_CIDR} '
         'counter name "direct"\n'
@@ -182,9 +184,18 @@ def _ping(ns: str, address: str) -> bool:
     return res.returncode == 0
 
 
+def _vxlan_port(ns: str) -> int:
+    """The UDP port of the node's vxlan.calico (the one its VXLAN packets are sent to)."""
+    try:
+        out = netns.run(["ip", "-d", "-j", "-n", ns, "link", "show", "dev", VXLAN_DEVICE])
+    except netns.NetnsError:  # no VXLAN device (an IP-in-IP lab)
+        return VXLAN_PORT
+    return int(json.loads(out)[0]["linkinfo"]["info_data"].get("port", VXLAN_PORT))
+
+
 def install_probes(state: LabState) -> None:
     for n in state.nodes:
-        netns.nft(n.netns, node_probe_script())
+        netns.nft(n.netns, node_probe_script(_vxlan_port(n.netns)))
     addresses = [n.underlay_ip.split("/")[0] for n in state.nodes]
     netns.nft(state.external_netns, external_probe_script(addresses))
 

@@ -100,6 +100,9 @@ def test_ipv6_probes_get_their_own_matrix_and_always_expect_vxlan_between_nodes(
     assert v6.splitlines()[0].split() == ["p1", "p2"]  # no external host column
     assert v6.splitlines()[2].split() == ["p2", "direct!", "-"]
     assert "ip6 saddr fd00:10:244::/48" in check.node_probe_script()
+    # VXLAN is counted on the port the node's device sends to (FelixConfiguration vxlanPort).
+    assert 'udp dport 8472 counter name "vxlan"' in check.node_probe_script(8472)
+    assert "4789" not in check.node_probe_script(8472)
 
 
 def _status(**over: object) -> dict[str, object]:
