@@ -147,6 +147,13 @@ def _external_node(text: str) -> netaddr.IPNetwork:
     return net
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"log_level: {text!r} is not one of debug, info, warning, error, critical")
+    return level
+
+
 def _nat_address(text: str | None) -> netaddr.IPAddress | None:
     if text is None:
         return None
@@ -229,7 +236,7 @@ class Agent:
             if cfg.external_nodes is None
             else tuple(map(_external_node, cfg.external_nodes)),
             checksum_offload_broken=cfg.checksum_offload_broken,
-            log_level=cfg.log_level.upper() if cfg.log_level else None,
+            log_level=_log_level(cfg.log_level) if cfg.log_level else None,
             nat_outgoing_address=_nat_address(cfg.nat_outgoing_address),
         )
         # Validated here: a bad flag is an error at start, naming the option and the value.
@@ -880,7 +887,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.FileHandler(args.log_file) if args.log_file else logging.StreamHandler()
     )
     handler.setFormatter(KeyValueFormatter(as_json=args.log_format == "json"))
-    logging.basicConfig(level=(args.log_level or "info").upper(), handlers=[handler], force=True)
+    try:
+        level = _log_level(args.log_level or "info")
+    except ValueError as exc:
+        print(f"overlay-agent: error: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     name = (args.node_name or socket.gethostname()).lower()
     cfg = AgentConfig(
         node_name=name,

@@ -47,6 +47,7 @@ def test_external_nodes_reach_the_dataplane_merged(tmp_path: Path) -> None:
         ("checksum_offload_broken", "maybe", "checksum_offload_broken: 'maybe' is not one of"),
         ("nat_outgoing_address", "fd00::1", "nat_outgoing_address: 'fd00::1' is not an IPv4"),
         ("nat_outgoing_address", "x", "nat_outgoing_address: 'x' is not an IPv4 address"),
+        ("log_level", "loud", "log_level: 'loud' is not one of debug, info"),
     ],
 )
 def test_a_bad_dataplane_flag_is_refused_naming_it(
