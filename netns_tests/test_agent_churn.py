@@ -13,7 +13,10 @@ kernel read) == [] names every stale or missing route, nexthop, neighbour or FDB
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -25,9 +28,11 @@ from ipam.datastore import Datastore, open_datastore
 from ipam.model import IPPool, Node
 from ipam.records import BLOCKS_PREFIX, block_key
 from ipam.store import ResourceStore, encode, resource_key
-from netns_tests.lab_fixtures import LAB_TEST_MARKS, Lab, poll, running_lab
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, Lab, _reaped, poll, running_lab
 from overlay.compute import compute, local_node_from
 from overlay.kernel.apply import Kernel, describe
+from overlay.kernel.batch import open_rtnl
+from overlay.lab import netns
 from overlay.model import Op
 from overlay.plan import plan
 from overlay.view import ClusterView
@@ -76,6 +81,7 @@ class Cluster:
     borrows: list[tuple[str, netaddr.IPAddress, str]] = field(default_factory=list)
     used_underlays: set[str] = field(default_factory=set)
     serial: int = 0
+    direct_share: float = 0.5  # of the peers added, those in node1's subnet
 
     # --- raw datastore writes (compare-and-swap on the current revision) ---------------
 
@@ -116,7 +122,7 @@ class Cluster:
         tunnel = cidr.network
         attrs = {"node": name, "type": "vxlanTunnelAddress"}
         block.assign(tunnel, f"vxlan-tunnel-addr-{name}", attrs)
-        p = Peer(name, block, tunnel, self._underlay(self.rng.random() < 0.5))
+        p = Peer(name, block, tunnel, self._underlay(self.rng.random() < self.direct_share))
         self.peers[name] = p
         # Either order: the agent may see a block before its Node or the other way round.
         if self.rng.random() < 0.5:
@@ -307,5 +313,54 @@ def test_kernel_tracks_a_fresh_computation_through_churn(lab2: Lab, seed: int) -
         assert reads < STEPS / 2, f"{reads} kernel re-reads over {STEPS} steps"
     finally:
         cluster.remove_all()
+        kernel.close()
+        ds.close()
+
+
+RTMGRP_NEIGH = 0x4
+CRASH_PEERS = 800  # the lab pool holds 1024 blocks: 800 + the 80 replaced
+
+
+def test_an_agent_killed_in_its_first_pass_restarts_to_the_exact_kernel(lab2: Lab) -> None:
+    """SIGKILL while the first pass of 800 peers is being written (some objects in the
+    kernel, others not), then peers removed and added while the agent is dead: the restarted
+    agent reads the kernel first and leaves exactly a fresh computation (no orphan nexthop,
+    no stale neighbour, FDB entry or route of a removed peer, nothing missing)."""
+    me = lab2.node(1)
+    ds = open_datastore(lab2.state.datastore)
+    kernel = Kernel(netns=me.netns)
+    (pool,) = ResourceStore(ds).list_pools()
+    blocks = free_blocks(ds, pool, CRASH_PEERS + CRASH_PEERS // 10)
+    cluster = Cluster(ds, pool, "crash", random.Random(7), blocks, direct_share=0.05)
+    try:
+        argv = lab2.stop_agent(me)
+        for _ in range(CRASH_PEERS):
+            cluster.add()
+        # Killed at the kernel's first neighbour notification: the agent writes neighbours,
+        # FDB entries, nexthops, then routes, so the rest is not written yet.
+        with contextlib.closing(open_rtnl(me.netns, groups=RTMGRP_NEIGH)) as events:
+            events.settimeout(30.0)
+            pid = lab2.start_agent(me, argv)
+            events.recv(65536)
+            os.kill(pid, signal.SIGKILL)
+        gone, _ = poll(lambda: _reaped(pid), 10.0, interval=0.01)
+        assert gone
+        left = kernel.read()
+        partial = (len(left.neighbours), len(left.fdb), len(left.nexthops), len(left.routes))
+        print(f"killed with (neighbours, fdb, nexthops, routes) = {partial} in the kernel")
+        assert any(partial), "the agent was killed before it wrote anything"
+        # While it is dead: a tenth of the peers leave, as many new ones come.
+        for _ in range(CRASH_PEERS // 10):
+            cluster.remove()
+            cluster.add()
+        lab2.start_agent(me, argv)
+        assert_converges(ds, kernel, me.name, "restart after SIGKILL")
+        routes = {str(r.dst) for r in kernel.read().routes}
+        missing = [p.name for p in cluster.peers.values() if str(p.block.cidr) not in routes]
+        assert missing == [], f"peers without a route: {missing[:10]}"
+    finally:
+        cluster.remove_all()
+        if me.agent_pid is not None and not netns.alive(me.agent_pid):
+            lab2.start_agent(me, argv)  # the module's other tests want it running
         kernel.close()
         ds.close()

@@ -19,9 +19,8 @@ import netaddr
 import pytest
 
 from netns_tests.lab_fixtures import LAB_TEST_MARKS, VXLAN_DEV, Capture, Lab, poll, running_lab
-from overlay.lab import check
+from overlay.lab import check, netns
 from overlay.lab import lab as lab_cli
-from overlay.lab import netns
 from overlay.lab.topology import EXTERNAL_HOST
 
 pytestmark = LAB_TEST_MARKS
