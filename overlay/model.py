@@ -15,10 +15,13 @@ import netaddr
 
 # Calico's conventions, so that `ip` output looks familiar to Calico users.
 VXLAN_DEVICE = "vxlan.calico"
+# IPv6 pods between nodes that have IPv6 underlay addresses (Calico's iptables-mode device).
+VXLAN6_DEVICE = "vxlan-v6.calico"
 IPIP_DEVICE = "tunl0"
 VXLAN_VNI = 4096
 VXLAN_PORT = 4789
 VXLAN_OVERHEAD = 50
+VXLAN6_OVERHEAD = 70  # outer IPv6 (40) + UDP (8) + VXLAN (8) + inner Ethernet (14)
 IPIP_OVERHEAD = 20
 
 # Host-side names of pod interfaces (cni/pod.py VETH_PREFIX; Calico's InterfacePrefix).
