@@ -71,6 +71,7 @@ class FelixConfiguration:
     vxlan_vni: int | None = None
     vxlan_port: int | None = None
     vxlan_mtu: int | None = None
+    vxlan_mtu_v6: int | None = None
     ipip_mtu: int | None = None
     route_refresh_interval: float | None = None  # seconds; 0: no periodic full resync
     external_nodes_list: tuple[netaddr.IPNetwork, ...] | None = None

@@ -751,6 +751,7 @@ _FELIX_FIELDS = {
     "vxlanVNI",
     "vxlanPort",
     "vxlanMTU",
+    "vxlanMTUV6",
     "ipipMTU",
     "routeRefreshInterval",
     "externalNodesList",
@@ -758,7 +759,6 @@ _FELIX_FIELDS = {
     "logSeverityScreen",
     "natOutgoingAddress",
     # Calico fields we do not implement: accepted only with a harmless value (below).
-    "vxlanMTUV6",
     "vxlanEnabled",
     "ipipEnabled",
     "bpfEnabled",
@@ -871,6 +871,7 @@ def _felix(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> Fel
         vxlan_vni=_felix_int(ctx, spec, "vxlanVNI", 1, 2**24 - 1),
         vxlan_port=_felix_int(ctx, spec, "vxlanPort", 1, 65535),
         vxlan_mtu=_felix_mtu(ctx, spec, "vxlanMTU"),
+        vxlan_mtu_v6=_felix_mtu(ctx, spec, "vxlanMTUV6"),
         ipip_mtu=_felix_mtu(ctx, spec, "ipipMTU"),
         route_refresh_interval=refresh,
         external_nodes_list=nets,
@@ -898,12 +899,6 @@ def _external_node(ctx: _Ctx, path: str, value: Any) -> netaddr.IPNetwork:
 def _harmless_felix_fields(ctx: _Ctx, spec: dict[str, Any]) -> None:
     """Calico fields with no counterpart here, accepted with the value that changes nothing:
     the tunnels follow the pools; there is no eBPF mode, floating IP nor status report."""
-    v6_mtu = spec.get("vxlanMTUV6")
-    if v6_mtu not in (None, 0):
-        ctx.fail(
-            "spec.vxlanMTUV6",
-            f"{_show(v6_mtu)}: IPv6 pods share vxlan.calico with IPv4 here, set vxlanMTU",
-        )
     for key in ("vxlanEnabled", "ipipEnabled"):
         if spec.get(key) not in (None, True):
             ctx.fail(
@@ -997,6 +992,7 @@ def _felix_spec(res: FelixConfiguration) -> dict[str, Any]:
         ("vxlanVNI", res.vxlan_vni),
         ("vxlanPort", res.vxlan_port),
         ("vxlanMTU", res.vxlan_mtu),
+        ("vxlanMTUV6", res.vxlan_mtu_v6),
         ("ipipMTU", res.ipip_mtu),
         (
             "routeRefreshInterval",

@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,8 +24,11 @@ from overlay.kernel.nat import apply_nat, read_nat
 from overlay.model import (
     IPIP_DEVICE,
     RT_PROTO,
+    VXLAN6_DEVICE,
     VXLAN_DEVICE,
     Action,
+    Dataplane,
+    FdbEntry,
     IpipDevice,
     NatOutgoing,
     Neighbour,
@@ -32,7 +36,11 @@ from overlay.model import (
     NexthopKey,
     Op,
     Route,
+    TunnelFilter,
+    TunnelHosts,
+    VxlanDevice,
 )
+from overlay.plan import plan
 
 pytestmark = [
     pytest.mark.netns,
@@ -121,6 +129,55 @@ def test_ipv6_objects_on_the_ipv4_vxlan_device_roundtrip(node: str, kernel: Kern
     assert kernel.read().routes >= {route4, blackhole6}
     _apply_ok(kernel, [Op(Action.SET, dev)])
     assert kernel.read().devices[VXLAN_DEVICE] == as_read(dev)
+
+
+def test_the_ipv6_vxlan_device_and_its_peer_objects_roundtrip(node: str, kernel: Kernel) -> None:
+    """vxlan-v6.calico over an IPv6 underlay, next to vxlan.calico on the same UDP port:
+    the device (IPv6 local address, /128 tunnel address), and per peer an NDP entry, an FDB
+    entry with an IPv6 destination, an IPv6 nexthop and its nhid route."""
+    ip("-n", node, "addr", "add", "fd00:192::1/64", "dev", "veth0", "nodad")
+    v4 = vxlan_device()
+    v6 = VxlanDevice(
+        name=VXLAN6_DEVICE,
+        vni=4096,
+        port=4789,
+        local=netaddr.IPAddress("fd00:192::1"),
+        parent="veth0",
+        mac="66:0a:0b:0c:0d:06",
+        mtu=1430,
+        address=None,
+        address6=netaddr.IPAddress("fd00:127::1"),
+    )
+    tunnel6, mac = netaddr.IPAddress("fd00:128::1"), "66:00:00:00:00:06"
+    key6 = NexthopKey(gateway=tunnel6, dev=VXLAN6_DEVICE, onlink=True)
+    nb6 = Neighbour(dev=VXLAN6_DEVICE, ip=tunnel6, mac=mac)
+    fdb6 = FdbEntry(dev=VXLAN6_DEVICE, mac=mac, dst=netaddr.IPAddress("fd00:192::2"))
+    route6 = Route(dst=netaddr.IPNetwork("fd00:128::/122"), nexthop=key6)
+    host6 = Route(dst=netaddr.IPNetwork("fd00:126::9/128"), dev=VXLAN6_DEVICE)
+    ops = [
+        Op(Action.SET, v4),
+        Op(Action.SET, v6),
+        *(Op(Action.SET, o) for o in (nb6, fdb6, Nexthop(id=9, key=key6))),
+        Op(Action.SET, route6, nhid=9),
+        Op(Action.SET, host6),
+    ]
+    _apply_ok(kernel, ops)
+    dp = kernel.read()
+    assert dp.devices == {VXLAN_DEVICE: as_read(v4), VXLAN6_DEVICE: as_read(v6)}
+    assert (dp.neighbours, dp.fdb) == ({nb6}, {fdb6})
+    assert dp.nexthop_ids == {key6: 9}
+    assert dp.routes == {route6, host6} and dp.route_nhids == {route6: 9}
+    link = ip("-n", node, "-d", "link", "show", VXLAN6_DEVICE).stdout
+    assert "local fd00:192::1" in link and "dstport 4789" in link, link
+    argv = ["bridge", "-n", node, "fdb", "show", "dev", VXLAN6_DEVICE]
+    shown = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert f"{mac} dst fd00:192::2" in shown and "permanent" in shown, shown
+    # A new local address cannot be changed in place: the device is made again.
+    moved = dataclasses.replace(v6, local=netaddr.IPAddress("fd00:192::3"))
+    ip("-n", node, "addr", "add", "fd00:192::3/64", "dev", "veth0", "nodad")
+    want = Dataplane(devices={VXLAN_DEVICE: v4, VXLAN6_DEVICE: moved})
+    _apply_ok(kernel, plan(want, kernel.read()))
+    assert kernel.read().devices[VXLAN6_DEVICE] == as_read(moved)
 
 
 def test_foreign_objects_invisible_and_untouched(node: str, kernel: Kernel) -> None:
@@ -336,6 +393,31 @@ def test_ipip_device_or_clear_unsupported(kernel: Kernel) -> None:
         assert code == errno.EOPNOTSUPP and "kernel lacks ipip" in text
     else:
         assert kernel.read().devices[IPIP_DEVICE] == dev
+
+
+def test_both_tunnel_filters_are_applied_and_read_through_the_kernel(kernel: Kernel) -> None:
+    a, b = netaddr.IPAddress("192.0.2.11"), netaddr.IPAddress("192.0.2.12")
+    a6, b6 = netaddr.IPAddress("2001:db8::11"), netaddr.IPAddress("2001:db8::12")
+    want = Dataplane(
+        tunnel_filter=TunnelFilter(frozenset({a, b}), 4789, ipip=False),
+        tunnel_filter6=TunnelFilter(frozenset({a6, b6}), 4789, False, version=6),
+    )
+    _apply_ok(kernel, plan(want, kernel.read()))
+    got = kernel.read()
+    assert (got.tunnel_filter, got.tunnel_filter6) == (want.tunnel_filter, want.tunnel_filter6)
+    # The IPv6 node addresses alone change: one in-place op, on the ip6 table.
+    want.tunnel_filter6 = TunnelFilter(frozenset({b6}), 4789, False, version=6)
+    ops = plan(want, kernel.read())
+    assert ops == [Op(Action.SET, TunnelHosts(frozenset(), frozenset({a6}), version=6))]
+    _apply_ok(kernel, ops)
+    got = kernel.read()
+    assert (got.tunnel_filter, got.tunnel_filter6) == (want.tunnel_filter, want.tunnel_filter6)
+    # No IPv6 tunnel any more: only the ip6 table goes.
+    want.tunnel_filter6 = None
+    _apply_ok(kernel, plan(want, kernel.read()))
+    got = kernel.read()
+    assert (got.tunnel_filter, got.tunnel_filter6) == (want.tunnel_filter, None)
+    assert plan(want, got) == []
 
 
 def test_nat_outgoing_roundtrip(node: str) -> None:

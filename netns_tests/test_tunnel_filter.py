@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +26,13 @@ import netaddr
 import pytest
 
 from netns_tests import injection
+from netns_tests.kernel_fixtures import ip, underlay
 from netns_tests.lab_fixtures import Lab, poll, running_lab
 from netns_tests.vm.ipip_smoke import packet_socket_in
 from overlay.kernel import nft as nft_run
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import in_netns
+from overlay.kernel.monitor import Monitor
 from overlay.kernel.nat import TABLE as NAT_TABLE
 from overlay.kernel.nat import read_nat
 from overlay.kernel.nftevents import Transactions, open_events
@@ -36,11 +40,13 @@ from overlay.kernel.tunnel_filter import (
     TABLE,
     apply_filter,
     apply_hosts,
+    family,
+    read_drops,
     read_filter,
     render,
 )
 from overlay.lab import netns
-from overlay.model import VXLAN_PORT, TunnelFilter, TunnelHosts
+from overlay.model import VXLAN_PORT, GoneKey, TunnelFilter, TunnelHosts
 from overlay.view import vtep_mac
 
 pytestmark = [
@@ -49,6 +55,7 @@ pytestmark = [
 ]
 
 A, B, C = (netaddr.IPAddress(a) for a in ("192.0.2.11", "192.0.2.12", "198.51.100.13"))
+A6, B6, C6 = (netaddr.IPAddress(a) for a in ("2001:db8::11", "2001:db8::12", "2001:db8:5::13"))
 
 
 def nft(ns: str, *args: str) -> str:
@@ -98,16 +105,18 @@ def test_external_networks_read_back_and_count_as_known(node: str) -> None:
     assert "udp dport 4789 ip saddr != @hosts ip saddr != @external counter" in text
 
 
-def test_a_large_filter_write_is_announced_whole_with_our_pid(node: str) -> None:
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_large_filter_write_is_announced_whole_with_our_pid(node: str, version: int) -> None:
     # What the monitor relies on: every transaction on our table ends with the pid of the
     # nft run that made it, and 10k set elements (one message each) do not overflow.
     sock = in_netns(node, open_events)
     sock.setblocking(False)
+    first = netaddr.IPAddress("100.0.0.0" if version == 4 else "2001:db8:100::")
     try:
-        hosts = frozenset(netaddr.IPAddress((100 << 24) + i) for i in range(10_000))
-        apply_filter(TunnelFilter(hosts, VXLAN_PORT, ipip=False), node)
-        seen = Transactions(frozenset({TABLE}))
-        reported: list[tuple[str, int]] = []
+        hosts = frozenset(first + i for i in range(10_000))
+        apply_filter(TunnelFilter(hosts, VXLAN_PORT, False, version=version), node)
+        seen = Transactions(frozenset({("ip", TABLE), ("ip6", TABLE)}))
+        reported: list[tuple[tuple[str, str], int]] = []
         buf = bytearray(1 << 20)
         while True:
             try:
@@ -118,7 +127,7 @@ def test_a_large_filter_write_is_announced_whole_with_our_pid(node: str) -> None
                 reported += seen.feed(msg_type, payload)
     finally:
         sock.close()
-    assert len(reported) == 1 and reported[0][0] == TABLE
+    assert len(reported) == 1 and reported[0][0] == (family(version), TABLE)
     assert reported[0][1] in nft_run.own_pids()
 
 
@@ -136,6 +145,111 @@ def test_a_deleted_rule_reads_back_as_a_different_filter(node: str) -> None:
     assert drifted == TunnelFilter(frozenset({A}), None, ipip=True)  # VXLAN no longer covered
     apply_filter(f, node)  # what the agent does when the two differ
     assert read_filter(node) == f
+
+
+# --- the IPv6 twin, `ip6 overlay-filter` (vxlan-v6.calico), in a scratch namespace -------
+
+
+def test_the_ipv6_filter_reads_back_as_written_and_hosts_change_in_place(node: str) -> None:
+    assert read_filter(node, version=6) is None
+    external = frozenset({netaddr.IPNetwork("2001:db8:1::/48")})
+    f = TunnelFilter(frozenset({A6, B6}), VXLAN_PORT, False, external, version=6)
+    apply_filter(f, node)
+    assert read_filter(node, version=6) == f
+    assert read_filter(node) is None  # a table of its own: the IPv4 one is not there
+    text = nft(node, "list", "table", "ip6", TABLE)
+    assert 'iifname "cali*" udp dport 4789 counter packets 0 bytes 0 drop' in text
+    assert "udp dport 4789 ip6 saddr != @hosts ip6 saddr != @external counter" in text
+    assert "ipencap" not in text and "type ipv6_addr" in text
+    before = nft(node, "-a", "list", "chain", "ip6", TABLE, "input")
+    apply_hosts(TunnelHosts(add=frozenset({C6}), remove=frozenset({A6}), version=6), node)
+    moved = TunnelFilter(frozenset({B6, C6}), VXLAN_PORT, False, external, version=6)
+    assert read_filter(node, version=6) == moved
+    after = nft(node, "-a", "list", "chain", "ip6", TABLE, "input")
+    assert [ln for ln in after.splitlines() if "drop" in ln] == [
+        ln for ln in before.splitlines() if "drop" in ln
+    ]
+    apply_filter(None, node, version=6)
+    assert read_filter(node, version=6) is None
+    apply_filter(None, node, version=6)  # deleting an absent table is fine
+
+
+def test_the_two_tables_live_side_by_side(node: str) -> None:
+    f4 = TunnelFilter(frozenset({A}), VXLAN_PORT, ipip=True)
+    f6 = TunnelFilter(frozenset(), 8472, False, version=6)  # no node has IPv6 yet
+    apply_filter(f4, node)
+    apply_filter(f6, node)
+    assert (read_filter(node), read_filter(node, version=6)) == (f4, f6)
+    apply_filter(None, node)  # the IPv4 one goes, the IPv6 one stays
+    assert (read_filter(node), read_filter(node, version=6)) == (None, f6)
+
+
+def test_an_accept_put_in_the_ipv6_table_reads_back_as_no_filtering(node: str) -> None:
+    f = TunnelFilter(frozenset({A6}), VXLAN_PORT, False, version=6)
+    apply_filter(f, node)
+    nft(node, "insert", "rule", "ip6", TABLE, "input", "accept")
+    assert read_filter(node, version=6) == TunnelFilter(frozenset({A6}), None, False, version=6)
+    apply_filter(f, node)
+    assert read_filter(node, version=6) == f
+
+
+def test_the_ipv6_filter_drops_vxlan_from_unknown_hosts_only() -> None:
+    # The neighbour host of a scratch underlay sends UDP to the VXLAN port over IPv6, and a
+    # socket on the node listens: what the filter lets through arrives there.
+    node6, peer6 = netaddr.IPAddress("2001:db8:2::1"), netaddr.IPAddress("2001:db8:2::2")
+    with underlay() as (node, other):
+        ip("-n", node, "addr", "add", f"{node6}/64", "dev", "veth0", "nodad")
+        ip("-n", other, "addr", "add", f"{peer6}/64", "dev", "veth1", "nodad")
+        rx, tx = (in_netns(ns, lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+                  for ns in (node, other))  # fmt: skip
+        with rx, tx:
+            rx.bind(("::", VXLAN_PORT))
+            rx.settimeout(1.0)
+
+            def arrives(data: bytes) -> bool:
+                tx.sendto(data, (str(node6), VXLAN_PORT))
+                try:
+                    return rx.recv(64) == data
+                except TimeoutError:
+                    return False
+
+            apply_filter(TunnelFilter(frozenset({A6}), VXLAN_PORT, False, version=6), node)
+            assert not arrives(b"stranger"), "VXLAN from an unknown IPv6 host got through"
+            assert read_drops(node, version=6)["unknown_hosts"] == 1
+            apply_hosts(TunnelHosts(frozenset({peer6}), frozenset(), version=6), node)
+            assert arrives(b"a node now"), "VXLAN from an admitted IPv6 host was dropped"
+            assert read_drops(node, version=6)["unknown_hosts"] == 1
+            assert read_drops(node)["unknown_hosts"] == 0  # no IPv4 table, nothing there
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_the_monitor_reports_anyone_elses_change_of_either_table(node: str, version: int) -> None:
+    kind = "tunnel_filter" if version == 4 else "tunnel_filter6"
+    host = A if version == 4 else A6
+    gone: list[GoneKey] = []
+    got = threading.Event()
+
+    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
+        gone.extend(keys)
+        got.set()
+
+    kicks: list[str] = []
+    with Monitor(kicks.append, netns=node, on_gone=on_gone):
+        apply_filter(TunnelFilter(frozenset({host}), VXLAN_PORT, False, version=version), node)
+        assert got.wait(2.0), f"our own write was not reported; kicks={kicks}"
+        [(k, pid, _)] = gone
+        assert k == kind and pid in nft_run.own_pids()  # the reconciler drops it as ours
+        got.clear()
+        gone.clear()
+        # Someone else takes a node's address out of our set.
+        theirs = subprocess.Popen(
+            ["ip", "netns", "exec", node, "nft", "delete", "element", family(version), TABLE,
+             "hosts", "{", str(host), "}"]
+        )  # fmt: skip
+        assert theirs.wait(10) == 0
+        assert got.wait(2.0), f"another process's change was not reported; kicks={kicks}"
+        assert gone == [(kind, theirs.pid, "")]
+        assert kicks == []
 
 
 # --- attacks on a lab ----------------------------------------------------------------------

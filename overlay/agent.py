@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import netaddr
 
@@ -40,7 +40,7 @@ from overlay.compute import (
     pools_without_nat,
 )
 from overlay.kernel.ethtool import checksum_offload_broken
-from overlay.model import Dataplane, PeerPath
+from overlay.model import Dataplane, PeerPath, TunnelFilter
 from overlay.pod_routes import PodRouteKeeper
 from overlay.reconciler import Outcome, Reconciler
 from overlay.settings import Flags, Settings, effective, felix_name
@@ -76,6 +76,9 @@ class AgentConfig:
     state_dir: Path
     socket: str
     autodetect: str = "first-found"
+    # IPv6 underlay address detection (Calico's IP6_AUTODETECTION_METHOD): "none", or a
+    # method as for IPv4. With an IPv6 underlay, IPv6 pods ride vxlan-v6.calico.
+    autodetect6: str = "none"
     metrics_addr: str = DEFAULT_METRICS
     mtu: int | None = None  # pod MTU override; None: from the tunnel MTUs
     vtep_mac: str | None = None
@@ -89,6 +92,7 @@ class AgentConfig:
     vxlan_vni: int | None = None
     vxlan_port: int | None = None
     vxlan_mtu: int | None = None  # the tunnel devices' MTUs; None: underlay MTU - overhead
+    vxlan_mtu_v6: int | None = None
     ipip_mtu: int | None = None
     log_level: str | None = None
     nat_outgoing_address: str | None = None  # source of natOutgoing traffic; None: masquerade
@@ -147,6 +151,21 @@ def _external_node(text: str) -> netaddr.IPNetwork:
     return net
 
 
+class _Underlays(NamedTuple):
+    """The underlays as detected: IPv4 (always) and IPv6 (None: none), with their MTUs."""
+
+    v4: autodetect.Underlay
+    mtu: int
+    v6: autodetect.Underlay | None
+    mtu6: int
+
+    def pairs(self) -> tuple[tuple[autodetect.Underlay | None, int], ...]:
+        return ((self.v4, self.mtu), (self.v6, self.mtu6))
+
+    def text(self) -> str:
+        return repr([(u and (u.interface, str(u.address)), mtu) for u, mtu in self.pairs()])
+
+
 def _log_level(text: str) -> str:
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -178,8 +197,7 @@ def _tunnel_addresses(node: Node | None) -> dict[str, str]:
     return {kind: str(addr) for kind, addr in fields if addr is not None}
 
 
-def _filter_status(desired: Dataplane | None) -> dict[str, Any] | None:
-    f = desired.tunnel_filter if desired is not None else None
+def _filter_status(f: TunnelFilter | None) -> dict[str, Any] | None:
     if f is None:
         return None
     tunnels = (["vxlan"] if f.vxlan_port is not None else []) + (["ipip"] if f.ipip else [])
@@ -230,6 +248,7 @@ class Agent:
             vxlan_vni=cfg.vxlan_vni,
             vxlan_port=cfg.vxlan_port,
             vxlan_mtu=cfg.vxlan_mtu,
+            vxlan_mtu_v6=cfg.vxlan_mtu_v6,
             ipip_mtu=cfg.ipip_mtu,
             resync_interval=cfg.resync_interval,
             external_nodes=None
@@ -252,6 +271,8 @@ class Agent:
         self._view: ClusterView | None = None  # the latest, for the pod-route keeper
         self._underlay: autodetect.Underlay | None = None
         self._underlay_mtu = 1500
+        self._underlay6: autodetect.Underlay | None = None  # None: no IPv6 underlay
+        self._underlay6_mtu = 1500
         self._underlay_missing = False  # the last check found no underlay (warned once)
         self._underlay_changes = 0
         self._register_lock = threading.Lock()
@@ -266,23 +287,44 @@ class Agent:
 
     # --- start-up ---------------------------------------------------------------------------
 
-    def _find_underlay(self) -> tuple[autodetect.Underlay, int]:
-        """The underlay (interface, address with prefix) and its MTU, as the host has them now."""
+    def _find_underlay(self) -> _Underlays:
+        """The underlays (interface, address with prefix) and their MTUs, as the host has
+        them now."""
         from overlay.kernel import links
 
         interfaces = links.list_interfaces()
         found = autodetect.detect(self.cfg.autodetect, interfaces, route_lookup=links.route_lookup)
-        return found, autodetect.host_mtu(interfaces, underlay=found.interface)
+        mtu = autodetect.host_mtu(interfaces, underlay=found.interface)
+        if self.cfg.autodetect6 == "none":
+            return _Underlays(found, mtu, None, 1500)
+        found6 = autodetect.detect(
+            self.cfg.autodetect6, interfaces, version=6, route_lookup=links.route_lookup
+        )
+        return _Underlays(
+            found, mtu, found6, autodetect.host_mtu(interfaces, underlay=found6.interface)
+        )
+
+    def _current(self) -> _Underlays:
+        assert self._underlay is not None
+        return _Underlays(self._underlay, self._underlay_mtu, self._underlay6, self._underlay6_mtu)
+
+    def _take(self, found: _Underlays) -> None:
+        self._underlay, self._underlay_mtu, self._underlay6, self._underlay6_mtu = found
 
     def _detect_underlay(self) -> None:
-        self._underlay, self._underlay_mtu = self._find_underlay()
-        log.info(
-            "event=underlay_detected method=%s interface=%s address=%s mtu=%d",
-            self.cfg.autodetect,
-            self._underlay.interface,
-            self._underlay.address,
-            self._underlay_mtu,
-        )
+        self._take(self._find_underlay())
+        for method, found, mtu in (
+            (self.cfg.autodetect, self._underlay, self._underlay_mtu),
+            (self.cfg.autodetect6, self._underlay6, self._underlay6_mtu),
+        ):
+            if found is not None:
+                log.info(
+                    "event=underlay_detected method=%s interface=%s address=%s mtu=%d",
+                    method,
+                    found.interface,
+                    found.address,
+                    mtu,
+                )
 
     def check_underlay(self, store: ResourceStore, ipam: IPAM) -> bool:
         """Detect the underlay again (calico-node's address monitor, Felix's parent check).
@@ -290,29 +332,34 @@ class Agent:
         follow, and recompute our own dataplane (the tunnel device's parent and local
         address, same-subnet routes, MTUs). True when it moved. A failed detection keeps
         the last underlay: an interface that flaps must not take the node's address away."""
-        old, old_mtu = self._underlay, self._underlay_mtu
-        assert old is not None
+        old = self._current()
         try:
-            found, mtu = self._find_underlay()
+            found = self._find_underlay()
         except autodetect.AutodetectError as exc:
             if not self._underlay_missing:
-                log.warning("event=underlay_check_failed keeping=%s error=%s", old.address, exc)
+                log.warning("event=underlay_check_failed keeping=%s error=%s", old.v4.address, exc)
             self._underlay_missing = True
             return False
         self._underlay_missing = False
         # Text, not ==: netaddr's equality ignores the host bits of an address with prefix.
-        if (found.interface, str(found.address), mtu) == (old.interface, str(old.address), old_mtu):
+        if found.text() == old.text():
             return False
-        log.warning(
-            "event=underlay_changed interface=%s address=%s mtu=%d was_interface=%s "
-            "was_address=%s was_mtu=%d",
-            found.interface, found.address, mtu, old.interface, old.address, old_mtu,
-        )  # fmt: skip
-        self._underlay, self._underlay_mtu = found, mtu
+        for (now, mtu), (was, was_mtu) in zip(found.pairs(), old.pairs(), strict=True):
+            if (now and (now.interface, str(now.address)), mtu) != (
+                was and (was.interface, str(was.address)),
+                was_mtu,
+            ):
+                log.warning(
+                    "event=underlay_changed interface=%s address=%s mtu=%d was_interface=%s "
+                    "was_address=%s was_mtu=%d",
+                    now and now.interface, now and now.address, mtu,
+                    was and was.interface, was and was.address, was_mtu,
+                )  # fmt: skip
+        self._take(found)
         try:
             self.register(store, ipam)
         except DatastoreError:
-            self._underlay, self._underlay_mtu = old, old_mtu  # seen as a change again next time
+            self._take(old)  # seen as a change again next time
             raise
         self._underlay_changes += 1
         if self.reconciler is not None:
@@ -337,15 +384,25 @@ class Agent:
 
     def _register(self, store: ResourceStore, ipam: IPAM) -> None:
         assert self._underlay is not None
+        v6 = self._underlay6
         node = nodes.register_node(
-            store, ipam, self.cfg.node_name, self._underlay.address, vtep_mac=self.cfg.vtep_mac
+            store,
+            ipam,
+            self.cfg.node_name,
+            self._underlay.address,
+            vtep_mac=self.cfg.vtep_mac,
+            underlay6=v6.address if v6 is not None else None,
         )
         pools = store.list_pools()
         self._pools = pools
         self._write_pod_mtu(pools)
         self.node = node
         self.local = local_node_from(
-            node, self._underlay.interface or "", underlay_mtu=self._underlay_mtu
+            node,
+            self._underlay.interface or "",
+            underlay_mtu=self._underlay_mtu,
+            underlay6_iface=(v6.interface or "") if v6 is not None else "",
+            underlay6_mtu=self._underlay6_mtu,
         )
         self._pools_seen = _pool_key(pools)
         log.info(
@@ -371,6 +428,7 @@ class Agent:
     def _dataplane_config(s: Settings) -> DataplaneConfig:
         return DataplaneConfig(
             vxlan_mtu=s.vxlan_mtu,
+            vxlan_mtu_v6=s.vxlan_mtu_v6,
             ipip_mtu=s.ipip_mtu,
             vxlan_vni=s.vxlan_vni,
             vxlan_port=s.vxlan_port,
@@ -404,23 +462,27 @@ class Agent:
             )
         self._dataplane_cfg = dataplane_cfg
         self.tx_checksum_off = dataplane_cfg.tx_checksum_off
-        logging.getLogger().setLevel(new.log_level)
+        if "log_level" in changed:  # main() set the level the flags give
+            logging.getLogger().setLevel(new.log_level)
         interval = new.resync_interval or None  # 0: no periodic resync
         if self.reconciler is not None:
             self.reconciler.set_resync_interval(interval)
         if self._pod_routes is not None:
             self._pod_routes.interval = interval
-        if {"vxlan_mtu", "ipip_mtu"} & changed.keys() and self._underlay is not None:
+        if {"vxlan_mtu", "vxlan_mtu_v6", "ipip_mtu"} & changed.keys() and self._underlay:
             with self._register_lock:
                 self._write_pod_mtu(self._pools)
 
     def _write_pod_mtu(self, pools: list[IPPool]) -> None:
         s = self._settings
+        encaps = nodes.encaps_in_use(pools, ipv6_underlay=self._underlay6 is not None)
+        # One pod MTU for both families: the smaller underlay bounds both tunnels' MTUs.
+        underlay_mtu = min(self._underlay_mtu, self._underlay6_mtu)
         self.pod_mtu = nodes.mtu_for(
-            self._underlay_mtu,
-            nodes.encaps_in_use(pools),
+            underlay_mtu,
+            encaps,
             self.cfg.mtu,
-            {"vxlan": s.vxlan_mtu, "ipip": s.ipip_mtu},
+            {"vxlan": s.vxlan_mtu, "vxlan-v6": s.vxlan_mtu_v6, "ipip": s.ipip_mtu},
         )
         nodes.write_mtu_file(self.cfg.mtu_file, self.pod_mtu)
 
@@ -435,7 +497,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         rec = self.reconciler.stats() if self.reconciler else None
-        watcher = self.watcher
+        watcher, desired = self.watcher, self._desired
         last_sync = None
         if rec is not None and rec.last_sync_time is not None:
             last_sync = time.time() - (time.monotonic() - rec.last_sync_time)
@@ -456,12 +518,20 @@ class Agent:
                 "address": str(self._underlay.address) if self._underlay else None,
                 "mtu": self._underlay_mtu,
             },
+            "underlay6": None
+            if self._underlay6 is None
+            else {
+                "interface": self._underlay6.interface,
+                "address": str(self._underlay6.address),
+                "mtu": self._underlay6_mtu,
+            },
             "pod_mtu": self.pod_mtu,
             "tunnel_addresses": _tunnel_addresses(self.node),
             "nexthop_objects": self.nexthops,
             "tx_checksum_offload": "off" if self.tx_checksum_off else "unchanged",
             "settings": _settings_status(self._settings),
-            "tunnel_filter": _filter_status(self._desired),
+            "tunnel_filter": _filter_status(desired.tunnel_filter if desired else None),
+            "tunnel_filter6": _filter_status(desired.tunnel_filter6 if desired else None),
             "dataplane_synced": bool(rec and rec.last_sync_time is not None),
             "last_sync": last_sync,
             "reconciler": rec.__dict__ if rec else None,
@@ -836,6 +906,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR | "
         "can-reach=ADDR | ADDR/PREFIX",
     )
+    p.add_argument(
+        "--ip6-autodetection",
+        default="none",
+        help="none | the methods of --ip-autodetection, for an IPv6 underlay address "
+        "(IPv6 pods then ride vxlan-v6.calico)",
+    )
     p.add_argument("--metrics-addr", default=DEFAULT_METRICS)
     # Given here, these win over the FelixConfigurations (else: theirs, else the default).
     p.add_argument(
@@ -852,6 +928,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--vxlan-mtu", type=int, default=None, help="default: underlay - 50, or vxlanMTU"
     )
     p.add_argument("--ipip-mtu", type=int, default=None, help="default: underlay - 20, or ipipMTU")
+    p.add_argument(
+        "--vxlan-mtu-v6", type=int, default=None, help="default: IPv6 underlay - 70, or vxlanMTUV6"
+    )
     p.add_argument(
         "--checksum-offload-broken",
         default=None,
@@ -900,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         state_dir=Path(args.state_dir),
         socket=args.socket,
         autodetect=args.ip_autodetection,
+        autodetect6=args.ip6_autodetection,
         metrics_addr=args.metrics_addr,
         resync_interval=args.resync_interval,
         mtu=args.mtu,
@@ -908,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
         vxlan_vni=args.vxlan_vni,
         vxlan_port=args.vxlan_port,
         vxlan_mtu=args.vxlan_mtu,
+        vxlan_mtu_v6=args.vxlan_mtu_v6,
         ipip_mtu=args.ipip_mtu,
         log_level=args.log_level,
         nat_outgoing_address=args.nat_outgoing_address,

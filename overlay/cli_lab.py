@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "router namespace (sqlite)")  # fmt: skip
     p.add_argument("--ipv6", action="store_true",
                    help="dual-stack pods: an IPv6 pool too (VXLAN, whatever --encap)")  # fmt: skip
+    p.add_argument("--ipv6-underlay", action="store_true",
+                   help="an IPv6 underlay too (fd00:192:168:K::/64), which IPv6 pods ride "
+                   "(vxlan-v6.calico); implies --ipv6")  # fmt: skip
     p.set_defaults(func=cmd_up)
 
     p = cmds.add_parser("status", help="show the lab's nodes, pods and processes")
@@ -67,7 +70,8 @@ def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
         mode=args.mode,
         pods_per_node=args.pods_per_node,
         datastore=args.lab_datastore,
-        ipv6=args.ipv6,
+        ipv6=args.ipv6 or args.ipv6_underlay,
+        ipv6_underlay=args.ipv6_underlay,
     )
     opts.validate()  # TopologyError is a ValueError: one line, exit 1
     start = time.monotonic()
@@ -120,12 +124,14 @@ def render_status(doc: dict[str, Any]) -> str:
         e = doc["etcd"]
         lines.append(f"etcd pid {e['pid']} {'running' if e['alive'] else 'DEAD'}")
     lines.append("")
+    v6 = any(n.get("underlay_ip6") for n in doc["nodes"])
     lines += _table(
-        ["NODE", "UNDERLAY", "SUBNET", "AGENT"],
+        ["NODE", "UNDERLAY", *(["UNDERLAY6"] if v6 else []), "SUBNET", "AGENT"],
         [
             [
                 n["name"],
                 n["underlay_cidr"],
+                *([n.get("underlay_ip6") or "-"] if v6 else []),
                 n["subnet"],
                 f"pid {n['agent_pid']} {'running' if n['agent_alive'] else 'DEAD'}",
             ]

@@ -59,18 +59,22 @@ def render(st: dict[str, Any]) -> str:
             else "classic routes (this kernel lacks nexthop objects, before 5.3)"
         ),
     ]
+    u6 = st.get("underlay6")
+    if u6:
+        lines.append(f"Underlay6:   {u6['address']} on {u6['interface']} (MTU {u6['mtu']})")
     tunnels = st.get("tunnel_addresses") or {}
     if tunnels:
         lines.append(
             "Tunnels:     " + ", ".join(f"{kind} {addr}" for kind, addr in tunnels.items())
         )
-    f = st.get("tunnel_filter")
-    if f:
-        extra = f" and {', '.join(f['external'])}" if f["external"] else ""
-        lines.append(
-            f"Filter:      {'/'.join(f['tunnels'])} accepted only from "
-            f"{f['node_addresses']} node addresses{extra}; never from pods"
-        )
+    for key, family in (("tunnel_filter", ""), ("tunnel_filter6", " over IPv6")):
+        f = st.get(key)
+        if f:
+            extra = f" and {', '.join(f['external'])}" if f["external"] else ""
+            lines.append(
+                f"Filter:      {'/'.join(f['tunnels'])}{family} accepted only from "
+                f"{f['node_addresses']} node addresses{extra}; never from pods"
+            )
     given = {k: v for k, v in (st.get("settings") or {}).items() if v["source"] != "built-in"}
     lines.append(
         "Settings:    "

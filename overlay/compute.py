@@ -29,11 +29,18 @@ Design notes (why it looks like this):
 - Tunnel ingress filter (Calico's all-vxlan-net / all-hosts-net): while a tunnel device
   exists, its packets are accepted from the underlay addresses of the cluster's nodes only,
   and never from our pods. The address set is kept with reference counts, like the rest.
-- IPv6 pods ride the same vxlan.calico over the IPv4 underlay (Calico's eBPF dual-stack
-  shape, not its separate vxlan-v6.calico, which needs an IPv6 underlay): a peer's VTEP is
-  its MAC and IPv4 underlay address, with a tunnel address per family. Per peer that adds
-  an NDP entry and an IPv6 nexthop; IPv6 blocks get nhid routes and blackholes like IPv4
-  ones. With no IPv6 underlay there is no direct path: CrossSubnet IPv6 pools tunnel.
+- IPv6 pods, two ways, decided by whether THIS node has an IPv6 underlay address:
+  * with one (Calico's iptables mode): over `vxlan-v6.calico`, whose local address is that
+    IPv6 address. A peer's IPv6 VTEP is its IPv6 tunnel address, its MAC for IPv6
+    (0x66 + SHA-1(name + "-v6")[:5] unless recorded) and its IPv6 underlay address: per peer
+    an NDP entry, an FDB entry and a nexthop on that device. CrossSubnet works as for IPv4,
+    on the IPv6 subnets. A peer without an IPv6 underlay address gets no IPv6 route.
+  * without (Calico's eBPF dual-stack shape): over vxlan.calico and the IPv4 underlay; a
+    peer's VTEP is its MAC and IPv4 underlay address with a tunnel address per family. Per
+    peer that adds an NDP entry and an IPv6 nexthop. No IPv6 underlay, so no direct path:
+    CrossSubnet IPv6 pools tunnel.
+  Either way IPv6 blocks get nhid routes and blackholes like IPv4 ones. Every node of a
+  cluster should be in the same mode: a node routes IPv6 the way it decides for itself.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from overlay.model import (
     IPIP_DEVICE,
     IPIP_OVERHEAD,
     MAIN_TABLE,
+    VXLAN6_DEVICE,
+    VXLAN6_OVERHEAD,
     VXLAN_DEVICE,
     VXLAN_OVERHEAD,
     VXLAN_PORT,
@@ -66,7 +75,7 @@ from overlay.model import (
     TunnelFilter,
     VxlanDevice,
 )
-from overlay.view import BlockInfo, ClusterView, vtep_mac
+from overlay.view import BlockInfo, ClusterView, vtep_mac, vtep_mac6
 
 
 @dataclass(frozen=True)
@@ -81,20 +90,33 @@ class LocalNode:
     mac: str | None = None  # our VTEP MAC; None: derived from the name (Calico's rule)
     underlay_mtu: int = 1500
     vxlan_tunnel_addr6: netaddr.IPAddress | None = None
+    # Our IPv6 underlay address WITH its prefix: IPv6 pods then ride vxlan-v6.calico.
+    underlay6: netaddr.IPNetwork | None = None
+    underlay6_iface: str = ""
+    underlay6_mtu: int = 1500
+    mac6: str | None = None  # our IPv6 VTEP MAC; None: derived from the name
 
     def __post_init__(self) -> None:
         if self.underlay.version != 4:
             raise ValueError(f"underlay: {self.underlay} is not an IPv4 address")
+        if self.underlay6 is not None and self.underlay6.version != 6:
+            raise ValueError(f"underlay6: {self.underlay6} is not an IPv6 address")
         _check_mtu("underlay_mtu", self.underlay_mtu)
+        _check_mtu("underlay6_mtu", self.underlay6_mtu)
 
     @property
     def vtep_mac(self) -> str:
         return vtep_mac(self.name, self.mac)
 
+    @property
+    def vtep_mac6(self) -> str:
+        return vtep_mac6(self.name, self.mac6)
+
 
 @dataclass(frozen=True)
 class DataplaneConfig:
     vxlan_mtu: int | None = None  # None: underlay MTU - 50
+    vxlan_mtu_v6: int | None = None  # vxlan-v6.calico; None: IPv6 underlay MTU - 70
     ipip_mtu: int | None = None  # None: underlay MTU - 20
     vxlan_vni: int = VXLAN_VNI
     vxlan_port: int = VXLAN_PORT
@@ -115,7 +137,7 @@ class DataplaneConfig:
         # Merged (the kernel's interval set rejects overlaps), so that it reads back equal.
         merged = frozenset(netaddr.cidr_merge(list(self.external_nodes)))
         object.__setattr__(self, "external_nodes", merged)
-        for name in ("vxlan_mtu", "ipip_mtu"):
+        for name in ("vxlan_mtu", "vxlan_mtu_v6", "ipip_mtu"):
             value = getattr(self, name)
             if value is not None:
                 _check_mtu(name, value)
@@ -133,8 +155,11 @@ def _check_mtu(name: str, value: int) -> None:
 class _Vtep(NamedTuple):  # a tuple: built per peer, cheap
     tunnel_ip: netaddr.IPAddress | None  # at least one of the two tunnel addresses is set
     mac: str
-    underlay: netaddr.IPAddress
+    underlay: netaddr.IPAddress | None  # None: no IPv4 part (only with an IPv6 underlay)
     tunnel_ip6: netaddr.IPAddress | None = None
+    # Set when the IPv6 part rides vxlan-v6.calico: its own MAC and the IPv6 underlay.
+    mac6: str | None = None
+    underlay6: netaddr.IPAddress | None = None
 
     def claims(self) -> tuple[tuple[str, object], ...]:
         """What it claims, cluster-wide unique: (kind, key) per tunnel address and MAC
@@ -144,7 +169,11 @@ class _Vtep(NamedTuple):  # a tuple: built per peer, cheap
             out += (("ip", self.tunnel_ip.value),)
         if self.tunnel_ip6 is not None:
             out += (("ip6", self.tunnel_ip6.value),)
-        return (*out, ("mac", self.mac))
+        if self.underlay is not None:
+            out += (("mac", self.mac),)
+        if self.mac6 is not None:
+            out += (("mac6", self.mac6),)
+        return out
 
 
 class _OtherSubnet(NamedTuple):
@@ -173,6 +202,7 @@ class _NodePiece(NamedTuple):  # a tuple: built per peer, cheap
     underlay: netaddr.IPAddress | None
     candidate: _Vtep | str  # the VTEP it asks for, or why it has none
     claims: tuple[tuple[str, object], ...] = ()  # the candidate's claims()
+    underlay6: netaddr.IPAddress | None = None
 
 
 class _BlockPiece(NamedTuple):  # a tuple: built per peer, cheap
@@ -193,19 +223,37 @@ def _encap(pool: IPPool) -> tuple[Path, EncapMode, str] | None:
     return None
 
 
-def _node_piece(name: str, node: Node) -> _NodePiece:
+def _node_piece(name: str, node: Node, v6_underlay: bool) -> _NodePiece:
+    """`v6_underlay`: we have an IPv6 underlay, so a peer's IPv6 VTEP is on its own."""
     underlay = node.ipv4_address.ip if node.ipv4_address is not None else None
+    underlay6 = node.ipv6_address.ip if node.ipv6_address is not None else None
     candidate: _Vtep | str
     tunnel, tunnel6 = node.ipv4_vxlan_tunnel_addr, node.ipv6_vxlan_tunnel_addr
+    mac = vtep_mac(name, node.vxlan_tunnel_mac)
     if tunnel is None and tunnel6 is None:
         candidate = "node has no VXLAN tunnel address"
+    elif v6_underlay:
+        v4 = tunnel is not None and underlay is not None
+        v6 = tunnel6 is not None and underlay6 is not None
+        if not (v4 or v6):
+            family = "IPv4" if tunnel is not None else "IPv6"
+            candidate = f"node has no {family} underlay address"
+        else:
+            candidate = _Vtep(
+                tunnel if v4 else None,
+                mac,
+                underlay if v4 else None,
+                tunnel6 if v6 else None,
+                vtep_mac6(name, node.ipv6_vxlan_tunnel_mac) if v6 else None,
+                underlay6 if v6 else None,
+            )
     elif underlay is None:
         candidate = "node has no IPv4 underlay address"
     else:
-        mac = vtep_mac(name, node.vxlan_tunnel_mac)
         candidate = _Vtep(tunnel, mac, underlay, tunnel6)
-        return _NodePiece(node, underlay, candidate, candidate.claims())
-    return _NodePiece(node, underlay, candidate)
+    if isinstance(candidate, str):
+        return _NodePiece(node, underlay, candidate, (), underlay6)
+    return _NodePiece(node, underlay, candidate, candidate.claims(), underlay6)
 
 
 def _block_piece(view: ClusterView, block: BlockInfo, me: str) -> _BlockPiece:
@@ -254,8 +302,11 @@ class ComputeCache:
         self.context = context
         self.me_name = me.name if me is not None else ""
         self.my_claims: set[tuple[str, object]] = set()
+        self.v6_underlay = me is not None and me.underlay6 is not None
         if me is not None:
             mine = _Vtep(me.vxlan_tunnel_addr, me.vtep_mac, me.underlay.ip, me.vxlan_tunnel_addr6)
+            if me.underlay6 is not None:
+                mine = mine._replace(mac6=me.vtep_mac6, underlay6=me.underlay6.ip)
             self.my_claims = set(mine.claims())
         self.my_tunnels = (
             (me.vxlan_tunnel_addr is not None, me.vxlan_tunnel_addr6 is not None)
@@ -268,10 +319,17 @@ class ComputeCache:
         self.subnet_range = (
             (self.local_subnet.first, self.local_subnet.last) if self.local_subnet else (0, -1)
         )
+        # The same for our IPv6 underlay, when we have one (IPv6 pods on vxlan-v6.calico).
+        self.my_underlay6 = me.underlay6 if me is not None else None
+        subnet6 = self.my_underlay6.cidr if self.my_underlay6 is not None else None
+        self.subnet6_text = str(subnet6)
+        self.subnet6_range = (subnet6.first, subnet6.last) if subnet6 else (0, -1)
+        self.underlay6_iface = me.underlay6_iface if me is not None else ""
         self.pool_notes: dict[str, str] = {}  # pool name -> "pool p vxlanMode Always"
         self.underlay_iface = me.underlay_iface if me is not None else ""
         self.pools: dict[str | None, IPPool | None] = {None: None}
-        self.ready: tuple[bool, bool] | None = None  # (vxlan.calico, tunl0) wanted
+        # (vxlan.calico, tunl0, vxlan-v6.calico) wanted
+        self.ready: tuple[bool, bool, bool] | None = None
         # Nodes: name -> id(Node) seen last, the pieces, VTEP claims and their outcome.
         self.node_ids: dict[str, int] = {}
         self.nodes: dict[str, _NodePiece] = {}
@@ -290,8 +348,9 @@ class ComputeCache:
         self.chosen: dict[_DstKey, Route] = {}
         self.routes: set[Route] = set()
         self.nexthop_refs: dict[NexthopKey, int] = {}
-        # L2 entries per peer with a VTEP: its neighbours (one per tunnel address), its FDB entry.
-        self.l2: dict[str, tuple[tuple[Neighbour, ...], FdbEntry]] = {}
+        # L2 entries per peer with a VTEP: its neighbours (one per tunnel address), its FDB
+        # entries (one per device).
+        self.l2: dict[str, tuple[tuple[Neighbour, ...], tuple[FdbEntry, ...]]] = {}
         self.neighbours: set[Neighbour] = set()
         self.fdb: set[FdbEntry] = set()
         # Underlay addresses of every node (ours too), counted: two nodes may share one;
@@ -300,6 +359,9 @@ class ComputeCache:
         self.host_refs: dict[netaddr.IPAddress, int] = {}
         self.hosts: frozenset[netaddr.IPAddress] = frozenset()
         self.hosts_changed = False
+        self.host6_refs: dict[netaddr.IPAddress, int] = {}  # the IPv6 underlay addresses
+        self.hosts6: frozenset[netaddr.IPAddress] = frozenset()
+        self.hosts6_changed = False
         # Peers for introspection: (node, pool) pairs some block routes through, sorted.
         self.peer_refs: dict[_PeerKey, int] = {}
         self.peer_paths: dict[_PeerKey, PeerPath] = {}
@@ -345,7 +407,7 @@ class ComputeCache:
         touched = self._sync_nodes(view)
         dirty = self._sync_blocks(view)
         devices = _devices(self._pools_in_use(pools), me, cfg)
-        ready = (VXLAN_DEVICE in devices, IPIP_DEVICE in devices)
+        ready = (VXLAN_DEVICE in devices, IPIP_DEVICE in devices, VXLAN6_DEVICE in devices)
         if ready != self.ready:  # part of every decision: redo them all (rare)
             self.ready = ready
             # (a union: a node removed in this very view must lose its decisions too)
@@ -386,6 +448,7 @@ class ComputeCache:
             routes=set(self.routes),
             nat=nat,
             tunnel_filter=self._tunnel_filter(devices, cfg),
+            tunnel_filter6=self._tunnel_filter6(devices),
         )
 
     def _tunnel_filter(
@@ -403,6 +466,16 @@ class ComputeCache:
             self.hosts_changed = False
         return TunnelFilter(self.hosts, port, ipip, cfg.external_nodes)
 
+    def _tunnel_filter6(self, devices: dict[str, Device]) -> TunnelFilter | None:
+        """The same for vxlan-v6.calico: IPv6 VXLAN only from the nodes' IPv6 addresses."""
+        vxlan6 = devices.get(VXLAN6_DEVICE)
+        if not isinstance(vxlan6, VxlanDevice):
+            return None
+        if self.hosts6_changed:
+            self.hosts6 = frozenset(self.host6_refs)
+            self.hosts6_changed = False
+        return TunnelFilter(self.hosts6, vxlan6.port, False, version=6)
+
     def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
         """Enabled pools (new pods may land in them any moment) and the ones holding blocks
         (disabled pools keep routing their existing pods)."""
@@ -417,27 +490,28 @@ class ComputeCache:
         changed = {name for name, _ in current.items() ^ self.node_ids.items()}
         self.node_ids = current
         touched = set(changed)
-        hosts = self.host_refs
         for name in changed:
             old = self.nodes.pop(name, None)
             if old is not None:
                 touched |= self._claim(name, old.claims, add=False)
-                if old.underlay is not None:
-                    self.hosts_changed = True
-                    if hosts[old.underlay] == 1:
-                        del hosts[old.underlay]
-                    else:
-                        hosts[old.underlay] -= 1
+                self._count_hosts(old, -1)
             node = view.nodes.get(name)
             if node is not None:
-                piece = self.nodes[name] = _node_piece(name, node)
+                piece = self.nodes[name] = _node_piece(name, node, self.v6_underlay)
                 touched |= self._claim(name, piece.claims, add=True)
-                if piece.underlay is not None:
-                    self.hosts_changed = True
-                    hosts[piece.underlay] = hosts.get(piece.underlay, 0) + 1
+                self._count_hosts(piece, +1)
         for name in touched:
             self._resolve_vtep(name)
         return touched
+
+    def _count_hosts(self, piece: _NodePiece, step: int) -> None:
+        """Count a node's underlay addresses in (or out of) the tunnel filters' sets."""
+        if piece.underlay is not None:
+            self.hosts_changed = True
+            _count(self.host_refs, piece.underlay, step)
+        if piece.underlay6 is not None:
+            self.hosts6_changed = True
+            _count(self.host6_refs, piece.underlay6, step)
 
     def _claim(self, name: str, keys: tuple[tuple[str, object], ...], *, add: bool) -> set[str]:
         """Add or drop a peer's claims on its tunnel addresses and MAC; return the other
@@ -486,6 +560,7 @@ class ComputeCache:
                     "ip": f"VXLAN tunnel address {c.tunnel_ip}",
                     "ip6": f"IPv6 VXLAN tunnel address {c.tunnel_ip6}",
                     "mac": f"VTEP MAC {c.mac}",
+                    "mac6": f"IPv6 VTEP MAC {c.mac6}",
                 }[key[0]]
                 self.problems[name] = f"{what} is also used by {owner}"
                 return
@@ -495,21 +570,33 @@ class ComputeCache:
         old = self.l2.pop(name, None)
         if old is not None:
             self.neighbours.difference_update(old[0])
-            self.fdb.discard(old[1])
+            self.fdb.difference_update(old[1])
 
     def _add_l2(self, name: str) -> None:
-        """A peer's permanent neighbours and FDB entry (when we tunnel VXLAN at all)."""
-        vtep = self.vteps.get(name) if self.ready and self.ready[0] else None
-        if vtep is not None:
-            neighbours = tuple(
+        """A peer's permanent neighbours and FDB entries on each VXLAN device we have."""
+        vtep = self.vteps.get(name)
+        if vtep is None or not self.ready:
+            return
+        v4_ready, _, v6_ready = self.ready
+        neighbours: list[Neighbour] = []
+        fdb: list[FdbEntry] = []
+        if v4_ready and vtep.underlay is not None:
+            # IPv6 rides vxlan.calico too unless it has a device of its own (mac6).
+            shared = vtep.tunnel_ip6 if vtep.mac6 is None else None
+            neighbours += (
                 Neighbour(VXLAN_DEVICE, ip, vtep.mac)
-                for ip in (vtep.tunnel_ip, vtep.tunnel_ip6)
+                for ip in (vtep.tunnel_ip, shared)
                 if ip is not None
             )
-            fdb = FdbEntry(VXLAN_DEVICE, vtep.mac, vtep.underlay)
-            self.l2[name] = (neighbours, fdb)
+            fdb.append(FdbEntry(VXLAN_DEVICE, vtep.mac, vtep.underlay))
+        if v6_ready and vtep.mac6 is not None:
+            assert vtep.tunnel_ip6 is not None and vtep.underlay6 is not None
+            neighbours.append(Neighbour(VXLAN6_DEVICE, vtep.tunnel_ip6, vtep.mac6))
+            fdb.append(FdbEntry(VXLAN6_DEVICE, vtep.mac6, vtep.underlay6))
+        if neighbours or fdb:
+            self.l2[name] = (tuple(neighbours), tuple(fdb))
             self.neighbours.update(neighbours)
-            self.fdb.add(fdb)
+            self.fdb.update(fdb)
 
     # --- decisions: the path to one peer for one pool -----------------------------------------
 
@@ -534,44 +621,55 @@ class ComputeCache:
             )
         kind, mode, mode_field = encap
         v6 = pool.version == 6
+        own_device = v6 and self.v6_underlay  # IPv6 over vxlan-v6.calico, IPv6 underlay
         piece = self.nodes.get(node_name)
         if piece is None:
             return _Decision(None, None, "no Node resource for this node: no route")
-        address, peer_ip = piece.node.ipv4_address, piece.underlay
+        if own_device:
+            address, peer_ip = piece.node.ipv6_address, piece.underlay6
+            mine, subnet, subnet_range = self.my_underlay6, self.subnet6_text, self.subnet6_range
+            iface = self.underlay6_iface
+        else:
+            address, peer_ip = piece.node.ipv4_address, piece.underlay
+            mine, subnet, subnet_range = self.my_underlay, self.subnet_text, self.subnet_range
+            iface = self.underlay_iface
         if address is None or peer_ip is None:
-            return _Decision(None, None, "node has no IPv4 underlay address: skipped")
+            family = "IPv6" if own_device else "IPv4"
+            return _Decision(None, None, f"node has no {family} underlay address: skipped")
         note = self.pool_notes.get(pool.name)
         if note is None:
             note = self.pool_notes[pool.name] = f"pool {pool.name} {mode_field} {mode.value}"
         why: str | _OtherSubnet = note
-        if v6 and mode is EncapMode.CROSS_SUBNET:
+        if v6 and not own_device and mode is EncapMode.CROSS_SUBNET:
             # No IPv6 underlay to route on: a same-subnet peer is reached through the tunnel.
             why = f"{note}; IPv6 pods are tunnelled (the underlay is IPv4)"
         elif mode is EncapMode.CROSS_SUBNET:
-            assert self.my_underlay is not None
-            if self.my_underlay.prefixlen == 32:
+            assert mine is not None
+            host_len = 32 if address.version == 4 else 128
+            if mine.prefixlen == host_len:
                 why = (
-                    f"this node's underlay address {self.my_underlay} has no subnet prefix: "
+                    f"this node's underlay address {mine} has no subnet prefix: "
                     f"cross-subnet can't work, every peer is tunnelled; {why}"
                 )
-            elif address.prefixlen == 32:
+            elif address.prefixlen == host_len:
                 why = (
-                    f"node's underlay address {address} is stored as /32: "
+                    f"node's underlay address {address} is stored as /{host_len}: "
                     "cross-subnet can't work for it (it will always be tunnelled); "
                     f"record it with its subnet prefix; {why}"
                 )
-            elif self.subnet_range[0] <= peer_ip.value <= self.subnet_range[1]:
+            elif subnet_range[0] <= peer_ip.value <= subnet_range[1]:
                 return _Decision(
                     Path.DIRECT,
-                    NexthopKey(peer_ip, self.underlay_iface),
-                    f"same subnet {self.subnet_text} and pool {pool.name} is CrossSubnet",
+                    NexthopKey(peer_ip, iface),
+                    f"same subnet {subnet} and pool {pool.name} is CrossSubnet",
                 )
             else:
-                why = _OtherSubnet(peer_ip, self.subnet_text, note)
-        vxlan_ready, ipip_ready = self.ready or (False, False)
+                why = _OtherSubnet(peer_ip, subnet, note)
+        vxlan_ready, ipip_ready, vxlan6_ready = self.ready or (False, False, False)
         if kind is Path.VXLAN:
             family = "IPv6 " if v6 else ""
-            if not vxlan_ready or not self.my_tunnels[v6]:
+            ready = vxlan6_ready if own_device else vxlan_ready
+            if not ready or not self.my_tunnels[v6]:
                 return _Decision(
                     None, None, f"{why}; this node has no {family}VXLAN tunnel address yet"
                 )
@@ -580,7 +678,8 @@ class ComputeCache:
             if vtep is None or gateway is None:
                 problem = self.problems.get(node_name, f"node has no {family}VXLAN tunnel address")
                 return _Decision(None, None, f"{why}; {problem}: skipped")
-            return _Decision(Path.VXLAN, NexthopKey(gateway, VXLAN_DEVICE), why, vtep)
+            device = VXLAN6_DEVICE if own_device else VXLAN_DEVICE
+            return _Decision(Path.VXLAN, NexthopKey(gateway, device), why, vtep)
         if not ipip_ready:
             return _Decision(None, None, f"{why}; this node has no IPIP tunnel address yet")
         return _Decision(Path.IPIP, NexthopKey(peer_ip, IPIP_DEVICE), why)
@@ -657,7 +756,8 @@ class ComputeCache:
             vtep = decision.vtep
             if vtep is not None and addr in (vtep.tunnel_ip, vtep.tunnel_ip6):
                 # The peer's own VTEP address: resolved by the neighbour entry, no gateway.
-                route = Route(dst, dev=VXLAN_DEVICE)
+                own6 = version == 6 and vtep.mac6 is not None
+                route = Route(dst, dev=VXLAN6_DEVICE if own6 else VXLAN_DEVICE)
             elif decision.nexthop is not None:
                 route = Route(dst, nexthop=decision.nexthop)
             else:
@@ -731,6 +831,14 @@ def _dst_key(route: Route) -> _DstKey:
     return (route.table, route.dst.version, route.dst.first, route.dst.prefixlen)
 
 
+def _count(refs: dict[netaddr.IPAddress, int], key: netaddr.IPAddress, step: int) -> None:
+    count = refs.get(key, 0) + step
+    if count:
+        refs[key] = count
+    else:
+        del refs[key]
+
+
 def _first(claimants: str | set[str]) -> str:
     return claimants if isinstance(claimants, str) else min(claimants)
 
@@ -743,8 +851,10 @@ def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[s
     encaps = {e[0] for e in map(_encap, pools) if e is not None}
     devices: dict[str, Device] = {}
     tx_checksum = False if cfg.tx_checksum_off else None
-    tunnels = (me.vxlan_tunnel_addr, me.vxlan_tunnel_addr6)
-    if Path.VXLAN in encaps and tunnels != (None, None):
+    # The IPv6 tunnel address goes on vxlan-v6.calico when we have an IPv6 underlay.
+    own6 = me.vxlan_tunnel_addr6 if me.underlay6 is not None else None
+    shared6 = me.vxlan_tunnel_addr6 if me.underlay6 is None else None
+    if Path.VXLAN in encaps and (me.vxlan_tunnel_addr, shared6) != (None, None):
         devices[VXLAN_DEVICE] = VxlanDevice(
             name=VXLAN_DEVICE,
             vni=cfg.vxlan_vni,
@@ -755,7 +865,20 @@ def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[s
             mtu=cfg.vxlan_mtu or me.underlay_mtu - VXLAN_OVERHEAD,
             address=me.vxlan_tunnel_addr,
             tx_checksum=tx_checksum,
-            address6=me.vxlan_tunnel_addr6,
+            address6=shared6,
+        )
+    if Path.VXLAN in encaps and own6 is not None and me.underlay6 is not None:
+        devices[VXLAN6_DEVICE] = VxlanDevice(
+            name=VXLAN6_DEVICE,
+            vni=cfg.vxlan_vni,
+            port=cfg.vxlan_port,
+            local=me.underlay6.ip,
+            parent=me.underlay6_iface,
+            mac=me.vtep_mac6,
+            mtu=cfg.vxlan_mtu_v6 or me.underlay6_mtu - VXLAN6_OVERHEAD,
+            address=None,
+            tx_checksum=tx_checksum,
+            address6=own6,
         )
     if Path.IPIP in encaps and me.ipip_tunnel_addr is not None:
         devices[IPIP_DEVICE] = IpipDevice(
@@ -785,8 +908,16 @@ def pools_without_nat(pools: list[IPPool]) -> list[IPPool]:
     return [p for p in pools if p.version == 6 and p.nat_outgoing and not p.disabled]
 
 
-def local_node_from(node: Node, underlay_iface: str, underlay_mtu: int = 1500) -> LocalNode:
-    """A LocalNode from our own Node resource (the agent registered it, so it is complete)."""
+def local_node_from(
+    node: Node,
+    underlay_iface: str,
+    underlay_mtu: int = 1500,
+    *,
+    underlay6_iface: str = "",
+    underlay6_mtu: int = 1500,
+) -> LocalNode:
+    """A LocalNode from our own Node resource (the agent registered it, so it is complete);
+    its IPv6 underlay is the Node's ipv6_address."""
     if node.ipv4_address is None:
         raise ValueError(f"node {node.name!r}: ipv4_address is not set")
     return LocalNode(
@@ -798,4 +929,8 @@ def local_node_from(node: Node, underlay_iface: str, underlay_mtu: int = 1500) -
         mac=node.vxlan_tunnel_mac,
         underlay_mtu=underlay_mtu,
         vxlan_tunnel_addr6=node.ipv6_vxlan_tunnel_addr,
+        underlay6=node.ipv6_address,
+        underlay6_iface=underlay6_iface,
+        underlay6_mtu=underlay6_mtu,
+        mac6=node.ipv6_vxlan_tunnel_mac,
     )

@@ -80,8 +80,9 @@ class VxlanDevice:
     # TX checksum offload: False = must be off (see kernel/ethtool.py); None = left as the
     # kernel has it. The kernel reader always reports True or False.
     tx_checksum: bool | None = None
-    # IPv6 tunnel address, programmed as /128: IPv6 pod traffic rides this same device over
-    # the IPv4 underlay (as in Calico's eBPF dual-stack mode).
+    # IPv6 tunnel address, programmed as /128: on vxlan.calico when IPv6 pod traffic rides
+    # it over the IPv4 underlay (as in Calico's eBPF dual-stack mode), on vxlan-v6.calico
+    # (local: an IPv6 underlay address) otherwise.
     address6: netaddr.IPAddress | None = None
 
 
@@ -174,6 +175,15 @@ class TunnelFilter:
     ipip: bool
     # Admitted as well: hosts that are no node (Calico's externalNodesList), merged CIDRs.
     external: frozenset[netaddr.IPNetwork] = frozenset()
+    # The outer IP version, hence the table (`ip` or `ip6 overlay-filter`); it is a field,
+    # not read off the addresses, because a filter may admit no address at all.
+    version: int = 4
+
+    def __post_init__(self) -> None:
+        if self.version not in (4, 6):
+            raise ValueError(f"version: {self.version!r} is neither 4 nor 6")
+        if self.ipip and self.version == 6:
+            raise ValueError("ipip: True needs version 4 (IP-in-IP carries IPv4 only), got 6")
 
 
 @dataclass(frozen=True)
@@ -183,6 +193,7 @@ class TunnelHosts:
 
     add: frozenset[netaddr.IPAddress]
     remove: frozenset[netaddr.IPAddress]
+    version: int = 4  # of the filter changed (TunnelFilter.version)
 
 
 @dataclass(frozen=True)
@@ -216,6 +227,7 @@ class Dataplane:
     nhids_verified: bool = False
     nat: NatOutgoing | None = None
     tunnel_filter: TunnelFilter | None = None
+    tunnel_filter6: TunnelFilter | None = None  # version 6: VXLAN over IPv6 (vxlan-v6.calico)
     # Desired only; empty from ComputeCache.update(peers=False) (see ComputeCache.peers()).
     peers: list[PeerPath] = field(default_factory=list)
 

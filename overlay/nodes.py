@@ -21,7 +21,7 @@ from ipam.allocator import IPAM, ReleaseRequest, TunnelKind
 from ipam.errors import IPAMError
 from ipam.model import EncapMode, IPPool, Node
 from ipam.store import ResourceStore
-from overlay.model import IPIP_OVERHEAD, VXLAN_OVERHEAD
+from overlay.model import IPIP_OVERHEAD, VXLAN6_OVERHEAD, VXLAN_OVERHEAD
 from overlay.view import vtep_mac
 
 __all__ = [
@@ -43,8 +43,12 @@ DEFAULT_MTU_FILE = Path("/var/lib/overlay/mtu")
 MIN_MTU = 68  # the smallest MTU IPv4 allows
 MAX_MTU = 65535
 
-Encap = Literal["vxlan", "ipip"]
-_OVERHEAD: dict[str, int] = {"vxlan": VXLAN_OVERHEAD, "ipip": IPIP_OVERHEAD}
+Encap = Literal["vxlan", "vxlan-v6", "ipip"]
+_OVERHEAD: dict[str, int] = {
+    "vxlan": VXLAN_OVERHEAD,
+    "vxlan-v6": VXLAN6_OVERHEAD,
+    "ipip": IPIP_OVERHEAD,
+}
 
 # Calico's order (§3.8): IPIP, then VXLAN, then VXLAN for IPv6. kind -> Node field.
 _TUNNEL_FIELDS: tuple[tuple[TunnelKind, str], ...] = (
@@ -67,14 +71,15 @@ def tunnel_handle(kind: TunnelKind, node: str) -> str:
 # ---------------------------------------------------------------------------- MTU
 
 
-def encaps_in_use(pools: Iterable[IPPool]) -> set[Encap]:
-    """The encapsulations some enabled pool asks for (mode Always or CrossSubnet)."""
+def encaps_in_use(pools: Iterable[IPPool], *, ipv6_underlay: bool = False) -> set[Encap]:
+    """The encapsulations some enabled pool asks for (mode Always or CrossSubnet). With an
+    IPv6 underlay, IPv6 pools' VXLAN is vxlan-v6.calico (more overhead)."""
     out: set[Encap] = set()
     for pool in pools:
         if pool.disabled:
             continue
         if pool.vxlan_mode is not EncapMode.NEVER:
-            out.add("vxlan")
+            out.add("vxlan-v6" if ipv6_underlay and pool.version == 6 else "vxlan")
         if pool.ipip_mode is not EncapMode.NEVER:
             out.add("ipip")
     return out
@@ -166,21 +171,27 @@ def register_node(
     *,
     labels: dict[str, str] | None = None,
     vtep_mac: str | None = None,
+    underlay6: netaddr.IPNetwork | None = None,
 ) -> Node:
     """Create or update this agent's Node, then reconcile its tunnel addresses.
 
     Operator labels on the stored Node are kept (`labels` are merged over them). The VTEP
     MAC is stored only when configured, so that every peer derives the same one otherwise.
+    An IPv4 `underlay` comes with the IPv6 one this node has (`underlay6`, None: none, and
+    a stored one is cleared: peers must not send IPv6 VXLAN to a node without it).
     Running it twice with the same inputs writes nothing the second time.
     """
     underlay = netaddr.IPNetwork(underlay)
     mac = _vtep_mac_override(name, vtep_mac)
-    field = "ipv4_address" if underlay.version == 4 else "ipv6_address"
+    if underlay.version == 4:
+        addresses_ = {"ipv4_address": underlay, "ipv6_address": underlay6}
+    else:
+        addresses_ = {"ipv6_address": underlay}
 
     def identity(current: Node | None) -> Node:
         base = current if current is not None else Node(name=name)
         merged = {**base.labels, **(labels or {})}
-        return dataclasses.replace(base, labels=merged, **{field: underlay}, vxlan_tunnel_mac=mac)
+        return dataclasses.replace(base, labels=merged, **addresses_, vxlan_tunnel_mac=mac)
 
     # First the identity and labels: tunnel pools select nodes by the stored labels.
     node = store.update_node(name, identity)

@@ -134,19 +134,11 @@ def plan(
         else:
             deletes.append(Op(Action.DELETE, actual.nat))  # type: ignore[arg-type]
 
-    # The tunnel ingress filter: one nftables table; when only its address set differs,
-    # the addresses are added and removed in place.
-    want_f, have_f = desired.tunnel_filter, actual.tunnel_filter
-    filter_delete = []
-    if want_f != have_f:
-        if want_f is None:
-            assert have_f is not None
-            filter_delete.append(Op(Action.DELETE, have_f))  # after the devices, below
-        elif have_f is None or _filter_rules(want_f) != _filter_rules(have_f):
-            sets.append(Op(Action.SET, want_f))
-        else:
-            change = TunnelHosts(want_f.hosts - have_f.hosts, have_f.hosts - want_f.hosts)
-            sets.append(Op(Action.SET, change))
+    # The tunnel ingress filters: one nftables table per outer IP version. Deletes go last,
+    # after the devices (the tunnels stay filtered while they exist).
+    f4_sets, f4_deletes = _filter_ops(4, desired.tunnel_filter, actual.tunnel_filter)
+    f6_sets, f6_deletes = _filter_ops(6, desired.tunnel_filter6, actual.tunnel_filter6)
+    sets += f4_sets + f6_sets
 
     # 6.-8.
     deletes += nh_deletes
@@ -157,12 +149,32 @@ def plan(
         for name in sorted(actual.devices)
         if name not in desired.devices
     ]
-    return sets + deletes + filter_delete
+    return sets + deletes + f4_deletes + f6_deletes
+
+
+def _filter_ops(
+    version: int, want: TunnelFilter | None, have: TunnelFilter | None
+) -> tuple[list[Op], list[Op]]:
+    """(sets, deletes) for the tunnel filter table of IP `version`: replaced whole, or,
+    when only its address set differs, the addresses added and removed in place."""
+    if want is not None and want.version != version:
+        # Its ops go to the table of its own version, which they would overwrite.
+        name = "tunnel_filter" if version == 4 else "tunnel_filter6"
+        raise ValueError(f"{name}: version {want.version}, must be {version}")
+    if want == have:
+        return [], []
+    if want is None:
+        assert have is not None
+        return [], [Op(Action.DELETE, have)]
+    if have is None or _filter_rules(want) != _filter_rules(have):
+        return [Op(Action.SET, want)], []
+    change = TunnelHosts(want.hosts - have.hosts, have.hosts - want.hosts, version)
+    return [Op(Action.SET, change)], []
 
 
 def _filter_rules(f: TunnelFilter) -> tuple[object, ...]:
     """What of a tunnel filter a change of its node addresses leaves as it is."""
-    return (f.vxlan_port, f.ipip, f.external)
+    return (f.vxlan_port, f.ipip, f.external, f.version)
 
 
 def _nhid_in(actual: Dataplane, route: Route) -> int | None:
@@ -253,6 +265,7 @@ def settled(
         foreign_nexthop_ids=set(actual.foreign_nexthop_ids),
         nat=desired.nat,
         tunnel_filter=desired.tunnel_filter,
+        tunnel_filter6=desired.tunnel_filter6,
         nhids_verified=True,
     )
 

@@ -358,12 +358,13 @@ class Reconciler:
         return Outcome.FAILED
 
 
-_TABLE_KINDS = ("nat", "tunnel_filter")  # GoneKey kinds of our nftables tables
+# GoneKey kinds of our nftables tables, each named after the Dataplane field that holds it.
+_TABLE_KINDS = ("nat", "tunnel_filter", "tunnel_filter6")
 
 
 def _foreign(gone: list[GoneKey], kernel: KernelPort) -> list[GoneKey]:
-    """`gone` without the nftables transactions our own nft runs made (("nat" |
-    "tunnel_filter", pid, "") keys): those echo what we just wrote."""
+    """`gone` without the nftables transactions our own nft runs made ((a _TABLE_KINDS
+    kind, pid, "") keys): those echo what we just wrote."""
     if not any(k[0] in _TABLE_KINDS for k in gone):
         return gone
     own = kernel.own_nft_pids()
@@ -403,10 +404,10 @@ def forget(actual: Dataplane, gone: Sequence[GoneKey]) -> int:
     # A table someone else changed counts as gone: writing it again replaces it whole.
     kinds = {k[0] for k in gone}
     lost_tables = 0
-    if "nat" in kinds and actual.nat is not None:
-        actual.nat, lost_tables = None, lost_tables + 1
-    if "tunnel_filter" in kinds and actual.tunnel_filter is not None:
-        actual.tunnel_filter, lost_tables = None, lost_tables + 1
+    for table in kinds.intersection(_TABLE_KINDS):
+        if getattr(actual, table) is not None:
+            setattr(actual, table, None)
+            lost_tables += 1
     return changed + len(lost_nh) + len(lost_routes) + len(lost_neigh) + len(lost_fdb) + lost_tables
 
 

@@ -28,6 +28,7 @@ class Flags:
     vxlan_vni: int | None = None
     vxlan_port: int | None = None
     vxlan_mtu: int | None = None
+    vxlan_mtu_v6: int | None = None
     ipip_mtu: int | None = None
     resync_interval: float | None = None
     external_nodes: tuple[netaddr.IPNetwork, ...] | None = None
@@ -41,6 +42,7 @@ class Settings:
     vxlan_vni: int = VXLAN_VNI
     vxlan_port: int = VXLAN_PORT
     vxlan_mtu: int | None = None  # None: the underlay MTU minus the overhead
+    vxlan_mtu_v6: int | None = None
     ipip_mtu: int | None = None
     resync_interval: float = 90.0  # 0: no periodic full resync
     external_nodes: tuple[netaddr.IPNetwork, ...] = ()
@@ -65,6 +67,7 @@ _FROM_FELIX = {
     "vxlan_vni": ("vxlan_vni", lambda v: v),
     "vxlan_port": ("vxlan_port", lambda v: v),
     "vxlan_mtu": ("vxlan_mtu", lambda v: v or None),  # Calico's 0: derive it
+    "vxlan_mtu_v6": ("vxlan_mtu_v6", lambda v: v or None),
     "ipip_mtu": ("ipip_mtu", lambda v: v or None),
     "resync_interval": ("route_refresh_interval", lambda v: v),
     "external_nodes": ("external_nodes_list", lambda v: v),

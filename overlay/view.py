@@ -80,3 +80,9 @@ def vtep_mac(node_name: str, override: str | None = None) -> str:
     if override:
         return str(netaddr.EUI(override, dialect=netaddr.mac_unix_expanded)).lower()
     return (b"\x66" + hashlib.sha1(node_name.encode()).digest()[:5]).hex(":")
+
+
+def vtep_mac6(node_name: str, override: str | None = None) -> str:
+    """The MAC of a node's vxlan-v6.calico: Calico hashes the name + "-v6" (so that the
+    two devices of a node differ), unless overridden (vxlanTunnelMACAddrV6)."""
+    return vtep_mac(node_name + "-v6", override)

@@ -597,7 +597,7 @@ def test_route_refresh_interval_reads_go_durations(text: str, seconds: float) ->
         ("default", {"featureDetectOverride": "ChecksumOffloadBroken=yes"}, ["=yes'"]),
         ("default", {"logSeverityScreen": "Loud"}, ["spec.logSeverityScreen", "'Loud'"]),
         ("default", {"vxlanEnabled": False}, ["spec.vxlanEnabled", "follow the pools"]),
-        ("default", {"vxlanMTUV6": 1400}, ["spec.vxlanMTUV6", "set vxlanMTU"]),
+        ("default", {"vxlanMTUV6": 1200000}, ["spec.vxlanMTUV6", "1200000 is outside"]),
         ("default", {"bpfEnabled": True}, ["spec.bpfEnabled", "not supported"]),
         ("default", {"wireguardEnabled": True}, ["spec.wireguardEnabled", "unknown field"]),
         ("default", {"natOutgoingAddress": "fd00::1"}, ["spec.natOutgoingAddress", "fd00::1"]),

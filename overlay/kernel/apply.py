@@ -22,10 +22,11 @@ from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensu
 from overlay.kernel.ethtool import Ethtool
 from overlay.kernel.nat import apply_nat, read_nat
 from overlay.kernel.reader import read_dataplane
-from overlay.kernel.tunnel_filter import apply_filter, apply_hosts, read_filter
+from overlay.kernel.tunnel_filter import apply_filter, apply_hosts, kind, read_filter
 from overlay.model import (
     IPIP_DEVICE,
     RT_PROTO,
+    VXLAN6_DEVICE,
     VXLAN_DEVICE,
     Action,
     Dataplane,
@@ -92,9 +93,10 @@ def describe(op: Op) -> str:
     if isinstance(obj, NatOutgoing):
         return f"event=nat_{verb}"
     if isinstance(obj, TunnelFilter):
-        return f"event=tunnel_filter_{verb} vxlan_port={obj.vxlan_port} ipip={obj.ipip}"
+        return f"event={kind(obj.version)}_{verb} vxlan_port={obj.vxlan_port} ipip={obj.ipip}"
     if isinstance(obj, TunnelHosts):
-        return f"event=tunnel_filter_hosts_set added={len(obj.add)} removed={len(obj.remove)}"
+        added, removed = len(obj.add), len(obj.remove)
+        return f"event={kind(obj.version)}_hosts_set added={added} removed={removed}"
     return f"event=device_{verb} dev={obj.name}"
 
 
@@ -105,7 +107,7 @@ class Kernel:
         self,
         netns: str | None = None,
         use_nexthops: bool | None = None,
-        device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE),
+        device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE, VXLAN6_DEVICE),
     ) -> None:
         self.netns = netns
         self.device_names = tuple(device_names)
@@ -155,6 +157,7 @@ class Kernel:
         dp = read_dataplane(self._sock, self.device_names, self.supports_nexthops(), self._ethtool)
         dp.nat = read_nat(self.netns)
         dp.tunnel_filter = read_filter(self.netns)
+        dp.tunnel_filter6 = read_filter(self.netns, version=6)
         return dp
 
     # --- apply -----------------------------------------------------------------------------
@@ -185,7 +188,8 @@ class Kernel:
             if isinstance(obj, NatOutgoing):
                 apply_nat(obj if op.action is Action.SET else None, self.netns)
             elif isinstance(obj, TunnelFilter):
-                apply_filter(obj if op.action is Action.SET else None, self.netns)
+                f = obj if op.action is Action.SET else None  # a delete: obj names the table
+                apply_filter(f, self.netns, version=obj.version)
             else:
                 assert isinstance(obj, TunnelHosts)
                 apply_hosts(obj, self.netns)

@@ -14,10 +14,10 @@ one, delaying the next change).
 Anything less precise (device changes, a tunnel address taken off our device, foreign
 replacements, lost events) still kicks.
 
-Our nftables tables (NAT-outgoing, the tunnel filter) are watched on the netfilter netlink
-group: a committed transaction that changed one is reported as ("nat" | "tunnel_filter",
-pid of the committing process, ""). The reconciler drops the ones our own nft runs made
-and writes the table again for the others.
+Our nftables tables (NAT-outgoing, the tunnel filters) are watched on the netfilter netlink
+group: a committed transaction that changed one is reported as ("nat" | "tunnel_filter" |
+"tunnel_filter6", pid of the committing process, ""). The reconciler drops the ones our own
+nft runs made and writes the table again for the others.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from overlay.model import (
     IPIP_DEVICE,
     MAIN_TABLE,
     RT_PROTO,
+    VXLAN6_DEVICE,
     VXLAN_DEVICE,
     FdbEntry,
     GoneKey,
@@ -57,7 +58,11 @@ GROUPS = (
 )
 POLL_S = 0.2
 # Our nftables tables, by the GoneKey kind the reconciler knows them by.
-_TABLE_KINDS = {tunnel_filter.TABLE: "tunnel_filter", nat.TABLE: "nat"}
+_TABLE_KINDS = {
+    (tunnel_filter.family(4), tunnel_filter.TABLE): "tunnel_filter",
+    (tunnel_filter.family(6), tunnel_filter.TABLE): "tunnel_filter6",
+    (nat.FAMILY, nat.TABLE): "nat",
+}
 MAX_DRAIN = 10_000  # messages read per burst before the callback fires
 
 
@@ -74,7 +79,7 @@ class Monitor:
         self,
         callback: Callable[[str], None],
         netns: str | None = None,
-        device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE),
+        device_names: Sequence[str] = (VXLAN_DEVICE, IPIP_DEVICE, VXLAN6_DEVICE),
         on_gone: Callable[[str, list[GoneKey]], None] | None = None,
         on_pod_route_gone: Callable[[str, int], None] | None = None,
         own_port: int = 0,
@@ -175,12 +180,12 @@ class Monitor:
                 raise
             for msg_type, flags, port, payload in nlmsg.iter_events(bytes(buf[:n])):
                 if sock is self._nft_sock:
-                    for table, pid in self._nft.feed(msg_type, payload):
+                    for (family, table), pid in self._nft.feed(msg_type, payload):
                         # No pid (a kernel before 4.20): ours or not cannot be told, and
                         # taking our own for drift would rewrite the table forever.
                         if pid:
-                            burst.add(f"nft_table_changed table={table} pid={pid}",
-                                      (_TABLE_KINDS[table], pid, ""))  # fmt: skip
+                            why = f"nft_table_changed family={family} table={table} pid={pid}"
+                            burst.add(why, (_TABLE_KINDS[family, table], pid, ""))
                 else:
                     ours = port != 0 and port == self.own_port
                     why, key = self._classify(msg_type, flags, payload, ours)

@@ -28,6 +28,11 @@ _TABLE_ATTR = 1
 NFT_MSG_NEWGEN = 15
 NFTA_GEN_PROC_PID = 2
 NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
+# nftables families by the number the kernel sends (inet, arp, bridge... are none of ours).
+_FAMILIES = {NFPROTO_IPV4: "ip", NFPROTO_IPV6: "ip6"}
+
+Table = tuple[str, str]  # (nftables family, table name), as nft names them: ("ip6", "t")
 
 
 @dataclass
@@ -35,18 +40,18 @@ class Transactions:
     """Folds nftables events into (table, pid) pairs: one per watched table a committed
     transaction changed. Events of one transaction may arrive over several reads."""
 
-    tables: frozenset[str]
-    _touched: set[str] = field(default_factory=set)
+    tables: frozenset[Table]
+    _touched: set[Table] = field(default_factory=set)
 
-    def feed(self, msg_type: int, payload: memoryview) -> list[tuple[str, int]]:
+    def feed(self, msg_type: int, payload: memoryview) -> list[tuple[Table, int]]:
         if msg_type >> 8 != NFNL_SUBSYS_NFTABLES:
             return []
         msg = msg_type & 0xFF
         if msg in _CHANGES:
             family = NFGENMSG.unpack_from(payload)[0]
             name = nlmsg.parse_attrs(payload, NFGENMSG.size).get(_TABLE_ATTR)
-            if family == NFPROTO_IPV4 and name is not None:
-                table = bytes(name).rstrip(b"\0").decode(errors="replace")
+            if family in _FAMILIES and name is not None:
+                table = (_FAMILIES[family], bytes(name).rstrip(b"\0").decode(errors="replace"))
                 if table in self.tables:
                     self._touched.add(table)
             return []

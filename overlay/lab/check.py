@@ -2,12 +2,14 @@
 record the path each request took AS SEEN ON THE WIRE.
 
 Every node namespace gets a lab-owned nftables table counting what leaves its underlay
-interface: VXLAN (to the UDP port of the node's vxlan.calico, 4789 unless a FelixConfiguration
-moved it), IP-in-IP (protocol 4), and plain pod-to-pod packets (direct).
+interface: VXLAN (to the UDP port of the node's vxlan.calico and vxlan-v6.calico, 4789 unless
+a FelixConfiguration moved it; an `inet` table matches IPv4 and IPv6 outer headers alike),
+IP-in-IP (protocol 4), and plain pod-to-pod packets of either family (direct).
 The external namespace counts echo requests per source address, which shows whether
 NAT-outgoing rewrote the pod address into its node's. Pings run one at a time, so the
 counters of the source node move only for the ping in flight. A dual-stack lab (--ipv6)
-also pings every pair over IPv6, which always rides the IPv4 VXLAN between nodes.
+also pings every pair over IPv6, which rides the IPv4 VXLAN between nodes; with an IPv6
+underlay (--ipv6-underlay) it follows the pool's mode like IPv4 (direct inside a subnet).
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from overlay.lab import netns
 from overlay.lab.lab import LabState, load
 from overlay.lab.topology import EXTERNAL_HOST, POOL6_CIDR, POOL_CIDR
-from overlay.model import VXLAN_DEVICE, VXLAN_PORT
+from overlay.model import VXLAN6_DEVICE, VXLAN_DEVICE, VXLAN_PORT
 
 PROBE_TABLE = "overlay-lab-probe"
 UNDERLAY_IF = "eth0"
@@ -56,16 +58,21 @@ class Probe:
 # ------------------------------------------------------------------------------ pure
 
 
-def node_probe_script(vxlan_port: int = VXLAN_PORT) -> str:
-    """Counters on the node's underlay egress (postrouting: after encapsulation and NAT)."""
+def node_probe_script(vxlan_ports: int | Iterable[int] = VXLAN_PORT) -> str:
+    """Counters on the node's underlay egress (postrouting: after encapsulation and NAT).
+
+    `udp dport` in an inet table matches the UDP header after an IPv4 or an IPv6 outer
+    header, so one rule counts VXLAN over either underlay."""
     t = PROBE_TABLE
+    ports = sorted({vxlan_ports} if isinstance(vxlan_ports, int) else set(vxlan_ports))
+    dport = str(ports[0]) if len(ports) == 1 else "{ " + ", ".join(map(str, ports)) + " }"
     return (
         f"table inet {t}\ndelete table inet {t}\n"  # replace, whether or not it existed
         f"table inet {t} {{\n"
         "  counter vxlan { }\n  counter ipip { }\n  counter direct { }\n"
         "  chain egress {\n"
         "    type filter hook postrouting priority 300; policy accept;\n"
-        f'    oifname "{UNDERLAY_IF}" udp dport {vxlan_port} counter name "vxlan"\n'
+        f'    oifname "{UNDERLAY_IF}" udp dport {dport} counter name "vxlan"\n'
         f'    oifname "{UNDERLAY_IF}" ip protocol 4 counter name "ipip"\n'
         f'    oifname "{UNDERLAY_IF}" ip saddr {POOL_CIDR} ip daddr {POOL_CIDR} '
         'counter name "direct"\n'
@@ -126,14 +133,17 @@ def expected_path(
     dst_node: str,
     subnets: Mapping[str, str],
     family: int = 4,
+    ipv6_underlay: bool = False,
 ) -> str:
+    """The path the pool's mode calls for. `subnets` maps nodes to their underlay subnet
+    (the lab's IPv4 and IPv6 subnets pair up, so either family's map will do)."""
     if src_node == dst_node:
         return "local"
-    if family == 6:
-        return "vxlan"  # no IPv6 underlay to go direct on
+    if family == 6 and not ipv6_underlay:
+        return "vxlan"  # IPv6 pods ride the IPv4 VXLAN: no IPv6 underlay to go direct on
     if mode == "cross-subnet" and subnets[src_node] == subnets[dst_node]:
         return "direct"
-    return encap
+    return "vxlan" if family == 6 else encap  # the IPv6 pool is VXLAN whatever --encap
 
 
 def render_matrix(pods: Sequence[str], probes: Sequence[Probe]) -> str:
@@ -184,18 +194,21 @@ def _ping(ns: str, address: str) -> bool:
     return res.returncode == 0
 
 
-def _vxlan_port(ns: str) -> int:
-    """The UDP port of the node's vxlan.calico (the one its VXLAN packets are sent to)."""
-    try:
-        out = netns.run(["ip", "-d", "-j", "-n", ns, "link", "show", "dev", VXLAN_DEVICE])
-    except netns.NetnsError:  # no VXLAN device (an IP-in-IP lab)
-        return VXLAN_PORT
-    return int(json.loads(out)[0]["linkinfo"]["info_data"].get("port", VXLAN_PORT))
+def _vxlan_ports(ns: str) -> list[int]:
+    """The UDP ports the node's VXLAN devices send to (vxlan.calico, vxlan-v6.calico)."""
+    ports = []
+    for device in (VXLAN_DEVICE, VXLAN6_DEVICE):
+        try:
+            out = netns.run(["ip", "-d", "-j", "-n", ns, "link", "show", "dev", device])
+        except netns.NetnsError:  # no such device (IP-in-IP, or no IPv6 underlay)
+            continue
+        ports.append(int(json.loads(out)[0]["linkinfo"]["info_data"].get("port", VXLAN_PORT)))
+    return ports or [VXLAN_PORT]
 
 
 def install_probes(state: LabState) -> None:
     for n in state.nodes:
-        netns.nft(n.netns, node_probe_script(_vxlan_port(n.netns)))
+        netns.nft(n.netns, node_probe_script(_vxlan_ports(n.netns)))
     addresses = [n.underlay_ip.split("/")[0] for n in state.nodes]
     netns.nft(state.external_netns, external_probe_script(addresses))
 
@@ -204,6 +217,7 @@ def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, li
     state = load(name)
     install_probes(state)
     opts = state.options
+    v6_underlay = bool(opts.get("ipv6_underlay"))
     subnets = {n.name: n.subnet for n in state.nodes}
     index = {n.name: i for i, n in enumerate(state.nodes)}
     deadline = time.monotonic() + timeout
@@ -217,7 +231,9 @@ def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, li
         for dst, family, address in targets:
             if dst.name == src.name:
                 continue
-            want = expected_path(opts["encap"], opts["mode"], src.node, dst.node, subnets, family)
+            want = expected_path(
+                opts["encap"], opts["mode"], src.node, dst.node, subnets, family, v6_underlay
+            )
             if time.monotonic() > deadline or not address:
                 probes.append(Probe(src.name, dst.name, False, "skipped", want, family))
                 continue

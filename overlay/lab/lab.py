@@ -27,9 +27,11 @@ from overlay.lab import httpwait, netns
 from overlay.lab.netns import NetnsError
 from overlay.lab.topology import (
     EXTERNAL_HOST,
+    LabNode,
     LabOptions,
     Topology,
     build,
+    host6,
     pool6_manifest,
     pool_manifest,
 )
@@ -64,6 +66,7 @@ class NodeState:
     cni_conflist: str
     dir: str
     agent_pid: int | None = None
+    underlay_ip6: str | None = None  # with prefix; --ipv6-underlay labs only
 
     @property
     def socket(self) -> str:
@@ -238,6 +241,7 @@ def _initial_state(opts: LabOptions, topo: Topology, directory: Path) -> LabStat
                 subnet=n.subnet,
                 cni_conflist=str(d / "10-overlay.conflist"),
                 dir=str(d),
+                underlay_ip6=n.underlay_ip6,
             )
         )
     pods = [PodState(name=p.name, netns=p.netns, node=p.node) for p in topo.pods]
@@ -257,7 +261,7 @@ def _build(state: LabState, topo: Topology, log: Log) -> None:
     t0 = time.monotonic()
     _make_router_and_external(topo)
     for n in topo.nodes:
-        _make_node(topo, n.netns, n.router_port, n.underlay_ip, n.gateway, n.subnet)
+        _make_node(topo, n)
     log(f"namespaces: router, external and {len(topo.nodes)} nodes ({time.monotonic() - t0:.1f}s)")
 
     t0 = time.monotonic()
@@ -280,11 +284,17 @@ def _make_router_and_external(topo: Topology) -> None:
     r, ext = topo.router_netns, topo.external_netns
     netns.add(r)
     cmds = ["link set lo up"]
+    v6 = topo.options.ipv6_underlay
     for k, subnet in enumerate(topo.subnets, start=1):
         gw = subnet.rsplit(".", 1)[0] + ".1"
-        cmds += [f"link add br{k} type bridge", f"addr add {gw}/24 dev br{k}", f"link set br{k} up"]
+        cmds += [f"link add br{k} type bridge", f"addr add {gw}/24 dev br{k}"]
+        # nodad: usable at once, not after duplicate address detection (~2 s).
+        cmds += [f"addr add {host6(k, 1)}/64 dev br{k} nodad"] if v6 else []
+        cmds.append(f"link set br{k} up")
     netns.batch(r, cmds)
     netns.sysctl(r, "net.ipv4.ip_forward", "1")
+    if v6:
+        netns.sysctl(r, "net.ipv6.conf.all.forwarding", "1")
     if topo.options.encap == "ipip":
         _require_ipip(r)
 
@@ -322,23 +332,27 @@ def _require_ipip(ns: str) -> None:
         ) from None
 
 
-def _make_node(topo: Topology, ns: str, port: str, address: str, gateway: str, subnet: str) -> None:
-    k = topo.subnets.index(subnet) + 1
+def _make_node(topo: Topology, n: LabNode) -> None:
+    k = topo.subnets.index(n.subnet) + 1
+    ns, port = n.netns, n.router_port
     netns.add(ns)
     # Created from the router side straight into the node: nothing touches the root ns.
     netns.run(["ip", "-n", topo.router_netns, "link", "add", port, "type", "veth", "peer",
                "name", "eth0", "netns", ns])  # fmt: skip
     netns.batch(topo.router_netns, [f"link set {port} master br{k}", f"link set {port} up"])
-    netns.batch(
-        ns,
-        [
-            "link set lo up",
-            f"addr add {address} dev eth0",
-            "link set eth0 up",
-            f"route add default via {gateway}",
-        ],
-    )
+    netns.batch(ns, node_underlay_commands(n))
     netns.sysctl(ns, "net.ipv4.ip_forward", "1")
+
+
+def node_underlay_commands(n: LabNode) -> list[str]:
+    """`ip` commands giving a node's eth0 its underlay address(es) and default route(s)."""
+    cmds = ["link set lo up", f"addr add {n.underlay_ip} dev eth0"]
+    if n.underlay_ip6:
+        cmds.append(f"addr add {n.underlay_ip6} dev eth0 nodad")  # usable at once, no DAD
+    cmds += ["link set eth0 up", f"route add default via {n.gateway}"]
+    if n.gateway6:
+        cmds.append(f"route add default via {n.gateway6}")  # the family follows the gateway
+    return cmds
 
 
 def _seed_datastore(state: LabState, topo: Topology) -> None:
@@ -462,8 +476,17 @@ def _start_agents(state: LabState) -> None:
             "--state-dir", n.dir, "--socket", n.socket,
             "--ip-autodetection", "interface=eth0", "--metrics-addr", METRICS_ADDR,
         ]  # fmt: skip
+        argv += agent_extra_args(state.options)
         n.agent_pid = _spawn(n.netns, argv, Path(n.log)).pid
         state.save()
+
+
+def agent_extra_args(options: dict[str, Any]) -> list[str]:
+    """Agent flags that depend on the lab's options (only what an option turns on, so a lab
+    without it runs agents that may not know the flag)."""
+    if options.get("ipv6_underlay"):
+        return ["--ip6-autodetection", "interface=eth0"]
+    return []
 
 
 def _wait_agents(state: LabState, peers: int | None) -> None:
@@ -611,6 +634,7 @@ def status(name: str) -> dict[str, Any]:
                 "agent_alive": n.agent_pid is not None and netns.alive(n.agent_pid),
                 "metrics": f"http://{METRICS_ADDR} (inside {n.netns})",
             }
+            | ({"underlay_ip6": n.underlay_ip6.split("/")[0]} if n.underlay_ip6 else {})
             for n in state.nodes
         ],
         "pods": [

@@ -7,6 +7,8 @@ Layout (K subnets, N nodes, P pods per node, lab name L):
     L-ext      the "external" host 203.0.113.10, reached by pods only through NAT-outgoing.
     L-node<i>  a node: eth0 192.168.<k>.<10+i>/24, default route via the router; runs
                overlay-agent.
+    With --ipv6-underlay every subnet also has fd00:192:168:<k>::/64 (router ::1, node
+    ::<10+i>: the IPv4 host part written again), so IPv6 pods can ride an IPv6 underlay.
     L-n<i>p<j> pod j of node i, made by the real CNI plugin.
 """
 
@@ -41,6 +43,12 @@ class LabOptions:
     # Dual-stack pods: an IPv6 pool too, always VXLAN (IP-in-IP carries IPv4 only), its pods
     # riding the IPv4 underlay.
     ipv6: bool = False
+    # An IPv6 underlay too (implies ipv6): IPv6 pods ride vxlan-v6.calico between nodes.
+    ipv6_underlay: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ipv6_underlay:  # every consumer that checks `ipv6` must see dual-stack pods
+            object.__setattr__(self, "ipv6", True)
 
     def validate(self) -> None:
         if not (self.name.isascii() and self.name.replace("-", "").isalnum()) or not (
@@ -69,6 +77,8 @@ class LabNode:
     underlay_ip: str  # with prefix
     gateway: str
     router_port: str  # the veth end in the router namespace
+    underlay_ip6: str | None = None  # with prefix; only with ipv6_underlay
+    gateway6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,21 +112,35 @@ def subnet_of(index: int, opts: LabOptions) -> int:
     return index * opts.subnets // opts.nodes + 1
 
 
+def subnet6(k: int) -> str:
+    """The IPv6 /64 of underlay subnet k (192.168.k.0/24 spelt in hex groups)."""
+    return f"fd00:192:168:{k}::/64"
+
+
+def host6(k: int, host: int) -> str:
+    """The IPv6 address of IPv4 host part `host` in subnet k: the same digits (.11 -> ::11),
+    so a node's two addresses are easy to pair by eye."""
+    return f"fd00:192:168:{k}::{host}"
+
+
 def build(opts: LabOptions) -> Topology:
     opts.validate()
     p = opts.name
     subnets = [f"192.168.{k}.0/24" for k in range(1, opts.subnets + 1)]
     nodes = []
     for i in range(opts.nodes):
-        k = subnet_of(i, opts)
+        k, host = subnet_of(i, opts), 10 + i + 1
+        v6 = opts.ipv6_underlay
         nodes.append(
             LabNode(
                 name=f"{p}-node{i + 1}",
                 netns=f"{p}-node{i + 1}",
                 subnet=f"192.168.{k}.0/24",
-                underlay_ip=f"192.168.{k}.{10 + i + 1}/24",
+                underlay_ip=f"192.168.{k}.{host}/24",
                 gateway=f"192.168.{k}.1",
                 router_port=f"n{i + 1}",
+                underlay_ip6=f"{host6(k, host)}/64" if v6 else None,
+                gateway6=host6(k, 1) if v6 else None,
             )
         )
     pods = [
@@ -128,8 +152,8 @@ def build(opts: LabOptions) -> Topology:
 
 
 def pool6_manifest(opts: LabOptions) -> dict[str, Any]:
-    """The IPv6 pool of a dual-stack lab: VXLAN in the lab's mode, no NAT (the lab's
-    underlay and external host are IPv4 only)."""
+    """The IPv6 pool of a dual-stack lab: VXLAN in the lab's mode (over the IPv4 underlay,
+    or the IPv6 one with ipv6_underlay), no NAT (the external host is IPv4 only)."""
     mode = "Always" if opts.mode == "always" else "CrossSubnet"
     return {
         "apiVersion": "projectcalico.org/v3",

@@ -69,6 +69,11 @@ def kind_of(obj: object) -> str:
     raise TypeError(f"not a dataplane object: {obj!r}")
 
 
+def _filter_attr(obj: TunnelFilter | TunnelHosts) -> str:
+    """The FakeKernel (and Dataplane) field holding the tunnel filter of `obj`'s version."""
+    return "tunnel_filter" if obj.version == 4 else "tunnel_filter6"
+
+
 @dataclass
 class _Entry:
     obj: Any
@@ -85,6 +90,7 @@ class FakeKernel:
         self.devices: dict[str, Device] = {}
         self.nat: NatOutgoing | None = None
         self.tunnel_filter: TunnelFilter | None = None
+        self.tunnel_filter6: TunnelFilter | None = None
         self.nft_pids: frozenset[int] = frozenset()  # what own_nft_pids() answers
         self.neighbours: dict[Hashable, _Entry] = {}
         self.fdb: dict[Hashable, _Entry] = {}
@@ -121,6 +127,7 @@ class FakeKernel:
                 dp.route_nhids[route] = e.nhid
         dp.nat = self.nat
         dp.tunnel_filter = self.tunnel_filter
+        dp.tunnel_filter6 = self.tunnel_filter6
         return dp
 
     def own_nft_pids(self) -> frozenset[int]:
@@ -257,15 +264,15 @@ class FakeKernel:
         if isinstance(obj, NatOutgoing):  # one table, replaced whole
             self.nat = obj if op.action is Action.SET else None
             return
-        if isinstance(obj, TunnelFilter):  # one table, replaced whole
-            self.tunnel_filter = obj if op.action is Action.SET else None
+        if isinstance(obj, TunnelFilter):  # one table per IP version, replaced whole
+            setattr(self, _filter_attr(obj), obj if op.action is Action.SET else None)
             return
         if isinstance(obj, TunnelHosts):  # set elements, like nft: the table must exist
-            f = self.tunnel_filter
+            f = getattr(self, _filter_attr(obj))
             if f is None:
-                raise KernelError(errno.ENOENT, "no table overlay-filter")
+                raise KernelError(errno.ENOENT, f"no table overlay-filter (version {obj.version})")
             hosts = (f.hosts | obj.add) - obj.remove
-            self.tunnel_filter = dataclasses.replace(f, hosts=hosts)
+            setattr(self, _filter_attr(obj), dataclasses.replace(f, hosts=hosts))
             return
         if op.action is Action.SET:
             self._set(obj, op.nhid)

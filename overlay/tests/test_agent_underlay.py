@@ -20,7 +20,7 @@ import pytest
 from ipam.datastore.base import DatastoreError
 from ipam.model import EncapMode
 from overlay import autodetect
-from overlay.agent import Agent, AgentConfig
+from overlay.agent import Agent, AgentConfig, _Underlays
 from overlay.autodetect import Underlay
 from overlay.compute import DataplaneConfig, compute
 from overlay.reconciler import Outcome, Reconciler
@@ -36,6 +36,7 @@ class Host:
 
     def __init__(self, agent: Agent) -> None:
         self.found: tuple[Underlay, int] | Exception = (ETH0, 1500)
+        self.v6: Underlay | None = None  # the IPv6 underlay detection finds
         self.registered: list[tuple[str | None, str, int]] = []
         self.fail_register: Exception | None = None
         agent._underlay, agent._underlay_mtu = ETH0, 1500
@@ -43,10 +44,10 @@ class Host:
         agent.register = self.register  # type: ignore[method-assign,assignment]
         self.agent = agent
 
-    def find(self) -> tuple[Underlay, int]:
+    def find(self) -> _Underlays:
         if isinstance(self.found, Exception):
             raise self.found
-        return self.found
+        return _Underlays(*self.found, self.v6, 1500)
 
     def register(self, _store: object, _ipam: object) -> None:
         if self.fail_register is not None:
@@ -67,6 +68,19 @@ def host(tmp_path: Path) -> Host:
 def test_nothing_moved_registers_nothing(host: Host) -> None:
     assert not host.check()
     assert host.registered == []
+
+
+def test_an_ipv6_underlay_that_comes_or_moves_is_registered(host: Host) -> None:
+    host.v6 = Underlay("eth0", netaddr.IPNetwork("fd00:0:1::12/64"))
+    assert host.check()
+    assert host.agent._underlay6 == host.v6
+    host.v6 = Underlay("eth0", netaddr.IPNetwork("fd00:0:1::12/80"))  # a new prefix
+    assert host.check()
+    assert not host.check()
+    host.v6 = None  # gone: registered without it, so peers stop sending IPv6 VXLAN here
+    assert host.check()
+    assert host.agent._underlay6 is None
+    assert len(host.registered) == 3
 
 
 @pytest.mark.parametrize(

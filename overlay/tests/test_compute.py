@@ -17,6 +17,7 @@ from overlay.compute import (
 )
 from overlay.model import (
     IPIP_DEVICE,
+    VXLAN6_DEVICE,
     VXLAN_DEVICE,
     VXLAN_PORT,
     FdbEntry,
@@ -30,7 +31,7 @@ from overlay.model import (
     VxlanDevice,
 )
 from overlay.tests.scenarios import LAYOUT, desired, me, node, pool, standard_view
-from overlay.view import BlockInfo, ClusterView, vtep_mac
+from overlay.view import BlockInfo, ClusterView, vtep_mac, vtep_mac6
 
 ALWAYS, CROSS, NEVER = EncapMode.ALWAYS, EncapMode.CROSS_SUBNET, EncapMode.NEVER
 
@@ -579,3 +580,105 @@ def test_the_filter_address_set_is_the_same_object_while_no_node_changes() -> No
     second = compute(fewer_blocks, me(), DataplaneConfig(), cache).tunnel_filter
     assert first is not None and second is not None
     assert second.hosts is first.hosts
+
+
+# --- IPv6 over an IPv6 underlay: vxlan-v6.calico ---------------------------------------------
+
+# Node -> IPv6 underlay with prefix: a, b share fd00:0:1::/64, c is in another subnet, d's
+# is stored as /128.
+UNDERLAY6 = {
+    "a": "fd00:0:1::5/64",
+    "b": "fd00:0:1::6/64",
+    "c": "fd00:0:2::7/64",
+    "d": "fd00::8/128",
+}
+
+
+def v6_underlay_view(v6: EncapMode = CROSS, **kw: object) -> ClusterView:
+    view = dual_view(v6=v6, tunnels6={})
+    nodes = [
+        dataclasses.replace(n, ipv6_address=IPNetwork(UNDERLAY6[n.name]), **kw)  # type: ignore[arg-type]
+        for n in view.nodes.values()
+    ]
+    return ClusterView(nodes=nodes, pools=view.pools, blocks=view.blocks)
+
+
+def me6u(**kw: object) -> LocalNode:
+    return me6(**{"underlay6": IPNetwork(UNDERLAY6["a"]), "underlay6_iface": "eth1", **kw})
+
+
+def test_with_an_ipv6_underlay_ipv6_pods_get_a_device_of_their_own() -> None:
+    dp = desired(v6_underlay_view(), me6u(underlay6_mtu=9000))
+    v4, v6 = dp.devices[VXLAN_DEVICE], dp.devices[VXLAN6_DEVICE]
+    assert isinstance(v4, VxlanDevice) and isinstance(v6, VxlanDevice)
+    assert (v4.address, v4.address6) == (vxlan_ip("a"), None)
+    assert (v6.local, v6.parent, v6.address, v6.address6) == (
+        IPAddress("fd00:0:1::5"),
+        "eth1",
+        None,
+        tunnel6("a"),
+    )
+    assert (v6.vni, v6.port, v6.mtu) == (4096, VXLAN_PORT, 9000 - 70)
+    assert v6.mac == vtep_mac6("a") != v4.mac  # Calico: SHA-1(name + "-v6")
+    # c: another IPv6 subnet, so VXLAN over IPv6: NDP + FDB on the v6 device, its nexthop.
+    key = NexthopKey(tunnel6("c"), VXLAN6_DEVICE)
+    assert Route(block6("c"), nexthop=key) in dp.routes
+    assert Neighbour(VXLAN6_DEVICE, tunnel6("c"), vtep_mac6("c")) in dp.neighbours
+    assert FdbEntry(VXLAN6_DEVICE, vtep_mac6("c"), IPAddress("fd00:0:2::7")) in dp.fdb
+    # IPv4 keeps its own device and entries, and no IPv6 neighbour rides vxlan.calico.
+    assert Neighbour(VXLAN_DEVICE, vxlan_ip("c"), vtep_mac("c")) in dp.neighbours
+    assert {n.ip.version for n in dp.neighbours if n.dev == VXLAN_DEVICE} == {4}
+    # b shares our IPv6 subnet: CrossSubnet goes direct over IPv6, as over IPv4.
+    direct = NexthopKey(IPAddress("fd00:0:1::6"), "eth1")
+    assert Route(block6("b"), nexthop=direct) in dp.routes
+    # d's IPv6 address is stored as /128: tunnelled, and said so.
+    assert Route(block6("d"), nexthop=NexthopKey(tunnel6("d"), VXLAN6_DEVICE)) in dp.routes
+    why_d = [p.reason for p in dp.peers if p.node == "d" and p.path is Path.VXLAN]
+    assert any("is stored as /128" in w for w in why_d), why_d
+
+
+def test_always_mode_over_an_ipv6_underlay_tunnels_the_same_subnet_too() -> None:
+    dp = desired(v6_underlay_view(ALWAYS), me6u())
+    key = NexthopKey(tunnel6("b"), VXLAN6_DEVICE)
+    assert Route(block6("b"), nexthop=key) in dp.routes
+
+
+def test_a_peer_without_an_ipv6_underlay_gets_no_ipv6_route_but_keeps_ipv4() -> None:
+    view = v6_underlay_view()
+    nodes = [
+        dataclasses.replace(n, ipv6_address=None) if n.name == "c" else n
+        for n in view.nodes.values()
+    ]
+    dp = desired(ClusterView(nodes=nodes, pools=view.pools, blocks=view.blocks), me6u())
+    assert not [r for r in dp.routes if r.dst == block6("c")]
+    assert not [n for n in dp.neighbours if n.ip == tunnel6("c")]  # not on either device
+    assert route_to(dp, "c") is not None
+    why = [p.reason for p in dp.peers if p.node == "c" and p.path is None]
+    assert why == ["node has no IPv6 underlay address: skipped"]
+
+
+def test_ipv6_vtep_macs_may_be_recorded_and_duplicates_lose_the_vtep() -> None:
+    mac6 = "02:00:00:00:06:06"
+    view = v6_underlay_view()
+    nodes = [
+        dataclasses.replace(n, ipv6_vxlan_tunnel_mac=mac6) if n.name in "cd" else n
+        for n in view.nodes.values()
+    ]
+    dp = desired(ClusterView(nodes=nodes, pools=view.pools, blocks=view.blocks), me6u())
+    assert FdbEntry(VXLAN6_DEVICE, mac6, IPAddress("fd00:0:2::7")) in dp.fdb  # c, first by name
+    assert not [f for f in dp.fdb if f.dst == IPAddress("fd00::8")]  # d lost its VTEP
+    assert any(f"IPv6 VTEP MAC {mac6} is also used by c" in p.reason for p in dp.peers)
+
+
+def test_a_borrowed_ipv6_tunnel_address_routes_on_the_ipv6_device() -> None:
+    view = v6_underlay_view()
+    borrowed = IPAddress("fd00:10:244::2:5")  # c's IPv6 tunnel address, from b's block
+    nodes = [
+        dataclasses.replace(n, ipv6_vxlan_tunnel_addr=borrowed) if n.name == "c" else n
+        for n in view.nodes.values()
+    ]
+    blocks = [b for b in view.blocks if b.cidr != block6("b")]
+    blocks.append(BlockInfo(block6("b"), "b", {borrowed: "c"}))
+    dp = desired(ClusterView(nodes=nodes, pools=view.pools, blocks=blocks), me6u())
+    assert Route(IPNetwork(f"{borrowed}/128"), dev=VXLAN6_DEVICE) in dp.routes
+    assert Neighbour(VXLAN6_DEVICE, borrowed, vtep_mac6("c")) in dp.neighbours

@@ -54,6 +54,14 @@ def underlays(draw: st.DrawFn) -> IPNetwork:
     return IPNetwork(f"10.0.{subnet}.{host}/{prefix}")
 
 
+@st.composite
+def underlays6(draw: st.DrawFn) -> IPNetwork:
+    subnet = draw(st.sampled_from([1, 2]))
+    host = draw(st.integers(2, 12))
+    prefix = draw(st.sampled_from([64, 64, 128]))
+    return IPNetwork(f"fd00:0:{subnet}::{host:x}/{prefix}")
+
+
 tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 60))
 # Few addresses: duplicate VTEPs (and their hand-overs between nodes) are common.
 few_tunnel_ips = st.builds(lambda i: IPAddress(f"10.244.0.{i}"), st.integers(1, 4))
@@ -74,6 +82,8 @@ def nodes(draw: st.DrawFn, name: str, tunnels: st.SearchStrategy[IPAddress] = tu
         ipv4_ipip_tunnel_addr=draw(mostly(tunnels)),
         vxlan_tunnel_mac=draw(st.none() | st.none() | st.sampled_from(MACS)),
         ipv6_vxlan_tunnel_addr=draw(st.none() | tunnel_ips6),
+        ipv6_address=draw(st.none() | underlays6()),
+        ipv6_vxlan_tunnel_mac=draw(st.none() | st.none() | st.sampled_from(MACS)),
     )
 
 
@@ -130,10 +140,18 @@ def locals_(draw: st.DrawFn) -> LocalNode:
         ipip_tunnel_addr=draw(mostly(tunnel_ips)),
         mac=draw(st.none() | st.sampled_from(MACS)),
         vxlan_tunnel_addr6=draw(st.none() | tunnel_ips6),
+        # With an IPv6 underlay, IPv6 pods ride vxlan-v6.calico.
+        underlay6=draw(st.none() | underlays6()),
+        underlay6_iface="eth0",
+        mac6=draw(st.none() | st.none() | st.sampled_from(MACS)),
     )
 
 
-configs = st.builds(DataplaneConfig, vxlan_mtu=st.none() | st.sampled_from([1400, 1450]))
+configs = st.builds(
+    DataplaneConfig,
+    vxlan_mtu=st.none() | st.sampled_from([1400, 1450]),
+    vxlan_mtu_v6=st.none() | st.sampled_from([1380, 1430]),
+)
 
 
 def desired_states() -> st.SearchStrategy[Dataplane]:
@@ -287,8 +305,11 @@ def assert_only_differences_touched(want: Dataplane, actual: Dataplane, ops: lis
         if isinstance(obj, NatOutgoing):  # one whole table: touched only when it differs
             assert (want.nat and want.nat.normalized()) != (actual.nat and actual.nat.normalized())
             continue
-        if isinstance(obj, TunnelFilter | TunnelHosts):  # likewise
-            assert want.tunnel_filter != actual.tunnel_filter
+        if isinstance(obj, TunnelFilter | TunnelHosts):  # likewise, one table per version
+            if obj.version == 4:
+                assert want.tunnel_filter != actual.tunnel_filter
+            else:
+                assert want.tunnel_filter6 != actual.tunnel_filter6
             continue
         if op.action is Action.DELETE:
             if isinstance(obj, Nexthop):

@@ -105,6 +105,44 @@ def test_ipv6_probes_get_their_own_matrix_and_always_expect_vxlan_between_nodes(
     assert "4789" not in check.node_probe_script(8472)
 
 
+@pytest.mark.parametrize(
+    ("encap", "mode", "dst", "path"),
+    [
+        ("vxlan", "cross-subnet", "n2", "direct"),  # same subnet: plain IPv6 routing
+        ("vxlan", "cross-subnet", "n3", "vxlan"),
+        ("vxlan", "always", "n2", "vxlan"),
+        ("ipip", "cross-subnet", "n2", "direct"),
+        ("ipip", "cross-subnet", "n3", "vxlan"),  # the IPv6 pool is VXLAN whatever --encap
+        ("ipip", "always", "n3", "vxlan"),
+        ("vxlan", "cross-subnet", "n1", "local"),
+    ],
+)
+def test_ipv6_over_an_ipv6_underlay_follows_the_pool_mode(
+    encap: str, mode: str, dst: str, path: str
+) -> None:
+    assert check.expected_path(encap, mode, "n1", dst, SUBNETS, 6, ipv6_underlay=True) == path
+
+
+@pytest.mark.parametrize("mode", ["cross-subnet", "always"])
+@pytest.mark.parametrize("encap", ["vxlan", "ipip"])
+def test_ipv6_over_the_ipv4_underlay_expects_vxlan_between_nodes(encap: str, mode: str) -> None:
+    for dst in ("n2", "n3"):
+        assert check.expected_path(encap, mode, "n1", dst, SUBNETS, 6) == "vxlan"
+    # The IPv6 underlay changes nothing for IPv4 pairs.
+    for v6 in (False, True):
+        want = "direct" if mode == "cross-subnet" else encap
+        assert check.expected_path(encap, mode, "n1", "n2", SUBNETS, 4, v6) == want
+
+
+def test_vxlan_is_counted_on_every_port_of_the_nodes_vxlan_devices() -> None:
+    assert 'udp dport 4789 counter name "vxlan"' in check.node_probe_script([4789, 4789])
+    both = check.node_probe_script([8472, 4789])
+    assert 'oifname "eth0" udp dport { 4789, 8472 } counter name "vxlan"' in both
+    # An inet table: one rule for IPv4 and IPv6 outer headers; direct counts both families.
+    assert both.startswith(f"table inet {check.PROBE_TABLE}")
+    assert "ip6 saddr fd00:10:244::/48 ip6 daddr fd00:10:244::/48" in both
+
+
 def _status(**over: object) -> dict[str, object]:
     doc: dict[str, object] = {
         "datastore": {"synced": True},

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import netaddr
 import pytest
@@ -11,9 +13,17 @@ import pytest
 from cni.spec import parse_conflist, plugin_config
 from ipam.model import IPPool
 from ipam.resources import from_manifest
+from overlay import cli
 from overlay.cli_lab import render_status
 from overlay.lab import lab
-from overlay.lab.topology import LabOptions, TopologyError, build, pool6_manifest, pool_manifest
+from overlay.lab.topology import (
+    LabOptions,
+    TopologyError,
+    build,
+    pool6_manifest,
+    pool_manifest,
+    subnet6,
+)
 
 
 def test_nodes_fill_subnets_in_runs_with_unique_addresses() -> None:
@@ -81,6 +91,64 @@ def test_dual_stack_lab_adds_an_ipv6_vxlan_pool_and_asks_the_cni_for_ipv6() -> N
     assert plugin_config(parsed, 0, {})["ipam"] == {"type": "overlay-ipam", "assignIPv6": True}
     result = {"ips": [{"address": "10.244.3.7/32"}, {"address": "fd00::5/128"}]}
     assert lab.pod_ip(result, 6) == "fd00::5"
+
+
+def test_ipv6_underlay_pairs_each_node_address_with_one_in_its_subnets_64() -> None:
+    opts = LabOptions(name="x", nodes=4, subnets=2, ipv6_underlay=True)
+    assert opts.ipv6  # implied: IPv6 pods are what the IPv6 underlay carries
+    topo = build(opts)
+    assert [n.underlay_ip6 for n in topo.nodes] == [
+        "fd00:192:168:1::11/64",
+        "fd00:192:168:1::12/64",
+        "fd00:192:168:2::13/64",
+        "fd00:192:168:2::14/64",
+    ]
+    for n in topo.nodes:
+        assert n.underlay_ip6 is not None and n.gateway6 is not None
+        net = netaddr.IPNetwork(n.underlay_ip6)
+        k = n.subnet.split(".")[2]  # the same subnet in both families
+        assert str(net.cidr) == subnet6(int(k)) == f"fd00:192:168:{k}::/64"
+        assert netaddr.IPAddress(n.gateway6) == net.network + 1
+    cmds = lab.node_underlay_commands(topo.nodes[0])
+    assert "addr add fd00:192:168:1::11/64 dev eth0 nodad" in cmds
+    assert "route add default via fd00:192:168:1::1" in cmds
+    assert "route add default via 192.168.1.1" in cmds
+
+
+def test_largest_ipv6_underlay_is_valid_and_unique() -> None:
+    topo = build(LabOptions(name="big", nodes=200, subnets=50, pods_per_node=0, ipv6_underlay=True))
+    addresses = [netaddr.IPNetwork(n.underlay_ip6 or "") for n in topo.nodes]
+    assert len({a.ip for a in addresses}) == 200
+    assert all(a.ip in netaddr.IPNetwork(subnet6(50)) for a in addresses[-4:])
+
+
+def test_without_ipv6_underlay_nodes_have_no_ipv6_address_or_agent_flag() -> None:
+    for opts in (LabOptions(), LabOptions(ipv6=True)):
+        node = build(opts).nodes[0]
+        assert node.underlay_ip6 is None and node.gateway6 is None
+        assert not any(":" in c for c in lab.node_underlay_commands(node))
+        assert lab.agent_extra_args(asdict(opts)) == []
+    assert not LabOptions(ipv6=True).ipv6_underlay
+
+
+def test_ipv6_underlay_agents_autodetect_their_ipv6_address_on_eth0() -> None:
+    opts = asdict(LabOptions(ipv6_underlay=True))
+    assert lab.agent_extra_args(opts) == ["--ip6-autodetection", "interface=eth0"]
+
+
+def test_lab_up_ipv6_underlay_flag_implies_ipv6(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[LabOptions] = []
+
+    def fake_up(opts: LabOptions, log: object = None) -> lab.LabState:
+        seen.append(opts)
+        return lab._initial_state(opts, build(opts), tmp_path)
+
+    monkeypatch.setattr(lab, "up", fake_up)
+    assert cli.main(["lab", "up", "--name", "u", "--ipv6-underlay"]) == 0
+    assert cli.main(["lab", "up", "--name", "u", "--ipv6"]) == 0
+    assert [(o.ipv6, o.ipv6_underlay) for o in seen] == [(True, True), (True, False)]
 
 
 def test_namespace_pattern_matches_only_this_lab() -> None:
@@ -167,6 +235,43 @@ def test_status_document_has_the_promised_keys(
     }
     text = render_status(doc)
     assert "INCOMPLETE" in text and "DEAD" in text and "10.244.0.1" in text
+
+
+def test_ipv6_underlay_state_and_status_carry_the_nodes_ipv6_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lab, "LAB_ROOT", tmp_path)
+    (tmp_path / "s").mkdir()
+    opts = LabOptions(name="s", nodes=2, subnets=2, pods_per_node=1, ipv6_underlay=True)
+    state = lab._initial_state(opts, build(opts), tmp_path / "s")
+    state.save()
+    assert lab.load("s") == state
+    assert state.options["ipv6_underlay"] is True and state.options["ipv6"] is True
+    doc = lab.status("s")
+    assert doc["options"]["ipv6_underlay"] is True
+    node = doc["nodes"][1]
+    assert node["underlay_ip6"] == "fd00:192:168:2::12"
+    assert node["underlay_ip"] == "192.168.2.12" and node["underlay_cidr"] == "192.168.2.12/24"
+    text = render_status(doc)
+    assert "UNDERLAY6" in text and "fd00:192:168:2::12" in text
+
+
+def test_status_of_an_ipv4_underlay_lab_has_no_ipv6_underlay_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lab, "LAB_ROOT", tmp_path)
+    (tmp_path / "s").mkdir()
+    _state(tmp_path / "s").save()
+    doc = lab.status("s")
+    assert all("underlay_ip6" not in n for n in doc["nodes"])
+    assert "UNDERLAY6" not in render_status(doc)
+
+
+def test_state_written_before_ipv6_underlay_still_loads() -> None:
+    # A node of a state.json from before the field: no underlay_ip6 key.
+    old: dict[str, Any] = {"name": "n", "netns": "n", "underlay_ip": "192.168.1.11/24"}
+    old |= {"subnet": "s", "cni_conflist": "c", "dir": "d", "agent_pid": None}
+    assert lab.NodeState(**old).underlay_ip6 is None
 
 
 def test_missing_lab_tells_how_to_make_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from netaddr import IPAddress, IPNetwork
 
 from ipam.model import EncapMode
@@ -15,9 +16,11 @@ from overlay.model import (
     NexthopKey,
     Op,
     Route,
+    TunnelFilter,
+    TunnelHosts,
     VxlanDevice,
 )
-from overlay.plan import NHID_BASE, plan
+from overlay.plan import NHID_BASE, plan, settled
 from overlay.tests.fake_kernel import FakeKernel
 from overlay.tests.scenarios import desired, node, pool, standard_view
 from overlay.view import ClusterView
@@ -239,3 +242,66 @@ def test_duplicate_nexthop_made_by_someone_else_goes_within_two_passes() -> None
     converge(kernel, smaller)
     assert plan(smaller, kernel.read()) == []
     assert kernel.read() == Dataplane(devices=kernel.devices)
+
+
+# --- the IPv6 tunnel filter (vxlan-v6.calico) ----------------------------------------------
+
+H1, H2, H3 = (IPAddress(f"2001:db8::{i}") for i in (1, 2, 3))
+
+
+def filter6(*hosts: IPAddress, port: int = 4789) -> TunnelFilter:
+    return TunnelFilter(frozenset(hosts), port, False, version=6)
+
+
+def test_the_ipv6_filter_is_set_changed_in_place_and_deleted_like_the_ipv4_one() -> None:
+    kernel = FakeKernel()
+    first = filter6(H1, H2)
+    assert converge(kernel, Dataplane(tunnel_filter6=first)) == [Op(Action.SET, first)]
+    assert kernel.tunnel_filter6 == first and kernel.tunnel_filter is None
+    assert plan(Dataplane(tunnel_filter6=first), kernel.read()) == []
+    # Only the node addresses differ: changed in place, in the ip6 table.
+    moved = filter6(H2, H3)
+    change = TunnelHosts(add=frozenset({H3}), remove=frozenset({H1}), version=6)
+    assert converge(kernel, Dataplane(tunnel_filter6=moved)) == [Op(Action.SET, change)]
+    assert kernel.tunnel_filter6 == moved
+    # A rule differs (the VXLAN port): the table is replaced whole.
+    ported = filter6(H2, H3, port=8472)
+    assert converge(kernel, Dataplane(tunnel_filter6=ported)) == [Op(Action.SET, ported)]
+    assert converge(kernel, Dataplane()) == [Op(Action.DELETE, ported)]
+    assert kernel.read() == Dataplane()
+
+
+def test_an_empty_ipv6_filter_is_deleted_from_the_ip6_table() -> None:
+    empty = filter6()  # no address to tell its version by: its `version` field does
+    assert plan(Dataplane(), Dataplane(tunnel_filter6=empty)) == [Op(Action.DELETE, empty)]
+    assert empty.version == 6 and empty != TunnelFilter(frozenset(), 4789, False)
+
+
+def test_the_two_filters_are_planned_apart_and_deleted_after_the_devices() -> None:
+    kernel = FakeKernel()
+    want = desired(standard_view(pool(ALWAYS)))
+    assert want.tunnel_filter is not None
+    want.tunnel_filter6 = filter6(H1)
+    converge(kernel, want)
+    assert (kernel.tunnel_filter, kernel.tunnel_filter6) == (want.tunnel_filter, filter6(H1))
+    # Hosts of the IPv6 filter alone: nothing of the IPv4 one is touched.
+    want.tunnel_filter6 = filter6(H1, H2)
+    added = TunnelHosts(add=frozenset({H2}), remove=frozenset(), version=6)
+    assert converge(kernel, want) == [Op(Action.SET, added)]
+    ops = converge(kernel, Dataplane())
+    assert kinds(ops)[-2:] == [("delete", "VxlanDevice"), ("delete", "TunnelFilter")]
+    assert [op.obj for op in ops[-2:]] == [want.tunnel_filter, want.tunnel_filter6]
+    assert kernel.read() == Dataplane()
+
+
+def test_settled_holds_the_ipv6_filter() -> None:
+    want = Dataplane(tunnel_filter6=filter6(H1))
+    assert settled(want, Dataplane()).tunnel_filter6 == want.tunnel_filter6
+
+
+def test_a_filter_of_the_wrong_version_is_refused_naming_the_field() -> None:
+    # Its ops would go to the other version's table and replace that.
+    with pytest.raises(ValueError, match="tunnel_filter6: version 4, must be 6"):
+        plan(Dataplane(tunnel_filter6=TunnelFilter(frozenset(), 4789, False)), Dataplane())
+    with pytest.raises(ValueError, match="tunnel_filter: version 6, must be 4"):
+        plan(Dataplane(tunnel_filter=filter6()), Dataplane())

@@ -11,7 +11,15 @@ from netaddr import IPAddress, IPNetwork
 
 from ipam.model import EncapMode
 from overlay.compute import DataplaneConfig, compute
-from overlay.model import VXLAN_DEVICE, Action, Dataplane, Route, TunnelHosts, VxlanDevice
+from overlay.model import (
+    VXLAN_DEVICE,
+    Action,
+    Dataplane,
+    Route,
+    TunnelFilter,
+    TunnelHosts,
+    VxlanDevice,
+)
 from overlay.plan import plan
 from overlay.reconciler import Outcome, Reconciler
 from overlay.tests.fake_kernel import FakeKernel
@@ -296,6 +304,32 @@ def test_every_pass_is_reported_and_a_failing_listener_does_not_stop_the_writer(
     first_sync(rec, standard_view(pool(CROSS)))
     assert seen == [Outcome.NO_VIEW, Outcome.SYNCED, Outcome.SYNCED]
     assert converged(kernel, standard_view(pool(CROSS)))
+
+
+def test_the_ipv6_filter_table_is_repaired_apart_when_someone_else_changes_it() -> None:
+    f6 = TunnelFilter(frozenset({IPAddress("2001:db8::5")}), 4789, False, version=6)
+
+    def with_filter6(view: ClusterView) -> Dataplane:
+        dp = COMPUTE(view)
+        dp.tunnel_filter6 = f6  # until compute fills it (vxlan-v6.calico)
+        return dp
+
+    kernel = FakeKernel()
+    rec = Reconciler(kernel, with_filter6, clock=FakeClock())
+    first_sync(rec, standard_view(pool(ALWAYS)))
+    assert kernel.tunnel_filter6 == f6
+    kernel.nft_pids = frozenset({4242})
+    calls = kernel.apply_calls
+    rec.kick("nft_table_changed", gone=[("tunnel_filter6", 4242, "")])  # what we just wrote
+    assert rec.run_once() is Outcome.IDLE
+    assert kernel.apply_calls == calls
+    kernel.tunnel_filter6 = None  # someone deleted `ip6 overlay-filter`
+    logged = len(kernel.log)
+    rec.kick("nft_table_changed", gone=[("tunnel_filter6", 31337, "")])
+    assert rec.run_once() is Outcome.SYNCED
+    assert kernel.tunnel_filter6 == f6
+    assert [op.obj for op, _ok in kernel.log[logged:]] == [f6]  # that table alone
+    assert rec.stats().drift_repairs == 1
 
 
 def test_our_own_nft_transactions_are_echoes_and_anyone_elses_are_repaired() -> None:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from netaddr import IPAddress
+from netaddr import IPAddress, IPNetwork
 
 from ipam.model import EncapMode
-from overlay.model import MAIN_TABLE, Action, Dataplane, FdbEntry, Neighbour
+from overlay.model import (
+    MAIN_TABLE,
+    Action,
+    Dataplane,
+    FdbEntry,
+    NatOutgoing,
+    Neighbour,
+    TunnelFilter,
+)
 from overlay.reconciler import Outcome, Reconciler, forget
 from overlay.tests.fake_kernel import FakeKernel
 from overlay.tests.scenarios import desired, me, pool, standard_view
@@ -99,3 +107,16 @@ def test_forget_drops_only_the_named_objects() -> None:
     forget(actual, [("route", MAIN_TABLE, route.dst), ("route", 100, route.dst)])
     assert actual.routes == want.routes - {route}
     assert actual.neighbours == want.neighbours and actual.fdb == want.fdb
+
+
+def test_forget_drops_the_table_someone_else_changed_and_only_that() -> None:
+    f4 = TunnelFilter(frozenset({IPAddress("192.0.2.1")}), 4789, False)
+    f6 = TunnelFilter(frozenset({IPAddress("2001:db8::1")}), 4789, False, version=6)
+    pools = frozenset({IPNetwork("10.244.0.0/16")})
+    nat = NatOutgoing(pools, pools)
+    actual = Dataplane(nat=nat, tunnel_filter=f4, tunnel_filter6=f6)
+    assert forget(actual, [("tunnel_filter6", 31337, "")]) == 1
+    assert (actual.nat, actual.tunnel_filter, actual.tunnel_filter6) == (nat, f4, None)
+    assert forget(actual, [("tunnel_filter6", 31338, "")]) == 0  # already gone
+    assert forget(actual, [("tunnel_filter", 1, ""), ("nat", 1, "")]) == 2
+    assert (actual.nat, actual.tunnel_filter) == (None, None)
