@@ -36,6 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR | "
         "can-reach=ADDR | ADDR/PREFIX (default: first-found)",
     )
+    p.add_argument(
+        "--ip6-autodetection",
+        metavar="METHOD",
+        help="none | the methods of --ip-autodetection: an IPv6 underlay address, so that "
+        "IPv6 pods ride vxlan-v6.calico (default: none)",
+    )
     p.add_argument("--network-name", default=install.DEFAULT_NETWORK, metavar="NAME")
     p.add_argument(
         "--assign-ipv6",
@@ -78,6 +84,7 @@ def cmd_install(args: argparse.Namespace, ctx: Context) -> int:
         datastore=resolve_url(args.install_datastore or args.datastore),
         node_name=args.node_name,
         ip_autodetection=args.ip_autodetection,
+        ip6_autodetection=args.ip6_autodetection,
         network_name=args.network_name,
         assign_ipv6=args.assign_ipv6,
         force=args.force,

@@ -60,6 +60,7 @@ class InstallOptions:
     datastore: str = "sqlite:///var/lib/overlay/overlay.db"
     node_name: str | None = None
     ip_autodetection: str | None = None
+    ip6_autodetection: str | None = None  # an IPv6 underlay: IPv6 pods on vxlan-v6.calico
     network_name: str = DEFAULT_NETWORK
     assign_ipv6: bool = False  # dual-stack pods: the conflist asks IPAM for IPv6 too
     # Where this environment's scripts live: its python runs the CNI launchers, and the
@@ -86,6 +87,7 @@ class InstallOptions:
             ("--datastore", self.datastore),
             ("--node-name", self.node_name),
             ("--ip-autodetection", self.ip_autodetection),
+            ("--ip6-autodetection", self.ip6_autodetection),
         ):
             if value is not None and (not value or _ENV_UNSAFE.search(value)):
                 raise InstallError(
@@ -158,8 +160,20 @@ def render_conflist(
     return json.dumps(doc, indent=2) + "\n"
 
 
-def render_agent_env(datastore: str, node_name: str | None, ip_autodetection: str | None) -> str:
-    args = f"--ip-autodetection={ip_autodetection}" if ip_autodetection else ""
+def render_agent_env(
+    datastore: str,
+    node_name: str | None,
+    ip_autodetection: str | None,
+    ip6_autodetection: str | None = None,
+) -> str:
+    args = " ".join(
+        f"{flag}={value}"
+        for flag, value in (
+            ("--ip-autodetection", ip_autodetection),
+            ("--ip6-autodetection", ip6_autodetection),
+        )
+        if value
+    )
     node = f"OVERLAY_NODE_NAME={node_name}" if node_name else "#OVERLAY_NODE_NAME=<hostname>"
     return (
         "# overlay-agent configuration (systemd EnvironmentFile), written by overlayctl install.\n"
@@ -213,7 +227,9 @@ def plan_files(opts: InstallOptions, chained: Sequence[str] = ()) -> dict[str, F
         render_conflist(opts.network_name, chained, opts.assign_ipv6)
     )
     files[AGENT_ENV] = FileSpec(
-        render_agent_env(opts.datastore, opts.node_name, opts.ip_autodetection)
+        render_agent_env(
+            opts.datastore, opts.node_name, opts.ip_autodetection, opts.ip6_autodetection
+        )
     )
     files[UNIT_PATH] = FileSpec(render_unit(opts.scripts_dir / "overlay-agent"))
     files[MODULES_LOAD] = FileSpec(render_modules_load())

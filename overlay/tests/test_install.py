@@ -269,3 +269,13 @@ def test_rendered_env_without_node_name_leaves_it_to_the_hostname() -> None:
     text = install.render_agent_env("sqlite:///var/lib/overlay/overlay.db", None, None)
     assert "#OVERLAY_NODE_NAME=" in text
     assert "OVERLAY_AGENT_ARGS=\n" in text
+
+
+def test_rendered_env_carries_both_autodetection_methods() -> None:
+    text = install.render_agent_env("sqlite:///x.db", "n1", "interface=eth0", "interface=eth0")
+    both = "--ip-autodetection=interface=eth0 --ip6-autodetection=interface=eth0"
+    assert f"OVERLAY_AGENT_ARGS={both}\n" in text
+    from overlay.agent import parse_args as agent_parse_args
+
+    parsed = agent_parse_args(text.split("OVERLAY_AGENT_ARGS=")[1].split())
+    assert (parsed.ip_autodetection, parsed.ip6_autodetection) == ("interface=eth0",) * 2
