@@ -34,7 +34,7 @@ VXLAN_DEV = "vxlan.calico"
 OUR_PROTO = "80"
 METRICS_URL = f"http://{lab.METRICS_ADDR}"
 # Lines an agent logs for each kernel change it makes (overlay/kernel/apply.py describe()).
-KERNEL_CHANGE = re.compile(r"event=(route|nexthop|neighbour|fdb|device|nat)_(set|deleted)\b")
+KERNEL_CHANGE = re.compile(r"event=(route|nexthop|neighbour|fdb|device|nat6?)_(set|deleted)\b")
 LOG_TS = re.compile(r"ts=(\S+)Z ")
 # The marks of a test module that runs labs: namespaces, slow, root only.
 LAB_TEST_MARKS = [

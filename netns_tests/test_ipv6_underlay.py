@@ -4,12 +4,15 @@ A lab with --ipv6-underlay: node1, node2 on 192.168.1.0/24 + fd00:192:168:1::/64
 node4 on the second subnet pair, cross-subnet mode, one dual-stack pod per node, agents
 started with --ip6-autodetection interface=eth0. IPv6 pod traffic then leaves in IPv6
 VXLAN packets between the nodes' IPv6 addresses across subnets, and as plain IPv6 within
-one; IPv4 is as before. Asserted with pings, on the wire (tcpdump + scapy) and in the kernel.
+one; IPv4 is as before. The IPv6 pool has natOutgoing: IPv6 pods reach the external host
+(fd00:203:0:113::10) with their node's IPv6 address (NAT66, `ip6 overlay-nat`). Asserted
+with pings, on the wire (tcpdump + scapy) and in the kernel.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 from netns_tests.lab_fixtures import LAB_TEST_MARKS, Capture, Lab, poll, running_lab
 from overlay.lab import check, netns
 from overlay.lab import lab as lab_cli
-from overlay.lab.topology import POOL6_CIDR
+from overlay.lab.topology import EXTERNAL_HOST6, POOL6_CIDR
 from overlay.model import VXLAN6_DEVICE, VXLAN_DEVICE
 
 pytestmark = LAB_TEST_MARKS
@@ -57,7 +60,8 @@ def device(ns: str, name: str) -> dict[str, Any]:
 def test_lab_check_answers_every_pair_direct_within_a_subnet_and_vxlan_across(v6u: Lab) -> None:
     _, probes = check.run_check(v6u.name, timeout=120)
     assert all(p.passed for p in probes), [p for p in probes if not p.passed]
-    v6 = {(p.src[-4:-2], p.dst[-4:-2]): p.path for p in probes if p.family == 6}
+    pairs = [p for p in probes if p.family == 6 and p.dst != check.EXTERNAL]
+    v6 = {(p.src[-4:-2], p.dst[-4:-2]): p.path for p in pairs}
     assert len(v6) == 4 * 3
     # n1/n2 and n3/n4 share a subnet: plain IPv6, as for IPv4 (no longer tunnelled).
     assert v6[("n1", "n2")] == v6[("n4", "n3")] == "direct"
@@ -129,6 +133,7 @@ def test_the_ipv6_device_its_mtu_and_the_pod_mtu(v6u: Lab) -> None:
         netns.run_in(v6u.pod(1).netns, [*big, "1383", ip6(v6u, 3)], timeout=10)
     status = v6u.status(node)
     assert status["underlay6"]["address"] == node.underlay_ip6
+    assert not [w for w in status["warnings"] if "natOutgoing" in w], status["warnings"]
     # IPv6 VXLAN is admitted only from the nodes' IPv6 addresses (ip6 overlay-filter).
     assert status["tunnel_filter6"] == {"tunnels": ["vxlan"], "node_addresses": 4, "external": []}
     table = netns.run_in(node.netns, ["nft", "list", "table", "ip6", "overlay-filter"])
@@ -193,3 +198,60 @@ def test_a_restarted_agent_changes_nothing(v6u: Lab) -> None:
     v6u.wait_agent(node, peers=3)
     assert v6u.kernel_changes(node, offset) == [], v6u.log_since(node, offset)[-1500:]
     assert _v6_state(node.netns) == before
+
+
+# --- NAT66: IPv6 pods to the IPv6 external host ----------------------------------------------
+
+
+def test_a_pod_reaches_the_ipv6_external_host_with_its_node_ipv6_address(
+    v6u: Lab, tmp_path: Path
+) -> None:
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+
+    pod, ext = v6u.pod(3), v6u.state.external_netns
+    # Echo requests and replies only (ip6[40]: the ICMPv6 type), not neighbour discovery.
+    echo = "icmp6 and (ip6[40] == 128 or ip6[40] == 129)"
+    with Capture(ext, tmp_path / "nat66.pcap", echo, count=4) as cap:
+        answered = v6u.ping(pod.netns, str(EXTERNAL_HOST6), count=2)
+    requests = [p[IPv6].src for p in cap.packets() if p.haslayer(ICMPv6EchoRequest)]
+    assert requests, "no IPv6 echo request reached the external host"
+    assert set(requests) == {underlay6(v6u, 3)}, f"sources seen by the external host: {requests}"
+    assert answered
+    # Masqueraded by node3's `ip6 overlay-nat`, never source-NATed to an address of its own.
+    table = netns.run_in(v6u.node(3).netns, ["nft", "list", "table", "ip6", "overlay-nat"])
+    assert "ip6 saddr @sources ip6 daddr != @pools masquerade" in table, table
+    assert POOL6_CIDR in table, table
+
+
+def test_lab_check_passes_with_an_ipv6_external_column(v6u: Lab) -> None:
+    res = subprocess.run(
+        [lab_cli.bin_path("overlayctl"), "lab", "check", "--name", v6u.name, "--timeout", "120"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    v4, v6 = res.stdout.split("\n\nIPv6:\n")
+    assert v6.splitlines()[0].split()[-1] == check.EXTERNAL, v6
+    rows = [line.split() for line in v6.splitlines()[1:5]]
+    assert [row[-1] for row in rows] == ["nat"] * 4, v6  # each pod, its node's IPv6 address
+    assert [line.split()[-1] for line in v4.splitlines()[1:5]] == ["nat"] * 4, v4
+
+
+def test_a_deleted_ipv6_nat_table_is_written_again_within_a_second(v6u: Lab) -> None:
+    ns = v6u.node(2).netns
+    listing = ["nft", "list", "table", "ip6", "overlay-nat"]
+    before = netns.run_in(ns, listing)
+    start = time.monotonic()
+    netns.run_in(ns, ["nft", "delete", "table", "ip6", "overlay-nat"])
+
+    def restored() -> bool:
+        try:
+            return netns.run_in(ns, listing) == before
+        except netns.NetnsError:  # not there yet
+            return False
+
+    back, took = poll(restored, timeout=5.0, interval=0.02)
+    assert back, "ip6 overlay-nat was not written again"
+    print(f"\nip6 overlay-nat restored in {(time.monotonic() - start) * 1000:.0f} ms")
+    assert took <= 1.0, f"restored after {took:.2f}s"
+    assert netns.run_in(ns, ["nft", "list", "table", "ip", "overlay-nat"])  # IPv4 untouched
+    assert v6u.ping(v6u.pod(2).netns, str(EXTERNAL_HOST6), count=2)

@@ -17,7 +17,7 @@ import netaddr
 import pytest
 
 from netns_tests.kernel_fixtures import as_read, ip, peer, peer_ops, vxlan_device
-from overlay.kernel import nlmsg
+from overlay.kernel import nft, nlmsg
 from overlay.kernel.apply import Kernel, describe
 from overlay.kernel.monitor import Monitor
 from overlay.kernel.nat import apply_nat, read_nat
@@ -29,6 +29,7 @@ from overlay.model import (
     Action,
     Dataplane,
     FdbEntry,
+    GoneKey,
     IpipDevice,
     NatOutgoing,
     Neighbour,
@@ -442,3 +443,69 @@ def test_nat_outgoing_roundtrip(node: str) -> None:
     apply_nat(None, node)
     assert read_nat(node) is None
     apply_nat(None, node)  # deleting twice is fine
+
+
+def test_nat66_roundtrip_beside_the_ipv4_table(node: str, kernel: Kernel) -> None:
+    assert read_nat(node, version=6) is None
+    pools6 = frozenset(netaddr.IPNetwork(c) for c in ("fd00:10:244::/48", "fd00:10:246::/48"))
+    nat6 = NatOutgoing(frozenset({netaddr.IPNetwork("fd00:10:244::/48")}), pools6, version=6)
+    pools = frozenset({netaddr.IPNetwork("10.128.0.0/16")})
+    nat = NatOutgoing(pools, pools)
+    want = Dataplane(nat=nat, nat6=nat6)
+    _apply_ok(kernel, plan(want, kernel.read()))
+    got = kernel.read()
+    assert (got.nat, got.nat6) == (nat, nat6)
+    assert plan(want, got) == []
+    ruleset = ip("netns", "exec", node, "nft", "list", "table", "ip6", "overlay-nat").stdout
+    assert "ip6 saddr @sources ip6 daddr != @pools masquerade" in ruleset
+    assert "type ipv6_addr" in ruleset and "fd00:10:246::/48" in ruleset
+    apply_nat(nat6, node)  # replacing is atomic and repeatable
+    assert read_nat(node, version=6) == nat6
+    # Someone flushes our IPv6 rule but leaves the table: read back as no table (written
+    # again), and the IPv4 table is still whole.
+    ip("netns", "exec", node, "nft", "flush", "chain", "ip6", "overlay-nat", "postrouting")
+    assert read_nat(node, version=6) is None
+    assert read_nat(node) == nat
+    repair = plan(want, kernel.read())
+    assert repair == [Op(Action.SET, nat6)]
+    _apply_ok(kernel, repair)
+    assert read_nat(node, version=6) == nat6
+    # No IPv6 NAT any more: only the ip6 table goes.
+    want.nat6 = None
+    delete = plan(want, kernel.read())
+    assert delete == [Op(Action.DELETE, nat6)]
+    _apply_ok(kernel, delete)
+    _apply_ok(kernel, delete)  # deleting twice is fine
+    tables = ip("netns", "exec", node, "nft", "list", "tables").stdout
+    assert "table ip6 overlay-nat" not in tables and "table ip overlay-nat" in tables
+    assert (kernel.read().nat, kernel.read().nat6) == (nat, None)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_the_monitor_reports_anyone_elses_change_of_either_nat_table(
+    node: str, version: int
+) -> None:
+    net = netaddr.IPNetwork("10.128.0.0/16" if version == 4 else "fd00:10:244::/48")
+    kind, family = ("nat", "ip") if version == 4 else ("nat6", "ip6")
+    gone: list[GoneKey] = []
+    got = threading.Event()
+
+    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
+        gone.extend(keys)
+        got.set()
+
+    kicks: list[str] = []
+    with Monitor(kicks.append, netns=node, on_gone=on_gone):
+        apply_nat(NatOutgoing(frozenset({net}), frozenset({net}), version=version), node)
+        assert got.wait(2.0), f"our own write was not reported; kicks={kicks}"
+        [(k, pid, _)] = gone
+        assert k == kind and pid in nft.own_pids()  # the reconciler drops it as ours
+        got.clear()
+        gone.clear()
+        argv = ["ip", "netns", "exec", node, "nft", "flush", "chain", family, "overlay-nat",
+                "postrouting"]  # fmt: skip
+        theirs = subprocess.Popen(argv)
+        assert theirs.wait(10) == 0
+        assert got.wait(2.0), f"another process's change was not reported; kicks={kicks}"
+        assert gone == [(kind, theirs.pid, "")]
+        assert kicks == []

@@ -415,7 +415,7 @@ class Agent:
             node.ipv4_ipip_tunnel_addr,
             self.pod_mtu,
         )
-        for p in pools_without_nat(pools):
+        for p in pools_without_nat(pools, ipv6_underlay=self._underlay6 is not None):
             log.warning(
                 "event=nat_outgoing_not_applied pool=%s cidr=%s reason=ipv4_underlay",
                 p.name,
@@ -539,7 +539,7 @@ class Agent:
             + [
                 f"IPv6 pool {p.name} ({p.cidr}): natOutgoing is not applied (the underlay "
                 "is IPv4: no IPv6 path out of the cluster to masquerade onto)"
-                for p in pools_without_nat(self._pools)
+                for p in pools_without_nat(self._pools, ipv6_underlay=self._underlay6 is not None)
             ],
             "peers": [
                 {

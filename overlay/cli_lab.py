@@ -118,7 +118,7 @@ def render_status(doc: dict[str, Any]) -> str:
         f"lab {doc['name']}{'' if doc['ready'] else ' (INCOMPLETE: run `lab down`)'}: "
         f"{o['encap']} {o['mode']}, datastore {doc['datastore']}",
         f"router netns {doc['router_netns']}, external netns {doc['external_netns']} "
-        f"({doc['external_ip']})",
+        f"({', '.join(doc[k] for k in ('external_ip', 'external_ip6') if k in doc)})",
     ]
     if doc.get("etcd"):
         e = doc["etcd"]

@@ -46,6 +46,7 @@ Design notes (why it looks like this):
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -432,13 +433,11 @@ class ComputeCache:
         for dst in dirty_dsts:
             self._choose(dst)
 
-        v4_pools = [p for p in pools if p.version == 4]
-        sources = frozenset(p.cidr for p in v4_pools if p.nat_outgoing)
-        nat = (
-            NatOutgoing(sources, frozenset(p.cidr for p in v4_pools), cfg.nat_outgoing_address)
-            if sources
-            else None
-        )
+        nat = _nat_outgoing(4, pools, cfg.nat_outgoing_address)
+        # NAT66 needs an IPv6 way out of the cluster: an IPv6 underlay (without one,
+        # pools_without_nat() names the pools that go without). It masquerades: Calico's
+        # natOutgoingAddress is IPv4.
+        nat6 = _nat_outgoing(6, pools) if me.underlay6 is not None else None
         # Copies: the caller keeps this state while the cache moves on to the next view.
         return Dataplane(
             devices=devices,
@@ -447,6 +446,7 @@ class ComputeCache:
             nexthops=set(self.nexthop_refs),
             routes=set(self.routes),
             nat=nat,
+            nat6=nat6,
             tunnel_filter=self._tunnel_filter(devices, cfg),
             tunnel_filter6=self._tunnel_filter6(devices),
         )
@@ -902,9 +902,25 @@ def compute(
     return state.update(view, me, cfg or DataplaneConfig())
 
 
-def pools_without_nat(pools: list[IPPool]) -> list[IPPool]:
-    """Enabled IPv6 pools that ask for natOutgoing: with an IPv4 underlay there is no IPv6
-    path out of the cluster to masquerade onto, so it is not applied (the agent says so)."""
+def _nat_outgoing(
+    version: int, pools: Iterable[IPPool], address: netaddr.IPAddress | None = None
+) -> NatOutgoing | None:
+    """NAT-outgoing for IP `version`: traffic from the pools that ask for natOutgoing to
+    anywhere outside all pools of that version; None when no pool asks for it."""
+    sources = frozenset(p.cidr for p in pools if p.version == version and p.nat_outgoing)
+    if not sources:
+        return None
+    every = frozenset(p.cidr for p in pools if p.version == version)
+    return NatOutgoing(sources, every, address, version)
+
+
+def pools_without_nat(pools: list[IPPool], *, ipv6_underlay: bool = False) -> list[IPPool]:
+    """Enabled IPv6 pools that ask for natOutgoing but do not get it: with an IPv4 underlay
+    alone there is no IPv6 path out of the cluster to masquerade onto, so it is not applied
+    (the agent says so). With an IPv6 underlay (`ipv6_underlay`: this node has one) each
+    of them gets it (Dataplane.nat6, NAT66): none."""
+    if ipv6_underlay:
+        return []
     return [p for p in pools if p.version == 6 and p.nat_outgoing and not p.disabled]
 
 

@@ -151,15 +151,25 @@ class NatOutgoing:
     sources: frozenset[netaddr.IPNetwork]
     all_pools: frozenset[netaddr.IPNetwork]
     address: netaddr.IPAddress | None = None
+    # The IP version, hence the table (`ip` or `ip6 overlay-nat`); networks of the other
+    # version are ignored. A field, as TunnelFilter's: a table may hold no network at all.
+    version: int = 4
+
+    def __post_init__(self) -> None:
+        if self.version not in (4, 6):
+            raise ValueError(f"version: {self.version!r} is neither 4 nor 6")
+        if self.address is not None and self.address.version != self.version:
+            raise ValueError(f"address: {self.address} is not an IPv{self.version} address")
 
     def normalized(self) -> NatOutgoing | None:
-        """The form the kernel holds (IPv4 only, merged CIDRs; None when nothing to do),
-        so that desired and read-back states compare equal."""
-        sources = netaddr.cidr_merge([n for n in self.sources if n.version == 4])
+        """The form the kernel holds (networks of `version` only, merged CIDRs; None when
+        nothing to do), so that desired and read-back states compare equal."""
+        sources = netaddr.cidr_merge([n for n in self.sources if n.version == self.version])
         if not sources:
             return None
-        pools = netaddr.cidr_merge([n for n in self.all_pools | self.sources if n.version == 4])
-        return NatOutgoing(frozenset(sources), frozenset(pools), self.address)
+        everything = self.all_pools | self.sources
+        pools = netaddr.cidr_merge([n for n in everything if n.version == self.version])
+        return NatOutgoing(frozenset(sources), frozenset(pools), self.address, self.version)
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,7 @@ class Dataplane:
     # settled() knows it is true.
     nhids_verified: bool = False
     nat: NatOutgoing | None = None
+    nat6: NatOutgoing | None = None  # version 6: IPv6 pools, with an IPv6 underlay only
     tunnel_filter: TunnelFilter | None = None
     tunnel_filter6: TunnelFilter | None = None  # version 6: VXLAN over IPv6 (vxlan-v6.calico)
     # Desired only; empty from ComputeCache.update(peers=False) (see ComputeCache.peers()).

@@ -37,6 +37,7 @@ from overlay.model import (
     Dataplane,
     Device,
     FdbEntry,
+    NatOutgoing,
     Neighbour,
     Nexthop,
     NexthopKey,
@@ -125,14 +126,11 @@ def plan(
     sets += [Op(Action.SET, r, route_nhid(r)) for r in route_sets]
     deletes += [Op(Action.DELETE, r, _nhid_in(actual, r)) for r in _sorted(stale, _ROUTE_ORDER)]
 
-    # NAT-outgoing: one nftables table, replaced whole when it differs.
-    want_nat = desired.nat.normalized() if desired.nat is not None else None
-    have_nat = actual.nat.normalized() if actual.nat is not None else None
-    if want_nat != have_nat:
-        if want_nat is not None:
-            sets.append(Op(Action.SET, want_nat))
-        else:
-            deletes.append(Op(Action.DELETE, actual.nat))  # type: ignore[arg-type]
+    # NAT-outgoing: one nftables table per IP version, replaced whole when it differs.
+    n4_sets, n4_deletes = _nat_ops(4, desired.nat, actual.nat)
+    n6_sets, n6_deletes = _nat_ops(6, desired.nat6, actual.nat6)
+    sets += n4_sets + n6_sets
+    deletes += n4_deletes + n6_deletes
 
     # The tunnel ingress filters: one nftables table per outer IP version. Deletes go last,
     # after the devices (the tunnels stay filtered while they exist).
@@ -152,15 +150,37 @@ def plan(
     return sets + deletes + f4_deletes + f6_deletes
 
 
+def _check_version(name: str, version: int, want: NatOutgoing | TunnelFilter | None) -> None:
+    """Refuse a table object in the Dataplane field of the other IP version (`name`,
+    without its "6"): its ops go to the table of its own version, which they would
+    overwrite."""
+    if want is not None and want.version != version:
+        field_name = name if version == 4 else f"{name}6"
+        raise ValueError(f"{field_name}: version {want.version}, must be {version}")
+
+
+def _nat_ops(
+    version: int, want: NatOutgoing | None, have: NatOutgoing | None
+) -> tuple[list[Op], list[Op]]:
+    """(sets, deletes) for the NAT-outgoing table of IP `version`: compared in the form
+    the kernel holds (normalized), replaced whole when that differs."""
+    _check_version("nat", version, want)
+    want_n = want.normalized() if want is not None else None
+    have_n = have.normalized() if have is not None else None
+    if want_n == have_n:
+        return [], []
+    if want_n is not None:
+        return [Op(Action.SET, want_n)], []
+    assert have is not None
+    return [], [Op(Action.DELETE, have)]  # a delete: `have` names the table
+
+
 def _filter_ops(
     version: int, want: TunnelFilter | None, have: TunnelFilter | None
 ) -> tuple[list[Op], list[Op]]:
     """(sets, deletes) for the tunnel filter table of IP `version`: replaced whole, or,
     when only its address set differs, the addresses added and removed in place."""
-    if want is not None and want.version != version:
-        # Its ops go to the table of its own version, which they would overwrite.
-        name = "tunnel_filter" if version == 4 else "tunnel_filter6"
-        raise ValueError(f"{name}: version {want.version}, must be {version}")
+    _check_version("tunnel_filter", version, want)
     if want == have:
         return [], []
     if want is None:
@@ -264,6 +284,7 @@ def settled(
         routes=set(desired.routes),
         foreign_nexthop_ids=set(actual.foreign_nexthop_ids),
         nat=desired.nat,
+        nat6=desired.nat6,
         tunnel_filter=desired.tunnel_filter,
         tunnel_filter6=desired.tunnel_filter6,
         nhids_verified=True,

@@ -359,7 +359,7 @@ class Reconciler:
 
 
 # GoneKey kinds of our nftables tables, each named after the Dataplane field that holds it.
-_TABLE_KINDS = ("nat", "tunnel_filter", "tunnel_filter6")
+_TABLE_KINDS = ("nat", "nat6", "tunnel_filter", "tunnel_filter6")
 
 
 def _foreign(gone: list[GoneKey], kernel: KernelPort) -> list[GoneKey]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import netaddr
 
-from overlay.kernel import nft, nlmsg
+from overlay.kernel import nat, nft, nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.devices import DeviceError, Unsupported, delete_device, ensure_device
 from overlay.kernel.ethtool import Ethtool
@@ -91,7 +91,7 @@ def describe(op: Op) -> str:
     if isinstance(obj, FdbEntry):
         return f"event=fdb_{verb} dev={obj.dev} mac={obj.mac} dst={obj.dst}"
     if isinstance(obj, NatOutgoing):
-        return f"event=nat_{verb}"
+        return f"event={nat.kind(obj.version)}_{verb}"
     if isinstance(obj, TunnelFilter):
         return f"event={kind(obj.version)}_{verb} vxlan_port={obj.vxlan_port} ipip={obj.ipip}"
     if isinstance(obj, TunnelHosts):
@@ -156,6 +156,7 @@ class Kernel:
     def read(self) -> Dataplane:
         dp = read_dataplane(self._sock, self.device_names, self.supports_nexthops(), self._ethtool)
         dp.nat = read_nat(self.netns)
+        dp.nat6 = read_nat(self.netns, version=6)
         dp.tunnel_filter = read_filter(self.netns)
         dp.tunnel_filter6 = read_filter(self.netns, version=6)
         return dp
@@ -186,7 +187,8 @@ class Kernel:
         obj = op.obj
         try:
             if isinstance(obj, NatOutgoing):
-                apply_nat(obj if op.action is Action.SET else None, self.netns)
+                n = obj if op.action is Action.SET else None  # a delete: obj names the table
+                apply_nat(n, self.netns, version=obj.version)
             elif isinstance(obj, TunnelFilter):
                 f = obj if op.action is Action.SET else None  # a delete: obj names the table
                 apply_filter(f, self.netns, version=obj.version)

@@ -15,9 +15,9 @@ Anything less precise (device changes, a tunnel address taken off our device, fo
 replacements, lost events) still kicks.
 
 Our nftables tables (NAT-outgoing, the tunnel filters) are watched on the netfilter netlink
-group: a committed transaction that changed one is reported as ("nat" | "tunnel_filter" |
-"tunnel_filter6", pid of the committing process, ""). The reconciler drops the ones our own
-nft runs made and writes the table again for the others.
+group: a committed transaction that changed one is reported as ("nat" | "nat6" |
+"tunnel_filter" | "tunnel_filter6", pid of the committing process, ""). The reconciler drops
+the ones our own nft runs made and writes the table again for the others.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ POLL_S = 0.2
 _TABLE_KINDS = {
     (tunnel_filter.family(4), tunnel_filter.TABLE): "tunnel_filter",
     (tunnel_filter.family(6), tunnel_filter.TABLE): "tunnel_filter6",
-    (nat.FAMILY, nat.TABLE): "nat",
+    (nat.family(4), nat.TABLE): "nat",
+    (nat.family(6), nat.TABLE): "nat6",
 }
 MAX_DRAIN = 10_000  # messages read per burst before the callback fires
 

@@ -1,8 +1,12 @@
-"""NAT-outgoing with nftables: one table `ip overlay-nat`, replaced atomically via `nft -f -`.
+"""NAT-outgoing with nftables: one table per IP version, `ip overlay-nat` and `ip6
+overlay-nat`, each replaced atomically via `nft -f -`.
 
 Traffic from a natOutgoing pool to a destination outside every pool is masqueraded, or
 source-NATed to the natOutgoingAddress when one is set; pod to pod traffic (destination
-inside any pool) never is. IPv4 only, like the table family.
+inside any pool) never is. The IPv6 table is the same but for the address family (IPv6
+sets, `ip6 saddr`/`ip6 daddr`); it always masquerades, as Calico's ip6tables rules do (its
+natOutgoingAddress is IPv4). Every function takes the IP version from the NatOutgoing, or
+from `version` when there is none (a deletion, a read).
 """
 
 from __future__ import annotations
@@ -18,59 +22,74 @@ from overlay.model import NatOutgoing
 
 log = logging.getLogger("overlay.kernel")
 
-FAMILY = "ip"
 TABLE = "overlay-nat"
 
 
-def _v4(nets: Iterable[netaddr.IPNetwork]) -> list[netaddr.IPNetwork]:
-    # Interval sets reject overlapping elements: merge first.
-    return netaddr.cidr_merge([n for n in nets if n.version == 4])
+def family(version: int) -> str:
+    """The nftables family of our table for IP `version` (4: ip, 6: ip6)."""
+    return nft.family_of(None, version, "NAT").name
 
 
-def _elements(nets: list[netaddr.IPNetwork]) -> str:
-    return f"elements = {{ {', '.join(str(n.cidr) for n in nets)} }}" if nets else ""
+def kind(version: int) -> str:
+    """The name the table goes by in GoneKeys, log events and Dataplane: nat(6)."""
+    return "nat" if version == 4 else "nat6"
 
 
-def render(nat: NatOutgoing | None) -> str:
-    """The nft script that replaces our table (and only deletes it when `nat` is None)."""
+def _elements(nets: Iterable[netaddr.IPNetwork]) -> str:
+    # Sorted: the script (and so the log) is the same for the same sets.
+    text = ", ".join(str(n.cidr) for n in sorted(nets))
+    return f"elements = {{ {text} }}" if text else ""
+
+
+def render(nat: NatOutgoing | None, version: int | None = None) -> str:
+    """The nft script that replaces our table of `nat`'s IP version (and only deletes it
+    when `nat` is None or has no source of that version: the table of `version` then,
+    default 4)."""
+    fam = nft.family_of(nat.version if nat is not None else None, version, "NAT")
+    table = f"{fam.name} {TABLE}"
     # "add" then "delete" makes the delete succeed whether or not the table existed; the whole
     # script is one transaction, so the rules never disappear in between.
-    head = f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"
-    if nat is None:
+    head = f"table {table}\ndelete table {table}\n"
+    # The kernel's form: interval sets reject overlapping elements, so merged CIDRs.
+    want = nat.normalized() if nat is not None else None
+    if want is None:
         return head
-    sources, pools = _v4(nat.sources), _v4(nat.all_pools | nat.sources)
-    if not sources:
-        return head
-    action = "masquerade" if nat.address is None else f"snat to {nat.address}"
+    action = "masquerade" if want.address is None else f"snat to {want.address}"
     return head + (
-        f"table {FAMILY} {TABLE} {{\n"
-        f"  set pools {{ type ipv4_addr; flags interval; {_elements(pools)} }}\n"
-        f"  set sources {{ type ipv4_addr; flags interval; {_elements(sources)} }}\n"
+        f"table {table} {{\n"
+        f"  set pools {{ type {fam.addr_type}; flags interval; {_elements(want.all_pools)} }}\n"
+        f"  set sources {{ type {fam.addr_type}; flags interval; {_elements(want.sources)} }}\n"
         "  chain postrouting {\n"
         "    type nat hook postrouting priority srcnat; policy accept;\n"
-        f"    ip saddr @sources ip daddr != @pools {action}\n"
+        f"    {fam.saddr} @sources {fam.daddr} != @pools {action}\n"
         "  }\n"
         "}\n"
     )
 
 
-def apply_nat(nat: NatOutgoing | None, netns: str | None = None) -> None:
-    nft.write(render(nat), netns)
-    if nat is None or not _v4(nat.sources):
-        log.info("event=nat_deleted table=%s", TABLE)
+def apply_nat(
+    nat: NatOutgoing | None, netns: str | None = None, version: int | None = None
+) -> None:
+    """Write `nat` (see render()); None deletes the table of `version` (default 4)."""
+    nft.write(render(nat, version), netns)
+    want = nat.normalized() if nat is not None else None
+    if want is None:
+        deleted = nat.version if nat is not None else version or 4
+        log.info("event=%s_deleted table=%s", kind(deleted), TABLE)
     else:
         log.info(
-            "event=nat_set table=%s sources=%s pools=%s to=%s",
+            "event=%s_set table=%s sources=%s pools=%s to=%s",
+            kind(want.version),
             TABLE,
-            ",".join(map(str, _v4(nat.sources))),
-            ",".join(map(str, _v4(nat.all_pools | nat.sources))),
-            nat.address or "masquerade",
+            ",".join(map(str, sorted(want.sources))),
+            ",".join(map(str, sorted(want.all_pools))),
+            want.address or "masquerade",
         )
 
 
-def read_nat(netns: str | None = None) -> NatOutgoing | None:
-    """Our NAT-outgoing state, or None when the table is absent."""
-    items = nft.listing(["table", FAMILY, TABLE], netns)
+def read_nat(netns: str | None = None, version: int = 4) -> NatOutgoing | None:
+    """Our NAT-outgoing state for IP `version`, or None when the table is absent."""
+    items = nft.listing(["table", family(version), TABLE], netns)
     if items is None:
         return None
     sets = {
@@ -82,7 +101,10 @@ def read_nat(netns: str | None = None) -> NatOutgoing | None:
     if "sources" not in sets or rule is None:
         return None  # half a table is no table: apply writes it whole again
     return NatOutgoing(
-        sources=sets["sources"], all_pools=sets.get("pools", frozenset()), address=rule[1]
+        sources=sets["sources"],
+        all_pools=sets.get("pools", frozenset()),
+        address=rule[1],
+        version=version,
     )
 
 

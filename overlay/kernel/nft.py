@@ -5,11 +5,44 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import deque
-from typing import Any
+from typing import Any, NamedTuple
 
 import netaddr
 
 NFT_TIMEOUT_S = 10.0
+
+
+class Family(NamedTuple):
+    """What of one of our tables depends on the IP version it handles."""
+
+    name: str  # the nftables family: ip | ip6
+    addr_type: str  # of its address sets
+
+    @property
+    def saddr(self) -> str:
+        """The match on the source address (nft spells it with the family's name)."""
+        return f"{self.name} saddr"
+
+    @property
+    def daddr(self) -> str:
+        return f"{self.name} daddr"
+
+
+_FAMILIES = {4: Family("ip", "ipv4_addr"), 6: Family("ip6", "ipv6_addr")}
+
+
+def family_of(own: int | None, version: int | None, what: str) -> Family:
+    """The family of a table whose object (`what`, for errors) has IP version `own` (None:
+    no object, as when deleting the table), or else of `version` (default 4). Both given
+    must agree: the script would otherwise write one version's object into the other's
+    table."""
+    v = own if own is not None else (version or 4)
+    if version is not None and version != v:
+        raise ValueError(f"version: {version} contradicts the {what}'s version {v}")
+    if v not in _FAMILIES:
+        raise ValueError(f"version: {v!r} is neither 4 nor 6")
+    return _FAMILIES[v]
+
 
 # Pids of the nft processes we ran (`ip netns exec` execs nft in the same process): the
 # reconciler tells our own nftables transactions from anyone else's by them.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import NamedTuple
 
 import netaddr
 
@@ -37,17 +36,6 @@ TABLE = "overlay-filter"
 IPPROTO_IPIP = 4
 
 
-class _Family(NamedTuple):
-    """What of the table depends on the outer IP version."""
-
-    name: str  # the nftables family
-    addr_type: str  # of the address sets
-    saddr: str  # the match on the outer source address
-
-
-_FAMILIES = {4: _Family("ip", "ipv4_addr", "ip saddr"), 6: _Family("ip6", "ipv6_addr", "ip6 saddr")}
-
-
 def family(version: int) -> str:
     """The nftables family of our table for outer IP `version` (4: ip, 6: ip6)."""
     return _family_of(None, version).name
@@ -58,19 +46,14 @@ def kind(version: int) -> str:
     return "tunnel_filter" if version == 4 else "tunnel_filter6"
 
 
-def _family_of(f: TunnelFilter | TunnelHosts | None, version: int | None) -> _Family:
+def _family_of(f: TunnelFilter | TunnelHosts | None, version: int | None) -> nft.Family:
     """The family of `f`'s table, or of `version`'s when there is none (default 4)."""
-    v = f.version if f is not None else (version or 4)
-    if version is not None and version != v:
-        raise ValueError(f"version: {version} contradicts the filter's version {v}")
-    if v not in _FAMILIES:
-        raise ValueError(f"version: {v!r} is neither 4 nor 6")
-    return _FAMILIES[v]
+    return nft.family_of(f.version if f is not None else None, version, "filter")
 
 
 def _rules(f: TunnelFilter) -> list[tuple[str, str, str]]:
     """(chain, match, comment) of every rule the filter needs."""
-    saddr = _FAMILIES[f.version].saddr
+    saddr = _family_of(f, None).saddr
     # Whom a tunnelled packet must come from: a node, or a network the operator admits.
     unknown = f"{saddr} != @hosts {saddr} != @external"
     pods = f'iifname "{WORKLOAD_IFACE_PREFIX}*"'

@@ -9,7 +9,9 @@ The external namespace counts echo requests per source address, which shows whet
 NAT-outgoing rewrote the pod address into its node's. Pings run one at a time, so the
 counters of the source node move only for the ping in flight. A dual-stack lab (--ipv6)
 also pings every pair over IPv6, which rides the IPv4 VXLAN between nodes; with an IPv6
-underlay (--ipv6-underlay) it follows the pool's mode like IPv4 (direct inside a subnet).
+underlay (--ipv6-underlay) it follows the pool's mode like IPv4 (direct inside a subnet),
+and each pod pings the external host over IPv6 too, which must see its node's IPv6
+address (NAT66).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+import netaddr
+
 from overlay.lab import netns
-from overlay.lab.lab import LabState, load
-from overlay.lab.topology import EXTERNAL_HOST, POOL6_CIDR, POOL_CIDR
+from overlay.lab.lab import LabState, PodState, load
+from overlay.lab.topology import EXTERNAL_HOST, EXTERNAL_HOST6, POOL6_CIDR, POOL_CIDR
 from overlay.model import VXLAN6_DEVICE, VXLAN_DEVICE, VXLAN_PORT
 
 PROBE_TABLE = "overlay-lab-probe"
@@ -82,22 +86,36 @@ def node_probe_script(vxlan_ports: int | Iterable[int] = VXLAN_PORT) -> str:
     )
 
 
-def external_probe_script(node_addresses: Sequence[str]) -> str:
+def external_probe_script(
+    node_addresses: Sequence[str], node_addresses6: Sequence[str] = ()
+) -> str:
     """Per node a counter of echo requests arriving from its underlay address, and one for
-    requests that still carry a pod address (NAT did not happen)."""
+    requests that still carry a pod address (NAT did not happen). `node_addresses6`, the
+    nodes' IPv6 addresses in the same order (an IPv6 underlay), count IPv6 echo requests
+    on the same counters: pings run one at a time, so a counter tells which node's address
+    the request in flight came from, whatever its family."""
     t = PROBE_TABLE
     counters = "".join(f"  counter n{i} {{ }}\n" for i in range(len(node_addresses)))
-    rules = "".join(
-        f'    ip saddr {a} icmp type echo-request counter name "n{i}"\n'
-        for i, a in enumerate(node_addresses)
-    )
+    rules = _echo_rules(node_addresses, POOL_CIDR)
+    if node_addresses6:
+        rules += _echo_rules(node_addresses6, POOL6_CIDR)
     return (
         f"table inet {t}\ndelete table inet {t}\n"
         f"table inet {t} {{\n{counters}  counter pods {{ }}\n"
         "  chain ingress {\n    type filter hook input priority 0; policy accept;\n"
         f"{rules}"
-        f'    ip saddr {POOL_CIDR} icmp type echo-request counter name "pods"\n'
         "  }\n}\n"
+    )
+
+
+def _echo_rules(node_addresses: Sequence[str], pool: str) -> str:
+    """Rules counting the echo requests of `pool`'s IP family: from node i's address on
+    counter n<i>, from a pod address of `pool` on counter pods."""
+    v4 = netaddr.IPNetwork(pool).version == 4
+    saddr, icmp = ("ip saddr", "icmp") if v4 else ("ip6 saddr", "icmpv6")
+    sources = [*((a, f"n{i}") for i, a in enumerate(node_addresses)), (pool, "pods")]
+    return "".join(
+        f'    {saddr} {a} {icmp} type echo-request counter name "{name}"\n' for a, name in sources
     )
 
 
@@ -126,6 +144,14 @@ def classify(same_node: bool, moved: Mapping[str, int]) -> str:
     return "unseen"
 
 
+def classify_external(node_index: int, moved: Mapping[str, int]) -> str:
+    """The path of one request to the external host from its counters: nat when it came
+    from the source pod's node (index `node_index`), no-nat when from a pod address."""
+    if moved.get(f"n{node_index}", 0) > 0:
+        return "nat"
+    return "no-nat" if moved.get("pods", 0) > 0 else "unseen"
+
+
 def expected_path(
     encap: str,
     mode: str,
@@ -148,11 +174,13 @@ def expected_path(
 
 def render_matrix(pods: Sequence[str], probes: Sequence[Probe]) -> str:
     """Rows: source pod; columns: destination pods then the external host. IPv6 probes
-    (a dual-stack lab) get a second matrix below, without the external host."""
+    (a dual-stack lab) get a second matrix below, with the external host only when it was
+    pinged over IPv6 (an IPv6 underlay: without one no IPv6 path leaves the cluster)."""
     v6 = [p for p in probes if p.family == 6]
     text = _matrix(pods, [p for p in probes if p.family == 4], [*pods, EXTERNAL])
     if v6:
-        text += "\n\nIPv6:\n" + _matrix(pods, v6, list(pods))
+        external = [EXTERNAL] if any(p.dst == EXTERNAL for p in v6) else []
+        text += "\n\nIPv6:\n" + _matrix(pods, v6, [*pods, *external])
     return text
 
 
@@ -210,7 +238,23 @@ def install_probes(state: LabState) -> None:
     for n in state.nodes:
         netns.nft(n.netns, node_probe_script(_vxlan_ports(n.netns)))
     addresses = [n.underlay_ip.split("/")[0] for n in state.nodes]
-    netns.nft(state.external_netns, external_probe_script(addresses))
+    # An IPv6 underlay gives every node an IPv6 address; a lab without one, none.
+    addresses6 = [n.underlay_ip6.split("/")[0] for n in state.nodes if n.underlay_ip6]
+    netns.nft(state.external_netns, external_probe_script(addresses, addresses6))
+
+
+def _probe_external(
+    state: LabState, src: PodState, node_index: int, family: int, deadline: float
+) -> Probe:
+    """Ping the external host from `src` over IP `family` and see whose address it came
+    from. The host's address of that family: 4, or 6 with an IPv6 underlay (NAT66)."""
+    host, source = (EXTERNAL_HOST, src.ip) if family == 4 else (EXTERNAL_HOST6, src.ip6)
+    if time.monotonic() > deadline or not source:
+        return Probe(src.name, EXTERNAL, False, "skipped", "nat", family)
+    before = _counters(state.external_netns)
+    answered = _ping(src.netns, str(host))
+    path = classify_external(node_index, delta(before, _counters(state.external_netns)))
+    return Probe(src.name, EXTERNAL, answered, path, "nat", family)
 
 
 def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, list[Probe]]:
@@ -242,13 +286,6 @@ def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, li
             path = classify(src.node == dst.node, delta(before, after))
             probes.append(Probe(src.name, dst.name, answered, path, want, family))
             before = after
-        if time.monotonic() > deadline:
-            probes.append(Probe(src.name, EXTERNAL, False, "skipped", "nat"))
-            continue
-        ext_before = _counters(state.external_netns)
-        answered = _ping(src.netns, str(EXTERNAL_HOST))
-        moved = delta(ext_before, _counters(state.external_netns))
-        mine = moved.get(f"n{index[src.node]}", 0) > 0
-        path = "nat" if mine else "no-nat" if moved.get("pods", 0) > 0 else "unseen"
-        probes.append(Probe(src.name, EXTERNAL, answered, path, "nat"))
+        for family in (4, 6) if v6_underlay else (4,):
+            probes.append(_probe_external(state, src, index[src.node], family, deadline))
     return state, probes

@@ -27,6 +27,11 @@ from overlay.lab import httpwait, netns
 from overlay.lab.netns import NetnsError
 from overlay.lab.topology import (
     EXTERNAL_HOST,
+    EXTERNAL_HOST6,
+    EXTERNAL_NET,
+    EXTERNAL_NET6,
+    EXTERNAL_ROUTER,
+    EXTERNAL_ROUTER6,
     LabNode,
     LabOptions,
     Topology,
@@ -301,16 +306,26 @@ def _make_router_and_external(topo: Topology) -> None:
     netns.add(ext)
     netns.run(["ip", "-n", r, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0",
                "netns", ext])  # fmt: skip
-    netns.batch(r, ["addr add 203.0.113.1/24 dev ext0", "link set ext0 up"])
-    netns.batch(
-        ext,
-        [
-            "link set lo up",
-            f"addr add {EXTERNAL_HOST}/24 dev eth0",
-            "link set eth0 up",
-            "route add default via 203.0.113.1",
-        ],
-    )
+    router_cmds, ext_cmds = external_commands(v6)
+    netns.batch(r, router_cmds)
+    netns.batch(ext, ext_cmds)
+
+
+def external_commands(ipv6: bool) -> tuple[list[str], list[str]]:
+    """`ip` commands for the link router ext0 <-> external eth0: (router side, external
+    side). With `ipv6` (an IPv6 underlay) both ends get IPv6 too, so NAT66 has somewhere
+    to go."""
+    v4, v6 = EXTERNAL_NET.prefixlen, EXTERNAL_NET6.prefixlen
+    router = [f"addr add {EXTERNAL_ROUTER}/{v4} dev ext0"]
+    # nodad: usable at once, not after duplicate address detection (~2 s).
+    router += [f"addr add {EXTERNAL_ROUTER6}/{v6} dev ext0 nodad"] if ipv6 else []
+    router.append("link set ext0 up")
+    ext = ["link set lo up", f"addr add {EXTERNAL_HOST}/{v4} dev eth0"]
+    ext += [f"addr add {EXTERNAL_HOST6}/{v6} dev eth0 nodad"] if ipv6 else []
+    ext += ["link set eth0 up", f"route add default via {EXTERNAL_ROUTER}"]
+    # The family follows the gateway: this is the IPv6 default route.
+    ext += [f"route add default via {EXTERNAL_ROUTER6}"] if ipv6 else []
+    return router, ext
 
 
 def _require_ipip(ns: str) -> None:
@@ -616,6 +631,7 @@ def status(name: str) -> dict[str, Any]:
         "router_netns": state.router_netns,
         "external_netns": state.external_netns,
         "external_ip": str(EXTERNAL_HOST),
+        **({"external_ip6": str(EXTERNAL_HOST6)} if state.options.get("ipv6_underlay") else {}),
         "datastore": state.datastore,
         "etcd": None
         if state.etcd_pid is None

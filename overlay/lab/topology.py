@@ -8,7 +8,8 @@ Layout (K subnets, N nodes, P pods per node, lab name L):
     L-node<i>  a node: eth0 192.168.<k>.<10+i>/24, default route via the router; runs
                overlay-agent.
     With --ipv6-underlay every subnet also has fd00:192:168:<k>::/64 (router ::1, node
-    ::<10+i>: the IPv4 host part written again), so IPv6 pods can ride an IPv6 underlay.
+    ::<10+i>: the IPv4 host part written again), so IPv6 pods can ride an IPv6 underlay,
+    and the external host is fd00:203:0:113::10 too (router ::1), reached through NAT66.
     L-n<i>p<j> pod j of node i, made by the real CNI plugin.
 """
 
@@ -23,6 +24,12 @@ POOL_CIDR = "10.244.0.0/16"
 POOL6_CIDR = "fd00:10:244::/48"
 EXTERNAL_NET = netaddr.IPNetwork("203.0.113.0/24")
 EXTERNAL_HOST = netaddr.IPAddress("203.0.113.10")
+EXTERNAL_ROUTER = netaddr.IPAddress("203.0.113.1")
+# With --ipv6-underlay only: the external network's IPv6 twin (203.0.113.x spelt in hex
+# groups, as the underlay's), where IPv6 pods get through NAT66 with their node's address.
+EXTERNAL_NET6 = netaddr.IPNetwork("fd00:203:0:113::/64")
+EXTERNAL_HOST6 = netaddr.IPAddress("fd00:203:0:113::10")
+EXTERNAL_ROUTER6 = netaddr.IPAddress("fd00:203:0:113::1")
 ENCAPS = ("vxlan", "ipip")
 MODES = ("always", "cross-subnet")
 
@@ -153,13 +160,17 @@ def build(opts: LabOptions) -> Topology:
 
 def pool6_manifest(opts: LabOptions) -> dict[str, Any]:
     """The IPv6 pool of a dual-stack lab: VXLAN in the lab's mode (over the IPv4 underlay,
-    or the IPv6 one with ipv6_underlay), no NAT (the external host is IPv4 only)."""
+    or the IPv6 one with ipv6_underlay). natOutgoing only with ipv6_underlay: only then is
+    there an IPv6 path out of the cluster (and an IPv6 external host at its end)."""
     mode = "Always" if opts.mode == "always" else "CrossSubnet"
+    spec: dict[str, Any] = {"cidr": POOL6_CIDR, "blockSize": 122, "vxlanMode": mode}
+    if opts.ipv6_underlay:
+        spec["natOutgoing"] = True
     return {
         "apiVersion": "projectcalico.org/v3",
         "kind": "IPPool",
         "metadata": {"name": "lab-pool6"},
-        "spec": {"cidr": POOL6_CIDR, "blockSize": 122, "vxlanMode": mode},
+        "spec": spec,
     }
 
 

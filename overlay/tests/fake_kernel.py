@@ -69,9 +69,11 @@ def kind_of(obj: object) -> str:
     raise TypeError(f"not a dataplane object: {obj!r}")
 
 
-def _filter_attr(obj: TunnelFilter | TunnelHosts) -> str:
-    """The FakeKernel (and Dataplane) field holding the tunnel filter of `obj`'s version."""
-    return "tunnel_filter" if obj.version == 4 else "tunnel_filter6"
+def _table_attr(obj: NatOutgoing | TunnelFilter | TunnelHosts) -> str:
+    """The FakeKernel (and Dataplane) field holding the table of `obj`'s kind and version:
+    nat, nat6, tunnel_filter or tunnel_filter6."""
+    name = "nat" if isinstance(obj, NatOutgoing) else "tunnel_filter"
+    return name if obj.version == 4 else f"{name}6"
 
 
 @dataclass
@@ -89,6 +91,7 @@ class FakeKernel:
         self.nexthops_supported = nexthops_supported
         self.devices: dict[str, Device] = {}
         self.nat: NatOutgoing | None = None
+        self.nat6: NatOutgoing | None = None
         self.tunnel_filter: TunnelFilter | None = None
         self.tunnel_filter6: TunnelFilter | None = None
         self.nft_pids: frozenset[int] = frozenset()  # what own_nft_pids() answers
@@ -126,6 +129,7 @@ class FakeKernel:
             if e.nhid is not None:
                 dp.route_nhids[route] = e.nhid
         dp.nat = self.nat
+        dp.nat6 = self.nat6
         dp.tunnel_filter = self.tunnel_filter
         dp.tunnel_filter6 = self.tunnel_filter6
         return dp
@@ -261,18 +265,15 @@ class FakeKernel:
 
     def _apply_one(self, op: Op) -> None:
         obj = op.obj
-        if isinstance(obj, NatOutgoing):  # one table, replaced whole
-            self.nat = obj if op.action is Action.SET else None
-            return
-        if isinstance(obj, TunnelFilter):  # one table per IP version, replaced whole
-            setattr(self, _filter_attr(obj), obj if op.action is Action.SET else None)
+        if isinstance(obj, NatOutgoing | TunnelFilter):  # one table per IP version, whole
+            setattr(self, _table_attr(obj), obj if op.action is Action.SET else None)
             return
         if isinstance(obj, TunnelHosts):  # set elements, like nft: the table must exist
-            f = getattr(self, _filter_attr(obj))
+            f = getattr(self, _table_attr(obj))
             if f is None:
                 raise KernelError(errno.ENOENT, f"no table overlay-filter (version {obj.version})")
             hosts = (f.hosts | obj.add) - obj.remove
-            setattr(self, _filter_attr(obj), dataclasses.replace(f, hosts=hosts))
+            setattr(self, _table_attr(obj), dataclasses.replace(f, hosts=hosts))
             return
         if op.action is Action.SET:
             self._set(obj, op.nhid)

@@ -6,7 +6,7 @@ import hashlib
 import pytest
 from netaddr import IPAddress, IPNetwork
 
-from ipam.model import EncapMode, Node
+from ipam.model import EncapMode, IPPool, Node
 from overlay.compute import (
     ComputeCache,
     DataplaneConfig,
@@ -682,3 +682,63 @@ def test_a_borrowed_ipv6_tunnel_address_routes_on_the_ipv6_device() -> None:
     dp = desired(ClusterView(nodes=nodes, pools=view.pools, blocks=blocks), me6u())
     assert Route(IPNetwork(f"{borrowed}/128"), dev=VXLAN6_DEVICE) in dp.routes
     assert Neighbour(VXLAN6_DEVICE, borrowed, vtep_mac6("c")) in dp.neighbours
+
+
+# --- NAT66: IPv6 natOutgoing pools over an IPv6 underlay ------------------------------------
+
+QUIET6, IDLE6, DRAINING6 = (IPNetwork(f"fd00:10:{n}::/48") for n in (250, 252, 254))
+
+
+def pool6(name: str, cidr: IPNetwork, *, nat: bool = True, disabled: bool = False) -> IPPool:
+    p = pool(CROSS, name=name, cidr=cidr, nat=nat, disabled=disabled)
+    return dataclasses.replace(p, block_size=122)
+
+
+def nat66_view() -> ClusterView:
+    """An IPv4 natOutgoing pool and IPv6 pools: p6 (natOutgoing, b's and c's blocks), quiet
+    (no natOutgoing), idle (natOutgoing but disabled, no block) and draining (natOutgoing,
+    disabled, still holding one of d's blocks)."""
+    view = v6_underlay_view()
+    pools = (
+        pool(CROSS, nat=True),
+        pool6("p6", POOL6),
+        pool6("quiet", QUIET6, nat=False),
+        pool6("idle", IDLE6, disabled=True),
+        pool6("draining", DRAINING6, disabled=True),
+    )
+    blocks = [*view.blocks, BlockInfo(IPNetwork("fd00:10:254::/122"), "d")]
+    return ClusterView(nodes=list(view.nodes.values()), pools=pools, blocks=blocks)
+
+
+def test_nat66_is_built_only_with_an_ipv6_underlay() -> None:
+    cfg = DataplaneConfig(nat_outgoing_address=IPAddress("192.0.2.9"))
+    dp = compute(nat66_view(), me6u(), cfg)
+    # From the IPv6 pools that ask for it (as for IPv4: a disabled one may still hold
+    # pods), to outside every IPv6 pool; masquerading: the natOutgoingAddress is IPv4.
+    assert dp.nat6 == NatOutgoing(
+        frozenset({POOL6, IDLE6, DRAINING6}),
+        frozenset({POOL6, QUIET6, IDLE6, DRAINING6}),
+        None,
+        version=6,
+    )
+    # The IPv4 table is as without an IPv6 underlay.
+    assert dp.nat == NatOutgoing(
+        frozenset({IPNetwork("10.244.0.0/16")}),
+        frozenset({IPNetwork("10.244.0.0/16")}),
+        IPAddress("192.0.2.9"),
+    )
+    without = compute(nat66_view(), me6(), cfg)  # IPv6 pods over the IPv4 underlay
+    assert without.nat6 is None and without.nat == dp.nat
+
+
+def test_no_ipv6_pool_asking_for_nat_gives_no_nat66() -> None:
+    view = nat66_view()
+    pools = [p for p in view.pools if p.version == 4 or not p.nat_outgoing]
+    dp = desired(ClusterView(list(view.nodes.values()), pools, view.blocks), me6u())
+    assert dp.nat6 is None and dp.nat is not None
+
+
+def test_ipv6_pools_go_without_nat_only_without_an_ipv6_underlay() -> None:
+    pools = list(nat66_view().pools)
+    assert [p.name for p in pools_without_nat(pools)] == ["p6"]  # enabled ones only
+    assert pools_without_nat(pools, ipv6_underlay=True) == []

@@ -111,6 +111,7 @@ def views(draw: st.DrawFn, tunnels: st.SearchStrategy[IPAddress] = tunnel_ips) -
                 cidr=POOL6,
                 block_size=122,
                 vxlan_mode=draw(modes),
+                nat_outgoing=draw(st.booleans()),  # NAT66 with an IPv6 underlay
                 disabled=draw(st.booleans()),
             )
         )
@@ -250,6 +251,7 @@ def assert_converged(kernel: FakeKernel, want: Dataplane, supported: bool) -> Da
     assert got.fdb == want.fdb
     assert got.routes == want.routes
     assert (got.nat and got.nat.normalized()) == (want.nat and want.nat.normalized())
+    assert (got.nat6 and got.nat6.normalized()) == (want.nat6 and want.nat6.normalized())
     if supported:
         assert set(got.nexthop_ids) == wanted_nexthops(want)
         for r in want.routes:
@@ -302,8 +304,9 @@ def assert_only_differences_touched(want: Dataplane, actual: Dataplane, ops: lis
     }
     for op in ops:
         obj = op.obj
-        if isinstance(obj, NatOutgoing):  # one whole table: touched only when it differs
-            assert (want.nat and want.nat.normalized()) != (actual.nat and actual.nat.normalized())
+        if isinstance(obj, NatOutgoing):  # one whole table per version: touched if it differs
+            w, a = (want.nat, actual.nat) if obj.version == 4 else (want.nat6, actual.nat6)
+            assert (w and w.normalized()) != (a and a.normalized())
             continue
         if isinstance(obj, TunnelFilter | TunnelHosts):  # likewise, one table per version
             if obj.version == 4:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from overlay.lab import check, httpwait, lab
 from overlay.lab.check import Probe
+from overlay.lab.topology import EXTERNAL_HOST, EXTERNAL_HOST6, LabOptions, build
 
 SUBNETS = {"n1": "192.168.1.0/24", "n2": "192.168.1.0/24", "n3": "192.168.2.0/24"}
 
@@ -180,3 +182,93 @@ def test_a_stuck_agent_is_explained_in_one_line() -> None:
     assert lab.describe_agent(json.dumps(unreachable)) == "datastore etcd://x:1: refused"
     assert "peers=2" in lab.describe_agent(json.dumps(_status(dataplane_synced=False)))
     assert lab.describe_agent('{"error": "no answer"}') == "no answer"
+
+
+# --- the external host over IPv6 (an IPv6 underlay: NAT66) -----------------------------------
+
+
+def test_the_external_host_counts_ipv6_echo_requests_per_node_ipv6_address() -> None:
+    v4, v6 = ["192.168.1.11", "192.168.2.12"], ["fd00:192:168:1::11", "fd00:192:168:2::12"]
+    ext = check.external_probe_script(v4, v6)
+    # On the node's own counter: pings run one at a time, whatever their family.
+    assert 'ip6 saddr fd00:192:168:2::12 icmpv6 type echo-request counter name "n1"' in ext
+    assert 'ip saddr 192.168.2.12 icmp type echo-request counter name "n1"' in ext
+    assert 'ip6 saddr fd00:10:244::/48 icmpv6 type echo-request counter name "pods"' in ext
+    assert ext.count("counter n1 { }") == 1
+    # Without IPv6 node addresses the script is the IPv4 one alone.
+    assert "ip6" not in check.external_probe_script(v4)
+    assert check.external_probe_script(v4, []) == check.external_probe_script(v4)
+
+
+@pytest.mark.parametrize(
+    ("moved", "path"),
+    [
+        ({"n0": 0, "n1": 1, "pods": 0}, "nat"),  # from node1's address: NAT
+        ({"n0": 1, "n1": 0, "pods": 0}, "unseen"),  # another node's address is not ours
+        ({"n0": 0, "n1": 0, "pods": 1}, "no-nat"),  # the pod's own address
+        ({"n0": 0, "n1": 0, "pods": 0}, "unseen"),
+    ],
+)
+def test_a_request_to_the_external_host_is_nat_only_from_the_pods_node(
+    moved: dict[str, int], path: str
+) -> None:
+    assert check.classify_external(1, moved) == path
+
+
+def test_the_ipv6_matrix_has_an_external_column_when_the_host_was_pinged_over_ipv6() -> None:
+    probes = [
+        Probe("p1", check.EXTERNAL, True, "nat", "nat"),
+        Probe("p1", "p2", True, "vxlan", "vxlan", 6),
+        Probe("p1", check.EXTERNAL, True, "nat", "nat", 6),
+        Probe("p2", check.EXTERNAL, True, "no-nat", "nat", 6),
+    ]
+    v4, v6 = check.render_matrix(["p1", "p2"], probes).split("\n\nIPv6:\n")
+    assert v4.splitlines()[1].split() == ["p1", "-", "-", "nat"]
+    assert v6.splitlines()[0].split() == ["p1", "p2", "external"]
+    assert v6.splitlines()[1].split() == ["p1", "-", "vxlan", "nat"]
+    assert v6.splitlines()[2].split() == ["p2", "-", "-", "no-nat!"]
+    assert not check.summary(probes)["ok"]
+
+
+def _fake_lab(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **opts: object) -> list[str]:
+    """A 2-node lab in which every ping is answered and NATed to its node's address, as
+    the external host's counters say; returns the addresses pinged, in order."""
+    options = LabOptions(name="f", nodes=2, subnets=2, pods_per_node=1, **opts)  # type: ignore[arg-type]
+    state = lab._initial_state(options, build(options), tmp_path)
+    for i, pod in enumerate(state.pods):
+        pod.ip, pod.ip6 = f"10.244.0.{i + 1}", f"fd00:10:244::{i + 1}" if options.ipv6 else None
+    counters: dict[str, dict[str, int]] = {state.external_netns: {"n0": 0, "n1": 0, "pods": 0}}
+    pinged: list[str] = []
+
+    def ping(ns: str, address: str) -> bool:
+        pinged.append(address)
+        if address in (str(EXTERNAL_HOST), str(EXTERNAL_HOST6)):
+            node = next(p.node for p in state.pods if p.netns == ns)
+            counters[state.external_netns][f"n{[n.name for n in state.nodes].index(node)}"] += 1
+        return True
+
+    monkeypatch.setattr(check, "load", lambda name: state)
+    monkeypatch.setattr(check, "install_probes", lambda s: None)
+    monkeypatch.setattr(check, "_ping", ping)
+    monkeypatch.setattr(check, "_counters", lambda ns: dict(counters.get(ns, {})))
+    return pinged
+
+
+def test_check_pings_the_external_host_over_ipv6_only_with_an_ipv6_underlay(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pinged = _fake_lab(monkeypatch, tmp_path, ipv6_underlay=True)
+    _, probes = check.run_check("f")
+    external = [(p.src, p.family, p.path, p.expected) for p in probes if p.dst == check.EXTERNAL]
+    assert external == [
+        ("f-n1p1", 4, "nat", "nat"),
+        ("f-n1p1", 6, "nat", "nat"),
+        ("f-n2p1", 4, "nat", "nat"),
+        ("f-n2p1", 6, "nat", "nat"),
+    ]
+    assert pinged.count(str(EXTERNAL_HOST6)) == 2
+    # A dual-stack lab over the IPv4 underlay has no IPv6 way out: IPv4 alone, as before.
+    pinged = _fake_lab(monkeypatch, tmp_path, ipv6=True)
+    _, probes = check.run_check("f")
+    assert [p.family for p in probes if p.dst == check.EXTERNAL] == [4, 4]
+    assert str(EXTERNAL_HOST6) not in pinged

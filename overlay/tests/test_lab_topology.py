@@ -17,6 +17,7 @@ from overlay import cli
 from overlay.cli_lab import render_status
 from overlay.lab import lab
 from overlay.lab.topology import (
+    EXTERNAL_HOST6,
     LabOptions,
     TopologyError,
     build,
@@ -113,6 +114,29 @@ def test_ipv6_underlay_pairs_each_node_address_with_one_in_its_subnets_64() -> N
     assert "addr add fd00:192:168:1::11/64 dev eth0 nodad" in cmds
     assert "route add default via fd00:192:168:1::1" in cmds
     assert "route add default via 192.168.1.1" in cmds
+
+
+def test_ipv6_underlay_gives_the_external_host_ipv6_and_the_ipv6_pool_nat() -> None:
+    router, ext = lab.external_commands(ipv6=True)
+    assert "addr add fd00:203:0:113::1/64 dev ext0 nodad" in router
+    assert router[-1] == "link set ext0 up"  # after its addresses
+    assert "addr add fd00:203:0:113::10/64 dev eth0 nodad" in ext
+    assert "route add default via fd00:203:0:113::1" in ext
+    assert str(EXTERNAL_HOST6) == "fd00:203:0:113::10"
+    pool = from_manifest(pool6_manifest(LabOptions(ipv6_underlay=True)))
+    assert isinstance(pool, IPPool) and pool.version == 6 and pool.nat_outgoing
+
+
+def test_without_ipv6_underlay_the_external_host_is_ipv4_only() -> None:
+    assert lab.external_commands(ipv6=False) == (
+        ["addr add 203.0.113.1/24 dev ext0", "link set ext0 up"],
+        [
+            "link set lo up",
+            "addr add 203.0.113.10/24 dev eth0",
+            "link set eth0 up",
+            "route add default via 203.0.113.1",
+        ],
+    )
 
 
 def test_largest_ipv6_underlay_is_valid_and_unique() -> None:
@@ -254,6 +278,8 @@ def test_ipv6_underlay_state_and_status_carry_the_nodes_ipv6_address(
     assert node["underlay_ip"] == "192.168.2.12" and node["underlay_cidr"] == "192.168.2.12/24"
     text = render_status(doc)
     assert "UNDERLAY6" in text and "fd00:192:168:2::12" in text
+    assert doc["external_ip6"] == "fd00:203:0:113::10"
+    assert "(203.0.113.10, fd00:203:0:113::10)" in text
 
 
 def test_status_of_an_ipv4_underlay_lab_has_no_ipv6_underlay_key(
@@ -265,6 +291,7 @@ def test_status_of_an_ipv4_underlay_lab_has_no_ipv6_underlay_key(
     doc = lab.status("s")
     assert all("underlay_ip6" not in n for n in doc["nodes"])
     assert "UNDERLAY6" not in render_status(doc)
+    assert "external_ip6" not in doc and "(203.0.113.10)" in render_status(doc)
 
 
 def test_state_written_before_ipv6_underlay_still_loads() -> None:

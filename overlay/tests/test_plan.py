@@ -11,6 +11,7 @@ from overlay.model import (
     Action,
     Dataplane,
     FdbEntry,
+    NatOutgoing,
     Neighbour,
     Nexthop,
     NexthopKey,
@@ -305,3 +306,56 @@ def test_a_filter_of_the_wrong_version_is_refused_naming_the_field() -> None:
         plan(Dataplane(tunnel_filter6=TunnelFilter(frozenset(), 4789, False)), Dataplane())
     with pytest.raises(ValueError, match="tunnel_filter: version 6, must be 4"):
         plan(Dataplane(tunnel_filter=filter6()), Dataplane())
+
+
+# --- NAT66: the IPv6 NAT-outgoing table --------------------------------------------------
+
+POOL6, OTHER6 = IPNetwork("fd00:10:244::/48"), IPNetwork("fd00:10:246::/48")
+
+
+def nat6(*sources: IPNetwork) -> NatOutgoing:
+    return NatOutgoing(frozenset(sources), frozenset({POOL6, OTHER6}), version=6)
+
+
+def test_the_ipv6_nat_table_is_set_replaced_and_deleted_apart_from_the_ipv4_one() -> None:
+    kernel = FakeKernel()
+    want = desired(standard_view(pool(ALWAYS, nat=True)))
+    assert want.nat is not None
+    want.nat6 = nat6(POOL6)
+    converge(kernel, want)
+    assert (kernel.nat, kernel.nat6) == (want.nat, nat6(POOL6))
+    assert plan(want, kernel.read()) == []
+    # Another IPv6 source: the ip6 table alone is replaced whole.
+    want.nat6 = nat6(POOL6, OTHER6)
+    assert converge(kernel, want) == [Op(Action.SET, nat6(POOL6, OTHER6))]
+    assert kernel.nat == want.nat
+    # No IPv6 NAT any more: only the ip6 table goes, named by the state it had.
+    want.nat6 = None
+    assert converge(kernel, want) == [Op(Action.DELETE, nat6(POOL6, OTHER6))]
+    assert (kernel.nat, kernel.nat6) == (want.nat, None)
+    # And the IPv4 table goes without touching an IPv6 one.
+    want.nat6, kernel.nat6 = nat6(POOL6), nat6(POOL6)
+    ops = converge(kernel, dataclasses.replace(want, nat=None))
+    assert [op.obj for op in ops] == [want.nat] and ops[0].action is Action.DELETE
+    assert kernel.nat6 == nat6(POOL6)
+
+
+def test_the_ipv6_nat_table_is_compared_in_the_form_the_kernel_holds() -> None:
+    # Overlapping sources are merged by nft: the merged read-back is no difference.
+    half = IPNetwork("fd00:10:244:8000::/49")
+    assert plan(Dataplane(nat6=nat6(POOL6, half)), Dataplane(nat6=nat6(POOL6))) == []
+    # A table that NATs nothing of its version is none: set, it would only be deleted.
+    v4_only = NatOutgoing(frozenset({IPNetwork("10.244.0.0/16")}), frozenset(), version=6)
+    assert plan(Dataplane(nat6=v4_only), Dataplane()) == []
+
+
+def test_settled_holds_the_ipv6_nat_table() -> None:
+    want = Dataplane(nat6=nat6(POOL6))
+    assert settled(want, Dataplane()).nat6 == want.nat6
+
+
+def test_a_nat_table_of_the_wrong_version_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="nat6: version 4, must be 6"):
+        plan(Dataplane(nat6=NatOutgoing(frozenset({POOL6}), frozenset())), Dataplane())
+    with pytest.raises(ValueError, match="nat: version 6, must be 4"):
+        plan(Dataplane(nat=nat6(POOL6)), Dataplane())

@@ -15,6 +15,7 @@ from overlay.model import (
     VXLAN_DEVICE,
     Action,
     Dataplane,
+    NatOutgoing,
     Route,
     TunnelFilter,
     TunnelHosts,
@@ -329,6 +330,33 @@ def test_the_ipv6_filter_table_is_repaired_apart_when_someone_else_changes_it() 
     assert rec.run_once() is Outcome.SYNCED
     assert kernel.tunnel_filter6 == f6
     assert [op.obj for op, _ok in kernel.log[logged:]] == [f6]  # that table alone
+    assert rec.stats().drift_repairs == 1
+
+
+def test_the_ipv6_nat_table_is_repaired_apart_when_someone_else_changes_it() -> None:
+    pools6 = frozenset({IPNetwork("fd00:10:244::/48")})
+    nat6 = NatOutgoing(pools6, pools6, version=6)
+
+    def with_nat6(view: ClusterView) -> Dataplane:
+        dp = COMPUTE(view)  # no IPv6 underlay here: compute would give no nat6
+        dp.nat6 = nat6
+        return dp
+
+    kernel = FakeKernel()
+    rec = Reconciler(kernel, with_nat6, clock=FakeClock())
+    first_sync(rec, standard_view(pool(ALWAYS, nat=True)))
+    assert kernel.nat6 == nat6 and kernel.nat is not None
+    kernel.nft_pids = frozenset({4242})
+    calls = kernel.apply_calls
+    rec.kick("nft_table_changed", gone=[("nat6", 4242, "")])  # what we just wrote
+    assert rec.run_once() is Outcome.IDLE
+    assert kernel.apply_calls == calls
+    kernel.nat6 = None  # someone deleted `ip6 overlay-nat`
+    logged = len(kernel.log)
+    rec.kick("nft_table_changed", gone=[("nat6", 31337, "")])
+    assert rec.run_once() is Outcome.SYNCED
+    assert kernel.nat6 == nat6
+    assert [op.obj for op, _ok in kernel.log[logged:]] == [nat6]  # that table alone
     assert rec.stats().drift_repairs == 1
 
 

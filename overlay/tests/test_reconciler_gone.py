@@ -120,3 +120,16 @@ def test_forget_drops_the_table_someone_else_changed_and_only_that() -> None:
     assert forget(actual, [("tunnel_filter6", 31338, "")]) == 0  # already gone
     assert forget(actual, [("tunnel_filter", 1, ""), ("nat", 1, "")]) == 2
     assert (actual.nat, actual.tunnel_filter) == (None, None)
+
+
+def test_forget_drops_the_ipv6_nat_table_apart_from_the_ipv4_one() -> None:
+    pools = frozenset({IPNetwork("10.244.0.0/16")})
+    pools6 = frozenset({IPNetwork("fd00:10:244::/48")})
+    nat, nat6 = NatOutgoing(pools, pools), NatOutgoing(pools6, pools6, version=6)
+    actual = Dataplane(nat=nat, nat6=nat6)
+    assert forget(actual, [("nat6", 31337, "")]) == 1
+    assert (actual.nat, actual.nat6) == (nat, None)
+    assert forget(actual, [("nat6", 31338, "")]) == 0  # already gone
+    actual.nat6 = nat6
+    assert forget(actual, [("nat", 1, "")]) == 1
+    assert (actual.nat, actual.nat6) == (None, nat6)
