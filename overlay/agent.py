@@ -53,6 +53,7 @@ log = logging.getLogger("overlay.agent")
 DEFAULT_STATE_DIR = "/var/lib/overlay"
 DEFAULT_SOCKET = "/var/run/overlay/cni.sock"
 DEFAULT_METRICS = "127.0.0.1:9099"
+NONE = "none"  # an autodetection method: no underlay of that family (Calico's IP=none)
 if TYPE_CHECKING:
     from overlay.kernel.monitor import Monitor
 
@@ -152,15 +153,19 @@ def _external_node(text: str) -> netaddr.IPNetwork:
 
 
 class _Underlays(NamedTuple):
-    """The underlays as detected: IPv4 (always) and IPv6 (None: none), with their MTUs."""
+    """The underlays as detected, IPv4 and IPv6 (None: none; one at least), with their
+    MTUs."""
 
-    v4: autodetect.Underlay
+    v4: autodetect.Underlay | None
     mtu: int
     v6: autodetect.Underlay | None
     mtu6: int
 
     def pairs(self) -> tuple[tuple[autodetect.Underlay | None, int], ...]:
         return ((self.v4, self.mtu), (self.v6, self.mtu6))
+
+    def addresses(self) -> str:
+        return ",".join(str(u.address) for u, _ in self.pairs() if u is not None)
 
     def text(self) -> str:
         return repr([(u and (u.interface, str(u.address)), mtu) for u, mtu in self.pairs()])
@@ -235,6 +240,11 @@ class Agent:
         self.node: Node | None = None
         self.pod_mtu = 1450
         self.nexthops = True
+        if cfg.autodetect.strip() == NONE and cfg.autodetect6.strip() == NONE:
+            raise ValueError(
+                "ip_autodetection, ip6_autodetection: both 'none' leave this node without an "
+                "underlay address"
+            )
         if not cfg.underlay_check_interval >= 0:  # also refuses NaN
             raise ValueError(
                 f"underlay_check_interval: {cfg.underlay_check_interval!r} is not a number of "
@@ -293,19 +303,21 @@ class Agent:
         from overlay.kernel import links
 
         interfaces = links.list_interfaces()
-        found = autodetect.detect(self.cfg.autodetect, interfaces, route_lookup=links.route_lookup)
-        mtu = autodetect.host_mtu(interfaces, underlay=found.interface)
-        if self.cfg.autodetect6 == "none":
-            return _Underlays(found, mtu, None, 1500)
-        found6 = autodetect.detect(
-            self.cfg.autodetect6, interfaces, version=6, route_lookup=links.route_lookup
-        )
-        return _Underlays(
-            found, mtu, found6, autodetect.host_mtu(interfaces, underlay=found6.interface)
-        )
+        found = found6 = None
+        mtu = mtu6 = 1500
+        if self.cfg.autodetect != NONE:
+            found = autodetect.detect(
+                self.cfg.autodetect, interfaces, route_lookup=links.route_lookup
+            )
+            mtu = autodetect.host_mtu(interfaces, underlay=found.interface)
+        if self.cfg.autodetect6 != NONE:
+            found6 = autodetect.detect(
+                self.cfg.autodetect6, interfaces, version=6, route_lookup=links.route_lookup
+            )
+            mtu6 = autodetect.host_mtu(interfaces, underlay=found6.interface)
+        return _Underlays(found, mtu, found6, mtu6)
 
     def _current(self) -> _Underlays:
-        assert self._underlay is not None
         return _Underlays(self._underlay, self._underlay_mtu, self._underlay6, self._underlay6_mtu)
 
     def _take(self, found: _Underlays) -> None:
@@ -337,7 +349,7 @@ class Agent:
             found = self._find_underlay()
         except autodetect.AutodetectError as exc:
             if not self._underlay_missing:
-                log.warning("event=underlay_check_failed keeping=%s error=%s", old.v4.address, exc)
+                log.warning("event=underlay_check_failed keeping=%s error=%s", old.addresses(), exc)
             self._underlay_missing = True
             return False
         self._underlay_missing = False
@@ -383,13 +395,13 @@ class Agent:
             self._register(store, ipam)
 
     def _register(self, store: ResourceStore, ipam: IPAM) -> None:
-        assert self._underlay is not None
-        v6 = self._underlay6
+        v4, v6 = self._underlay, self._underlay6
+        assert v4 is not None or v6 is not None
         node = nodes.register_node(
             store,
             ipam,
             self.cfg.node_name,
-            self._underlay.address,
+            v4.address if v4 is not None else None,
             vtep_mac=self.cfg.vtep_mac,
             underlay6=v6.address if v6 is not None else None,
         )
@@ -399,7 +411,7 @@ class Agent:
         self.node = node
         self.local = local_node_from(
             node,
-            self._underlay.interface or "",
+            (v4.interface or "") if v4 is not None else "",
             underlay_mtu=self._underlay_mtu,
             underlay6_iface=(v6.interface or "") if v6 is not None else "",
             underlay6_mtu=self._underlay6_mtu,
@@ -477,7 +489,7 @@ class Agent:
         s = self._settings
         encaps = nodes.encaps_in_use(pools, ipv6_underlay=self._underlay6 is not None)
         # One pod MTU for both families: the smaller underlay bounds both tunnels' MTUs.
-        underlay_mtu = min(self._underlay_mtu, self._underlay6_mtu)
+        underlay_mtu = min(mtu for u, mtu in self._current().pairs() if u is not None)
         self.pod_mtu = nodes.mtu_for(
             underlay_mtu,
             encaps,
@@ -713,7 +725,8 @@ class Agent:
 
     def _identity_lost(self, stored: Node) -> bool:
         assert self.node is not None
-        return str(stored.ipv4_address) != str(self.node.ipv4_address) or (
+        addresses = (str(self.node.ipv4_address), str(self.node.ipv6_address))
+        return (str(stored.ipv4_address), str(stored.ipv6_address)) != addresses or (
             stored.ipv4_vxlan_tunnel_addr != self.node.ipv4_vxlan_tunnel_addr
             or stored.ipv6_vxlan_tunnel_addr != self.node.ipv6_vxlan_tunnel_addr
             or stored.ipv4_ipip_tunnel_addr != self.node.ipv4_ipip_tunnel_addr
@@ -904,7 +917,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ip-autodetection",
         default="first-found",
         help="first-found | interface=REGEX | skip-interface=REGEX | cidr=CIDR | "
-        "can-reach=ADDR | ADDR/PREFIX",
+        "can-reach=ADDR | ADDR/PREFIX | none (an IPv6-only node: give --ip6-autodetection)",
     )
     p.add_argument(
         "--ip6-autodetection",

@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--ipv6-underlay", action="store_true",
                    help="an IPv6 underlay too (fd00:192:168:K::/64), which IPv6 pods ride "
                    "(vxlan-v6.calico); implies --ipv6")  # fmt: skip
+    p.add_argument("--ipv6-only", action="store_true",
+                   help="IPv6-only nodes and pods: no IPv4 pool, agents with "
+                   "--ip-autodetection none; implies --ipv6-underlay; vxlan only")  # fmt: skip
     p.set_defaults(func=cmd_up)
 
     p = cmds.add_parser("status", help="show the lab's nodes, pods and processes")
@@ -70,8 +73,10 @@ def cmd_up(args: argparse.Namespace, ctx: Context) -> int:
         mode=args.mode,
         pods_per_node=args.pods_per_node,
         datastore=args.lab_datastore,
-        ipv6=args.ipv6 or args.ipv6_underlay,
+        # What each flag implies, LabOptions works out (and so records in the lab's state).
+        ipv6=args.ipv6,
         ipv6_underlay=args.ipv6_underlay,
+        ipv6_only=args.ipv6_only,
     )
     opts.validate()  # TopologyError is a ValueError: one line, exit 1
     start = time.monotonic()
@@ -112,11 +117,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     ]
 
 
+# The pods' address keys in `lab status --json`, and their columns in the text.
+POD_COLUMNS = {"ip": "IP", "ip6": "IPV6"}
+
+
 def render_status(doc: dict[str, Any]) -> str:
     o = doc["options"]
+    v6_only = bool(o.get("ipv6_only"))
     lines = [
         f"lab {doc['name']}{'' if doc['ready'] else ' (INCOMPLETE: run `lab down`)'}: "
-        f"{o['encap']} {o['mode']}, datastore {doc['datastore']}",
+        f"{o['encap']} {o['mode']}{', IPv6 only' if v6_only else ''}, "
+        f"datastore {doc['datastore']}",
         f"router netns {doc['router_netns']}, external netns {doc['external_netns']} "
         f"({', '.join(doc[k] for k in ('external_ip', 'external_ip6') if k in doc)})",
     ]
@@ -139,13 +150,13 @@ def render_status(doc: dict[str, Any]) -> str:
         ],
     )
     lines.append("")
+    # A column per address family of the pods: no IPv4 column of dashes in an IPv6-only lab
+    # (its pods' `ip` is None), whose IPv6 column shows even before the pods have addresses.
     dual = any(p.get("ip6") for p in doc["pods"])
+    keys = [k for k, shown in (("ip", not v6_only), ("ip6", v6_only or dual)) if shown]
     lines += _table(
-        ["POD", "NODE", "IP", *(["IPV6"] if dual else [])],
-        [
-            [p["name"], p["node"], p["ip"] or "-", *([p.get("ip6") or "-"] if dual else [])]
-            for p in doc["pods"]
-        ],
+        ["POD", "NODE", *(POD_COLUMNS[k] for k in keys)],
+        [[p["name"], p["node"], *(p.get(k) or "-" for k in keys)] for p in doc["pods"]],
     )
     return "\n".join(lines)
 

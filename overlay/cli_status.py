@@ -50,8 +50,12 @@ def render(st: dict[str, Any]) -> str:
     lines = [
         f"Node:        {st['node']}  (agent up, pid {st['pid']})",
         f"Datastore:   {ds['url']}  " + _datastore_state(ds),
-        f"Underlay:    {st['underlay']['address']} on {st['underlay']['interface']}"
-        f" (MTU {st['underlay']['mtu']}; pod MTU {st['pod_mtu']})",
+        (
+            f"Underlay:    {st['underlay']['address']} on {st['underlay']['interface']}"
+            f" (MTU {st['underlay']['mtu']}; pod MTU {st['pod_mtu']})"
+            if st["underlay"]["address"]
+            else f"Underlay:    no IPv4 (an IPv6-only node; pod MTU {st['pod_mtu']})"
+        ),
         "Routes:      "
         + (
             "nexthop objects + nhid routes"

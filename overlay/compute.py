@@ -85,7 +85,9 @@ class LocalNode:
 
     name: str
     underlay_iface: str
-    underlay: netaddr.IPNetwork  # our address WITH its subnet prefix, e.g. 10.0.1.5/24
+    # Our IPv4 address WITH its subnet prefix, e.g. 10.0.1.5/24; None: an IPv6-only node
+    # (Calico's IP=none), which then needs underlay6.
+    underlay: netaddr.IPNetwork | None
     vxlan_tunnel_addr: netaddr.IPAddress | None = None
     ipip_tunnel_addr: netaddr.IPAddress | None = None
     mac: str | None = None  # our VTEP MAC; None: derived from the name (Calico's rule)
@@ -98,7 +100,9 @@ class LocalNode:
     mac6: str | None = None  # our IPv6 VTEP MAC; None: derived from the name
 
     def __post_init__(self) -> None:
-        if self.underlay.version != 4:
+        if self.underlay is None and self.underlay6 is None:
+            raise ValueError("underlay, underlay6: a node needs an IPv4 or an IPv6 underlay")
+        if self.underlay is not None and self.underlay.version != 4:
             raise ValueError(f"underlay: {self.underlay} is not an IPv4 address")
         if self.underlay6 is not None and self.underlay6.version != 6:
             raise ValueError(f"underlay6: {self.underlay6} is not an IPv6 address")
@@ -305,7 +309,8 @@ class ComputeCache:
         self.my_claims: set[tuple[str, object]] = set()
         self.v6_underlay = me is not None and me.underlay6 is not None
         if me is not None:
-            mine = _Vtep(me.vxlan_tunnel_addr, me.vtep_mac, me.underlay.ip, me.vxlan_tunnel_addr6)
+            underlay = me.underlay.ip if me.underlay is not None else None
+            mine = _Vtep(me.vxlan_tunnel_addr, me.vtep_mac, underlay, me.vxlan_tunnel_addr6)
             if me.underlay6 is not None:
                 mine = mine._replace(mac6=me.vtep_mac6, underlay6=me.underlay6.ip)
             self.my_claims = set(mine.claims())
@@ -315,7 +320,8 @@ class ComputeCache:
             else (False, False)
         )
         self.my_underlay = me.underlay if me is not None else None
-        self.local_subnet = me.underlay.cidr if me is not None else None  # built once: slow
+        # built once: slow
+        self.local_subnet = me.underlay.cidr if me is not None and me.underlay else None
         self.subnet_text = str(self.local_subnet)
         self.subnet_range = (
             (self.local_subnet.first, self.local_subnet.last) if self.local_subnet else (0, -1)
@@ -633,8 +639,10 @@ class ComputeCache:
             address, peer_ip = piece.node.ipv4_address, piece.underlay
             mine, subnet, subnet_range = self.my_underlay, self.subnet_text, self.subnet_range
             iface = self.underlay_iface
+        family = "IPv6" if own_device else "IPv4"
+        if mine is None:  # an IPv6-only node and an IPv4 pool
+            return _Decision(None, None, f"this node has no {family} underlay address: no route")
         if address is None or peer_ip is None:
-            family = "IPv6" if own_device else "IPv4"
             return _Decision(None, None, f"node has no {family} underlay address: skipped")
         note = self.pool_notes.get(pool.name)
         if note is None:
@@ -644,7 +652,6 @@ class ComputeCache:
             # No IPv6 underlay to route on: a same-subnet peer is reached through the tunnel.
             why = f"{note}; IPv6 pods are tunnelled (the underlay is IPv4)"
         elif mode is EncapMode.CROSS_SUBNET:
-            assert mine is not None
             host_len = 32 if address.version == 4 else 128
             if mine.prefixlen == host_len:
                 why = (
@@ -854,12 +861,13 @@ def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[s
     # The IPv6 tunnel address goes on vxlan-v6.calico when we have an IPv6 underlay.
     own6 = me.vxlan_tunnel_addr6 if me.underlay6 is not None else None
     shared6 = me.vxlan_tunnel_addr6 if me.underlay6 is None else None
-    if Path.VXLAN in encaps and (me.vxlan_tunnel_addr, shared6) != (None, None):
+    v4 = me.underlay
+    if Path.VXLAN in encaps and v4 is not None and (me.vxlan_tunnel_addr, shared6) != (None, None):
         devices[VXLAN_DEVICE] = VxlanDevice(
             name=VXLAN_DEVICE,
             vni=cfg.vxlan_vni,
             port=cfg.vxlan_port,
-            local=me.underlay.ip,
+            local=v4.ip,
             parent=me.underlay_iface,
             mac=me.vtep_mac,
             mtu=cfg.vxlan_mtu or me.underlay_mtu - VXLAN_OVERHEAD,
@@ -880,7 +888,7 @@ def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[s
             tx_checksum=tx_checksum,
             address6=own6,
         )
-    if Path.IPIP in encaps and me.ipip_tunnel_addr is not None:
+    if Path.IPIP in encaps and v4 is not None and me.ipip_tunnel_addr is not None:
         devices[IPIP_DEVICE] = IpipDevice(
             name=IPIP_DEVICE,
             mtu=cfg.ipip_mtu or me.underlay_mtu - IPIP_OVERHEAD,
@@ -934,8 +942,8 @@ def local_node_from(
 ) -> LocalNode:
     """A LocalNode from our own Node resource (the agent registered it, so it is complete);
     its IPv6 underlay is the Node's ipv6_address."""
-    if node.ipv4_address is None:
-        raise ValueError(f"node {node.name!r}: ipv4_address is not set")
+    if node.ipv4_address is None and node.ipv6_address is None:
+        raise ValueError(f"node {node.name!r}: neither ipv4_address nor ipv6_address is set")
     return LocalNode(
         name=node.name,
         underlay_iface=underlay_iface,

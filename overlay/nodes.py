@@ -167,7 +167,7 @@ def register_node(
     store: ResourceStore,
     ipam: IPAM,
     name: str,
-    underlay: netaddr.IPNetwork,
+    underlay: netaddr.IPNetwork | None,
     *,
     labels: dict[str, str] | None = None,
     vtep_mac: str | None = None,
@@ -178,15 +178,19 @@ def register_node(
     Operator labels on the stored Node are kept (`labels` are merged over them). The VTEP
     MAC is stored only when configured, so that every peer derives the same one otherwise.
     An IPv4 `underlay` comes with the IPv6 one this node has (`underlay6`, None: none, and
-    a stored one is cleared: peers must not send IPv6 VXLAN to a node without it).
+    a stored one is cleared: peers must not send IPv6 VXLAN to a node without it); an
+    IPv6-only node has no IPv4 `underlay` (None), and its stored one is cleared too.
     Running it twice with the same inputs writes nothing the second time.
     """
-    underlay = netaddr.IPNetwork(underlay)
     mac = _vtep_mac_override(name, vtep_mac)
-    if underlay.version == 4:
-        addresses_ = {"ipv4_address": underlay, "ipv6_address": underlay6}
+    if underlay is None:
+        if underlay6 is None:
+            raise ValueError(f"node {name}: neither an IPv4 nor an IPv6 underlay address")
+        addresses_ = {"ipv4_address": None, "ipv6_address": underlay6}
+    elif netaddr.IPNetwork(underlay).version == 4:
+        addresses_ = {"ipv4_address": netaddr.IPNetwork(underlay), "ipv6_address": underlay6}
     else:
-        addresses_ = {"ipv6_address": underlay}
+        addresses_ = {"ipv6_address": netaddr.IPNetwork(underlay)}
 
     def identity(current: Node | None) -> Node:
         base = current if current is not None else Node(name=name)

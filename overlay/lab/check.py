@@ -11,7 +11,8 @@ counters of the source node move only for the ping in flight. A dual-stack lab (
 also pings every pair over IPv6, which rides the IPv4 VXLAN between nodes; with an IPv6
 underlay (--ipv6-underlay) it follows the pool's mode like IPv4 (direct inside a subnet),
 and each pod pings the external host over IPv6 too, which must see its node's IPv6
-address (NAT66).
+address (NAT66). An IPv6-only lab (--ipv6-only) is pinged over IPv6 alone: its pods have no
+IPv4 address to ping or to ping from.
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import netaddr
 
 from overlay.lab import netns
 from overlay.lab.lab import LabState, PodState, load
-from overlay.lab.topology import EXTERNAL_HOST, EXTERNAL_HOST6, POOL6_CIDR, POOL_CIDR
+from overlay.lab.topology import (
+    EXTERNAL_HOST,
+    EXTERNAL_HOST6,
+    POOL6_CIDR,
+    POOL_CIDR,
+    pod_families,
+)
 from overlay.model import VXLAN6_DEVICE, VXLAN_DEVICE, VXLAN_PORT
 
 PROBE_TABLE = "overlay-lab-probe"
@@ -172,16 +180,28 @@ def expected_path(
     return "vxlan" if family == 6 else encap  # the IPv6 pool is VXLAN whatever --encap
 
 
+def external_families(options: Mapping[str, Any]) -> tuple[int, ...]:
+    """The IP versions each pod pings the external host over: those of its addresses that
+    have a way out of the cluster (IPv6 only over an IPv6 underlay, NAT66)."""
+    families = pod_families(options)
+    return families if options.get("ipv6_underlay") else tuple(f for f in families if f == 4)
+
+
 def render_matrix(pods: Sequence[str], probes: Sequence[Probe]) -> str:
-    """Rows: source pod; columns: destination pods then the external host. IPv6 probes
-    (a dual-stack lab) get a second matrix below, with the external host only when it was
-    pinged over IPv6 (an IPv6 underlay: without one no IPv6 path leaves the cluster)."""
+    """Rows: source pod; columns: destination pods then the external host. IPv4 probes
+    come first, without a header; IPv6 probes get a matrix of their own below, headed
+    "IPv6:", with the external host only when it was pinged over IPv6 (an IPv6 underlay:
+    without one no IPv6 path leaves the cluster). An IPv6-only lab shows the IPv6 matrix
+    alone, not an empty IPv4 one above it."""
+    v4 = [p for p in probes if p.family == 4]
     v6 = [p for p in probes if p.family == 6]
-    text = _matrix(pods, [p for p in probes if p.family == 4], [*pods, EXTERNAL])
+    sections = []
+    if v4 or not v6:  # a check without any probe (no pods) still shows its IPv4 table
+        sections.append(_matrix(pods, v4, [*pods, EXTERNAL]))
     if v6:
         external = [EXTERNAL] if any(p.dst == EXTERNAL for p in v6) else []
-        text += "\n\nIPv6:\n" + _matrix(pods, v6, [*pods, *external])
-    return text
+        sections.append("IPv6:\n" + _matrix(pods, v6, [*pods, *external]))
+    return "\n\n".join(sections)
 
 
 def _matrix(pods: Sequence[str], probes: Sequence[Probe], cols: list[str]) -> str:
@@ -262,6 +282,7 @@ def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, li
     install_probes(state)
     opts = state.options
     v6_underlay = bool(opts.get("ipv6_underlay"))
+    families, external = pod_families(opts), external_families(opts)
     subnets = {n.name: n.subnet for n in state.nodes}
     index = {n.name: i for i, n in enumerate(state.nodes)}
     deadline = time.monotonic() + timeout
@@ -269,9 +290,7 @@ def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, li
     for src in state.pods:
         node = state.node(src.node)
         before = _counters(node.netns)
-        targets = [(dst, 4, dst.ip) for dst in state.pods]
-        if opts.get("ipv6"):
-            targets += [(dst, 6, dst.ip6) for dst in state.pods]
+        targets = [(dst, f, dst.ip if f == 4 else dst.ip6) for f in families for dst in state.pods]
         for dst, family, address in targets:
             if dst.name == src.name:
                 continue
@@ -286,6 +305,6 @@ def run_check(name: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[LabState, li
             path = classify(src.node == dst.node, delta(before, after))
             probes.append(Probe(src.name, dst.name, answered, path, want, family))
             before = after
-        for family in (4, 6) if v6_underlay else (4,):
+        for family in external:
             probes.append(_probe_external(state, src, index[src.node], family, deadline))
     return state, probes

@@ -37,8 +37,8 @@ from overlay.lab.topology import (
     Topology,
     build,
     host6,
-    pool6_manifest,
-    pool_manifest,
+    pod_families,
+    pool_manifests,
 )
 
 LAB_ROOT = Path(os.environ.get("OVERLAY_LAB_ROOT", "/run/overlay-lab"))
@@ -49,6 +49,8 @@ CNI_NETWORK = "overlay-lab"
 AGENT_SYNC_TIMEOUT = 60.0
 CNI_TIMEOUT = 60.0
 PARALLEL = 8
+# How every lab agent finds its underlay address(es): on the node's one underlay link.
+AUTODETECT_UNDERLAY = "interface=eth0"
 
 Log = Callable[[str], None]
 
@@ -87,8 +89,8 @@ class PodState:
     name: str
     netns: str
     node: str
-    ip: str | None = None
-    ip6: str | None = None  # dual-stack labs (--ipv6)
+    ip: str | None = None  # None in an IPv6-only lab (--ipv6-only)
+    ip6: str | None = None  # dual-stack and IPv6-only labs (--ipv6, --ipv6-only)
 
 
 @dataclass
@@ -151,10 +153,14 @@ def ns_order(names: set[str], name: str) -> list[str]:
     return sorted(names, key=key)
 
 
-def conflist(socket: str, ipv6: bool = False) -> dict[str, Any]:
-    """The node's CNI network configuration list (what a runtime would read from disk)."""
+def conflist(socket: str, families: tuple[int, ...] = (4,)) -> dict[str, Any]:
+    """The node's CNI network configuration list (what a runtime would read from disk),
+    asking for an address of each IP version in `families` (the plugin's default is IPv4
+    alone, so only a departure from it is written)."""
     ipam: dict[str, Any] = {"type": "overlay-ipam"}
-    if ipv6:
+    if 4 not in families:
+        ipam["assignIPv4"] = False
+    if 6 in families:
         ipam["assignIPv6"] = True
     return {
         "cniVersion": "1.1.0",
@@ -271,7 +277,7 @@ def _build(state: LabState, topo: Topology, log: Log) -> None:
 
     t0 = time.monotonic()
     _seed_datastore(state, topo)
-    log(f"datastore {state.datastore} seeded with the pool ({time.monotonic() - t0:.1f}s)")
+    log(f"datastore {state.datastore} seeded with the pools ({time.monotonic() - t0:.1f}s)")
 
     t0 = time.monotonic()
     _start_agents(state)
@@ -375,11 +381,8 @@ def _seed_datastore(state: LabState, topo: Topology) -> None:
     _, seed_url = datastore_urls(opts, topo, Path(state.dir))
     if opts.datastore == "etcd":
         _start_etcd(state, topo)
-    manifests = [("pool.json", pool_manifest(opts))]
-    if opts.ipv6:
-        manifests.append(("pool6.json", pool6_manifest(opts)))
-    for file_name, doc in manifests:
-        manifest = Path(state.dir) / file_name
+    for doc in pool_manifests(opts):
+        manifest = Path(state.dir) / f"{doc['metadata']['name']}.json"
         manifest.write_text(json.dumps(doc, indent=2) + "\n")
         # The real CLI, from the router namespace: the only place an in-lab etcd is reachable.
         argv = [bin_path("overlayctl"), "--datastore", seed_url, "apply", "-f", str(manifest)]
@@ -484,24 +487,32 @@ def _start_agents(state: LabState) -> None:
     agent = bin_path("overlay-agent")
     for n in state.nodes:
         Path(n.dir).mkdir(parents=True, exist_ok=True)
-        doc = conflist(n.socket, bool(state.options.get("ipv6")))
+        doc = conflist(n.socket, pod_families(state.options))
         Path(n.cni_conflist).write_text(json.dumps(doc, indent=2) + "\n")
-        argv = [
-            agent, "--node-name", n.name, "--datastore", state.datastore,
-            "--state-dir", n.dir, "--socket", n.socket,
-            "--ip-autodetection", "interface=eth0", "--metrics-addr", METRICS_ADDR,
-        ]  # fmt: skip
-        argv += agent_extra_args(state.options)
+        argv = agent_argv(agent, state, n)
         n.agent_pid = _spawn(n.netns, argv, Path(n.log)).pid
         state.save()
 
 
-def agent_extra_args(options: dict[str, Any]) -> list[str]:
-    """Agent flags that depend on the lab's options (only what an option turns on, so a lab
-    without it runs agents that may not know the flag)."""
+def agent_argv(agent: str, state: LabState, n: NodeState) -> list[str]:
+    """The command line of node `n`'s agent (`agent`: the executable)."""
+    return [
+        agent, "--node-name", n.name, "--datastore", state.datastore,
+        "--state-dir", n.dir, "--socket", n.socket, "--metrics-addr", METRICS_ADDR,
+        *agent_address_args(state.options),
+    ]  # fmt: skip
+
+
+def agent_address_args(options: dict[str, Any]) -> list[str]:
+    """The flags telling the agent which underlay addresses to register. IPv4: eth0's, or
+    none in an IPv6-only lab (Calico's IP=none: no IPv4 address registered, so no
+    vxlan.calico or tunl0, although eth0 has one). IPv6: eth0's with an IPv6 underlay;
+    without one the flag is left out, so such a lab still runs agents that predate it."""
+    ipv4 = "none" if options.get("ipv6_only") else AUTODETECT_UNDERLAY
+    args = ["--ip-autodetection", ipv4]
     if options.get("ipv6_underlay"):
-        return ["--ip6-autodetection", "interface=eth0"]
-    return []
+        args += ["--ip6-autodetection", AUTODETECT_UNDERLAY]
+    return args
 
 
 def _wait_agents(state: LabState, peers: int | None) -> None:
@@ -591,11 +602,12 @@ def _make_pods(state: LabState) -> None:
         netns.add(p.netns)
         netns.batch(p.netns, ["link set lo up"])
 
+    families = pod_families(state.options)
+
     def add(p: PodState) -> None:
         result = cni("ADD", state, p)
-        p.ip = pod_ip(result)
-        if state.options.get("ipv6"):
-            p.ip6 = pod_ip(result, 6)
+        p.ip = pod_ip(result) if 4 in families else None
+        p.ip6 = pod_ip(result, 6) if 6 in families else None
 
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
         list(pool.map(add, state.pods))  # re-raises the first failure

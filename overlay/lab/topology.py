@@ -10,11 +10,15 @@ Layout (K subnets, N nodes, P pods per node, lab name L):
     With --ipv6-underlay every subnet also has fd00:192:168:<k>::/64 (router ::1, node
     ::<10+i>: the IPv4 host part written again), so IPv6 pods can ride an IPv6 underlay,
     and the external host is fd00:203:0:113::10 too (router ::1), reached through NAT66.
+    With --ipv6-only the nodes keep their IPv4 addresses (the agents' way to an etcd
+    datastore; see LabOptions.ipv6_only), but the cluster has no IPv4 pool, the pods no
+    IPv4 address and the agents register none (--ip-autodetection none).
     L-n<i>p<j> pod j of node i, made by the real CNI plugin.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,10 +56,23 @@ class LabOptions:
     ipv6: bool = False
     # An IPv6 underlay too (implies ipv6): IPv6 pods ride vxlan-v6.calico between nodes.
     ipv6_underlay: bool = False
+    # IPv6-only nodes (implies ipv6_underlay): no IPv4 pool, IPv6-only pods, agents with
+    # --ip-autodetection none (Calico's IP=none). The node namespaces keep their IPv4
+    # addresses: an etcd datastore is reached over them (the lab's management network, not
+    # the overlay's underlay), status and check keep one schema, and an agent told `none`
+    # must then ignore an IPv4 address that is there, as Calico's does on a dual-stack host.
+    ipv6_only: bool = False
 
     def __post_init__(self) -> None:
-        if self.ipv6_underlay:  # every consumer that checks `ipv6` must see dual-stack pods
+        # Every consumer that checks a weaker option must see what the stronger one implies.
+        if self.ipv6_only:
+            object.__setattr__(self, "ipv6_underlay", True)
+        if self.ipv6_underlay:
             object.__setattr__(self, "ipv6", True)
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return pod_families(asdict(self))
 
     def validate(self) -> None:
         if not (self.name.isascii() and self.name.replace("-", "").isalnum()) or not (
@@ -74,6 +91,19 @@ class LabOptions:
             raise TopologyError(f"--mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if self.datastore not in ("sqlite", "etcd"):
             raise TopologyError(f"--datastore: {self.datastore!r} is not sqlite or etcd")
+        if self.ipv6_only and self.encap == "ipip":
+            raise TopologyError(
+                "--encap ipip cannot go with --ipv6-only: IP-in-IP carries IPv4 only, and an "
+                "IPv6-only lab has no IPv4 pool (use --encap vxlan)"
+            )
+
+
+def pod_families(options: Mapping[str, Any]) -> tuple[int, ...]:
+    """The IP versions a lab's pods get, from its options as stored in state.json (a lab
+    made before an option existed has no key for it)."""
+    if options.get("ipv6_only"):
+        return (6,)
+    return (4, 6) if options.get("ipv6") else (4,)
 
 
 @dataclass(frozen=True)
@@ -172,6 +202,12 @@ def pool6_manifest(opts: LabOptions) -> dict[str, Any]:
         "metadata": {"name": "lab-pool6"},
         "spec": spec,
     }
+
+
+def pool_manifests(opts: LabOptions) -> list[dict[str, Any]]:
+    """The pools the datastore is seeded with: one per pod IP family."""
+    makers = {4: pool_manifest, 6: pool6_manifest}
+    return [makers[family](opts) for family in opts.families]
 
 
 def pool_manifest(opts: LabOptions) -> dict[str, Any]:

@@ -91,3 +91,9 @@ def test_settings_at_start_come_from_the_datastore_and_a_corrupt_record_counts_a
         assert "event=bad_record kind=FelixConfiguration name=node.n1" in caplog.text
     finally:
         ds.close()
+
+
+def test_both_autodetections_none_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="both 'none' leave this node without an underlay"):
+        Agent(config(tmp_path, autodetect="none"))
+    assert Agent(config(tmp_path, autodetect="none", autodetect6="interface=eth0"))

@@ -742,3 +742,19 @@ def test_ipv6_pools_go_without_nat_only_without_an_ipv6_underlay() -> None:
     pools = list(nat66_view().pools)
     assert [p.name for p in pools_without_nat(pools)] == ["p6"]  # enabled ones only
     assert pools_without_nat(pools, ipv6_underlay=True) == []
+
+
+def test_an_ipv6_only_node_has_only_the_ipv6_device_and_routes() -> None:
+    local = me6u(underlay=None, vxlan_tunnel_addr=None, ipip_tunnel_addr=None)
+    dp = desired(v6_underlay_view(), local)
+    assert set(dp.devices) == {VXLAN6_DEVICE}
+    assert {n.dev for n in dp.neighbours} == {VXLAN6_DEVICE}
+    assert {f.dev for f in dp.fdb} == {VXLAN6_DEVICE}
+    assert Route(block6("c"), nexthop=NexthopKey(tunnel6("c"), VXLAN6_DEVICE)) in dp.routes
+    # The IPv4 pool: no route to a peer (said why), only the blackhole of our own block.
+    assert {r.dst.version for r in dp.routes if not r.blackhole} == {6}
+    why = {p.reason for p in dp.peers if p.path is None}
+    assert why == {"this node has no IPv4 underlay address: no route"}
+    assert dp.tunnel_filter is None and dp.tunnel_filter6 is not None
+    with pytest.raises(ValueError, match="needs an IPv4 or an IPv6 underlay"):
+        me6u(underlay=None, underlay6=None)

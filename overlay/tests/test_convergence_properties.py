@@ -133,16 +133,19 @@ def views(draw: st.DrawFn, tunnels: st.SearchStrategy[IPAddress] = tunnel_ips) -
 
 @st.composite
 def locals_(draw: st.DrawFn) -> LocalNode:
+    # With an IPv6 underlay, IPv6 pods ride vxlan-v6.calico; with only that, the node is
+    # IPv6-only (no IPv4 underlay: no vxlan.calico nor tunl0).
+    underlay6 = draw(st.none() | underlays6())
+    underlay = draw(underlays()) if underlay6 is None else draw(st.none() | underlays())
     return LocalNode(
         name="a",
         underlay_iface="eth0",
-        underlay=draw(underlays()),
+        underlay=underlay,
         vxlan_tunnel_addr=draw(mostly(tunnel_ips)),
         ipip_tunnel_addr=draw(mostly(tunnel_ips)),
         mac=draw(st.none() | st.sampled_from(MACS)),
         vxlan_tunnel_addr6=draw(st.none() | tunnel_ips6),
-        # With an IPv6 underlay, IPv6 pods ride vxlan-v6.calico.
-        underlay6=draw(st.none() | underlays6()),
+        underlay6=underlay6,
         underlay6_iface="eth0",
         mac6=draw(st.none() | st.none() | st.sampled_from(MACS)),
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from overlay import cli
 from overlay.lab import check, httpwait, lab
 from overlay.lab.check import Probe
 from overlay.lab.topology import EXTERNAL_HOST, EXTERNAL_HOST6, LabOptions, build
@@ -230,22 +232,30 @@ def test_the_ipv6_matrix_has_an_external_column_when_the_host_was_pinged_over_ip
     assert not check.summary(probes)["ok"]
 
 
-def _fake_lab(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **opts: object) -> list[str]:
-    """A 2-node lab in which every ping is answered and NATed to its node's address, as
-    the external host's counters say; returns the addresses pinged, in order."""
+def _fake_lab(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lost: str = "", **opts: object
+) -> list[str]:
+    """A 2-node lab on 2 subnets in which every ping but those to `lost` is answered, goes
+    to the other node as VXLAN and to the external host NATed to its node's address, as
+    the counters say; returns the addresses pinged, in order."""
     options = LabOptions(name="f", nodes=2, subnets=2, pods_per_node=1, **opts)  # type: ignore[arg-type]
     state = lab._initial_state(options, build(options), tmp_path)
     for i, pod in enumerate(state.pods):
-        pod.ip, pod.ip6 = f"10.244.0.{i + 1}", f"fd00:10:244::{i + 1}" if options.ipv6 else None
+        pod.ip = f"10.244.0.{i + 1}" if 4 in options.families else None
+        pod.ip6 = f"fd00:10:244::{i + 1}" if 6 in options.families else None
+    nodes = [n.name for n in state.nodes]
     counters: dict[str, dict[str, int]] = {state.external_netns: {"n0": 0, "n1": 0, "pods": 0}}
+    counters |= {n.netns: {"vxlan": 0} for n in state.nodes}
     pinged: list[str] = []
 
     def ping(ns: str, address: str) -> bool:
         pinged.append(address)
+        node = next(p.node for p in state.pods if p.netns == ns)
         if address in (str(EXTERNAL_HOST), str(EXTERNAL_HOST6)):
-            node = next(p.node for p in state.pods if p.netns == ns)
-            counters[state.external_netns][f"n{[n.name for n in state.nodes].index(node)}"] += 1
-        return True
+            counters[state.external_netns][f"n{nodes.index(node)}"] += 1
+        else:
+            counters[state.node(node).netns]["vxlan"] += 1
+        return address != lost
 
     monkeypatch.setattr(check, "load", lambda name: state)
     monkeypatch.setattr(check, "install_probes", lambda s: None)
@@ -272,3 +282,75 @@ def test_check_pings_the_external_host_over_ipv6_only_with_an_ipv6_underlay(
     _, probes = check.run_check("f")
     assert [p.family for p in probes if p.dst == check.EXTERNAL] == [4, 4]
     assert str(EXTERNAL_HOST6) not in pinged
+
+
+# --- IPv6-only labs (--ipv6-only): IPv6 probes alone ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("opts", "families"),
+    [
+        (LabOptions(), (4,)),
+        (LabOptions(ipv6=True), (4,)),  # no IPv6 way out over the IPv4 underlay
+        (LabOptions(ipv6_underlay=True), (4, 6)),
+        (LabOptions(ipv6_only=True), (6,)),
+    ],
+)
+def test_the_external_host_is_pinged_over_each_family_with_a_way_out(
+    opts: LabOptions, families: tuple[int, ...]
+) -> None:
+    assert check.external_families(asdict(opts)) == families
+
+
+def test_ipv6_only_check_pings_nothing_over_ipv4(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pinged = _fake_lab(monkeypatch, tmp_path, ipv6_only=True)
+    _, probes = check.run_check("f")
+    assert {p.family for p in probes} == {6}
+    assert all(":" in address for address in pinged)  # not one IPv4 ping, nor external
+    assert [(p.src, p.dst, p.expected) for p in probes] == [
+        ("f-n1p1", "f-n2p1", "vxlan"),  # the nodes are on two subnets
+        ("f-n1p1", check.EXTERNAL, "nat"),
+        ("f-n2p1", "f-n1p1", "vxlan"),
+        ("f-n2p1", check.EXTERNAL, "nat"),
+    ]
+    assert all(p.passed for p in probes) and pinged.count(str(EXTERNAL_HOST6)) == 2
+
+
+def test_an_ipv6_only_matrix_is_the_ipv6_one_alone() -> None:
+    probes = [
+        Probe("p1", "p2", True, "vxlan", "vxlan", 6),
+        Probe("p1", check.EXTERNAL, True, "nat", "nat", 6),
+    ]
+    lines = check.render_matrix(["p1", "p2"], probes).splitlines()
+    assert lines[0] == "IPv6:"  # headed, with no (empty) IPv4 matrix above it
+    assert lines[1].split() == ["p1", "p2", "external"]
+    assert lines[2].split() == ["p1", "-", "vxlan", "nat"]
+    assert len(lines) == 4
+    # No probe at all (a lab without pods): the IPv4 table, as before.
+    assert check.render_matrix([], []).split() == ["external"]
+
+
+def _check_output(capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    status = cli.main(["lab", "check", "--name", "f"])
+    return status, capsys.readouterr().out.splitlines()
+
+
+def test_ipv6_only_lab_check_prints_the_ipv6_matrix_and_the_summary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _fake_lab(monkeypatch, tmp_path, ipv6_only=True)
+    status, out = _check_output(capsys)
+    assert status == 0
+    assert out[0] == "IPv6:" and out[1].split() == ["f-n1p1", "f-n2p1", "external"]
+    assert out[2].split() == ["f-n1p1", "-", "vxlan", "nat"]
+    assert out[3].split() == ["f-n2p1", "vxlan", "-", "nat"]
+    assert out.count("IPv6:") == 1 and out[4] == ""
+    assert out[-1].startswith("4 probes in ") and out[-1].endswith(": ok")
+    # A lost ping fails the check, as in every lab.
+    _fake_lab(monkeypatch, tmp_path, lost="fd00:10:244::2", ipv6_only=True)
+    status, out = _check_output(capsys)
+    assert status == 1 and out[2].split() == ["f-n1p1", "-", "FAIL", "nat"]
+    assert "  f-n1p1 -> f-n2p1 over IPv6: FAIL (expected vxlan)" in out
+    assert out[-1].endswith(": 1 of 4 FAILED")

@@ -88,7 +88,7 @@ def test_dual_stack_lab_adds_an_ipv6_vxlan_pool_and_asks_the_cni_for_ipv6() -> N
     pool = from_manifest(pool6_manifest(opts))
     assert isinstance(pool, IPPool) and pool.version == 6 and pool.block_size == 122
     assert pool.vxlan_mode.value == "Always" and not pool.nat_outgoing
-    parsed = parse_conflist(json.dumps(lab.conflist("/s.sock", ipv6=True)))
+    parsed = parse_conflist(json.dumps(lab.conflist("/s.sock", opts.families)))
     assert plugin_config(parsed, 0, {})["ipam"] == {"type": "overlay-ipam", "assignIPv6": True}
     result = {"ips": [{"address": "10.244.3.7/32"}, {"address": "fd00::5/128"}]}
     assert lab.pod_ip(result, 6) == "fd00::5"
@@ -151,13 +151,18 @@ def test_without_ipv6_underlay_nodes_have_no_ipv6_address_or_agent_flag() -> Non
         node = build(opts).nodes[0]
         assert node.underlay_ip6 is None and node.gateway6 is None
         assert not any(":" in c for c in lab.node_underlay_commands(node))
-        assert lab.agent_extra_args(asdict(opts)) == []
+        assert lab.agent_address_args(asdict(opts)) == ["--ip-autodetection", "interface=eth0"]
     assert not LabOptions(ipv6=True).ipv6_underlay
 
 
 def test_ipv6_underlay_agents_autodetect_their_ipv6_address_on_eth0() -> None:
     opts = asdict(LabOptions(ipv6_underlay=True))
-    assert lab.agent_extra_args(opts) == ["--ip6-autodetection", "interface=eth0"]
+    assert lab.agent_address_args(opts) == [
+        "--ip-autodetection",
+        "interface=eth0",
+        "--ip6-autodetection",
+        "interface=eth0",
+    ]
 
 
 def test_lab_up_ipv6_underlay_flag_implies_ipv6(
@@ -305,3 +310,146 @@ def test_missing_lab_tells_how_to_make_one(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(lab, "LAB_ROOT", tmp_path)
     with pytest.raises(lab.LabError, match="lab up"):
         lab.status("nope")
+
+
+# --- IPv6-only labs (--ipv6-only: no IPv4 pool, pods or registered IPv4 address) ----------
+
+
+def _ipv6_only_state(tmp_path: Path) -> lab.LabState:
+    opts = LabOptions(name="s", nodes=2, subnets=2, pods_per_node=1, ipv6_only=True)
+    return lab._initial_state(opts, build(opts), tmp_path)
+
+
+def test_ipv6_only_implies_an_ipv6_underlay_and_ipv6_pods_alone() -> None:
+    opts = LabOptions(ipv6_only=True)
+    assert opts.ipv6_underlay and opts.ipv6
+    assert opts.families == (6,)
+    assert LabOptions(ipv6_underlay=True).families == LabOptions(ipv6=True).families == (4, 6)
+    assert LabOptions().families == (4,) and not LabOptions(ipv6_underlay=True).ipv6_only
+    # The nodes still get both underlay addresses (see LabOptions.ipv6_only for why).
+    node = build(LabOptions(name="x", ipv6_only=True)).nodes[0]
+    assert node.underlay_ip == "192.168.1.11/24" and node.underlay_ip6 == "fd00:192:168:1::11/64"
+
+
+def test_ipv6_only_with_ipip_is_refused_naming_both_options(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(TopologyError, match=r"--encap ipip.*--ipv6-only.*IPv4 only"):
+        build(LabOptions(encap="ipip", ipv6_only=True))
+    build(LabOptions(encap="ipip", ipv6_underlay=True))  # dual-stack: IPv4 may be IP-in-IP
+    # From the command line: one line on stderr, exit status 1, before anything is made.
+    assert cli.main(["lab", "up", "--name", "u", "--encap", "ipip", "--ipv6-only"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "--encap ipip" in err and "--ipv6-only" in err
+
+
+def test_lab_up_ipv6_only_flag_implies_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[LabOptions] = []
+
+    def fake_up(opts: LabOptions, log: object = None) -> lab.LabState:
+        seen.append(opts)
+        return lab._initial_state(opts, build(opts), tmp_path)
+
+    monkeypatch.setattr(lab, "up", fake_up)
+    assert cli.main(["lab", "up", "--name", "u", "--ipv6-only"]) == 0
+    assert cli.main(["lab", "up", "--name", "u", "--ipv6-underlay"]) == 0
+    assert [(o.ipv6, o.ipv6_underlay, o.ipv6_only) for o in seen] == [
+        (True, True, True),
+        (True, True, False),
+    ]
+
+
+def test_ipv6_only_datastore_gets_the_ipv6_pool_with_nat_and_no_ipv4_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = LabOptions(name="s", nodes=2, subnets=2, ipv6_only=True)
+    applied: list[dict[str, Any]] = []
+
+    def run_in(ns: str, argv: list[str], timeout: float = 0) -> str:
+        assert ns == "s-router" and argv[-2:-1] == ["-f"]
+        applied.append(json.loads(Path(argv[-1]).read_text()))
+        return ""
+
+    monkeypatch.setattr(lab.netns, "run_in", run_in)
+    lab._seed_datastore(lab._initial_state(opts, build(opts), tmp_path), build(opts))
+    assert [m["metadata"]["name"] for m in applied] == ["lab-pool6"]
+    pool = from_manifest(applied[0])
+    assert isinstance(pool, IPPool) and pool.version == 6 and pool.nat_outgoing
+    assert pool.vxlan_mode.value == "CrossSubnet"
+    # The other labs seed what they did before: IPv4 first, IPv6 with --ipv6.
+    names = [[m["metadata"]["name"] for m in lab.pool_manifests(o)] for o in
+             (LabOptions(), LabOptions(ipv6=True), LabOptions(ipv6_underlay=True))]  # fmt: skip
+    assert names == [["lab-pool"], ["lab-pool", "lab-pool6"], ["lab-pool", "lab-pool6"]]
+
+
+def test_ipv6_only_nodes_conflist_and_agents_ask_for_ipv6_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _ipv6_only_state(tmp_path)
+    spawned: list[tuple[str, list[str]]] = []
+
+    def spawn(ns: str, argv: list[str], log_path: Path) -> Any:
+        spawned.append((ns, argv))
+        return type("Proc", (), {"pid": 2**22 + len(spawned)})()
+
+    monkeypatch.setattr(lab, "_spawn", spawn)
+    lab._start_agents(state)
+    for node, (ns, argv) in zip(state.nodes, spawned, strict=True):
+        parsed = parse_conflist(Path(node.cni_conflist).read_text())
+        assert plugin_config(parsed, 0, {})["ipam"] == {
+            "type": "overlay-ipam",
+            "assignIPv4": False,
+            "assignIPv6": True,
+        }
+        assert ns == node.netns
+        # Calico's IP=none: no IPv4 address registered, although eth0 has one.
+        assert argv[argv.index("--ip-autodetection") + 1] == "none"
+        assert argv[argv.index("--ip6-autodetection") + 1] == "interface=eth0"
+        assert argv.count("--ip-autodetection") == 1 and "--node-name" in argv
+    # Dual-stack and IPv4 conflists keep the plugin's IPv4 default unwritten.
+    assert lab.conflist("/s", (4, 6))["plugins"][0]["ipam"] == {
+        "type": "overlay-ipam",
+        "assignIPv6": True,
+    }
+    assert lab.conflist("/s")["plugins"][0]["ipam"] == {"type": "overlay-ipam"}
+
+
+def test_ipv6_only_pods_get_no_ipv4_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = _ipv6_only_state(tmp_path)
+    monkeypatch.setattr(lab.netns, "add", lambda ns: None)
+    monkeypatch.setattr(lab.netns, "batch", lambda ns, cmds: None)
+    monkeypatch.setattr(
+        lab, "cni", lambda verb, s, p: {"ips": [{"address": f"fd00:10:244::{p.name[-3]}/128"}]}
+    )
+    lab._make_pods(state)
+    assert [(p.ip, p.ip6) for p in state.pods] == [
+        (None, "fd00:10:244::1"),
+        (None, "fd00:10:244::2"),
+    ]
+
+
+def test_ipv6_only_status_shows_the_option_and_pods_without_ipv4(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lab, "LAB_ROOT", tmp_path)
+    (tmp_path / "s").mkdir()
+    state = _ipv6_only_state(tmp_path / "s")
+    state.pods[0].ip6 = "fd00:10:244::1"
+    state.save()
+    doc = lab.status("s")
+    assert doc["options"]["ipv6_only"] is True and doc["options"]["ipv6_underlay"] is True
+    # The key stays, as null: one schema for every lab.
+    assert doc["pods"][0]["ip"] is None and doc["pods"][0]["ip6"] == "fd00:10:244::1"
+    assert json.loads(json.dumps(doc))["pods"][1]["ip"] is None
+    text = render_status(doc)
+    assert "vxlan cross-subnet, IPv6 only" in text
+    lines = text.splitlines()
+    pods = lines[next(i for i, line in enumerate(lines) if line.startswith("POD")) :]
+    assert pods[0].split() == ["POD", "NODE", "IPV6"]  # no IPv4 column of dashes
+    assert pods[1].split() == ["s-n1p1", "s-node1", "fd00:10:244::1"]
+    assert pods[2].split() == ["s-n2p1", "s-node2", "-"]  # not made yet
+    assert "IPv6 only" not in render_status(lab.status("s") | {"options": asdict(LabOptions())})

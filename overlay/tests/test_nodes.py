@@ -275,3 +275,18 @@ def test_mtu_for_takes_the_smallest_tunnel_mtu_given_or_derived() -> None:
     assert mtu_for(1500, {"vxlan", "ipip"}, tunnel_mtus={"ipip": 1490}) == 1450
     assert mtu_for(1500, ["ipip"], tunnel_mtus={"vxlan": 1000}) == 1480  # vxlan not enabled
     assert mtu_for(1500, ["vxlan"], configured=1200, tunnel_mtus={"vxlan": 1400}) == 1200
+
+
+def test_register_records_the_ipv6_underlay_and_clears_what_is_gone() -> None:
+    v6 = IPPool("vx6", NET("fd00:10:244::/48"), 122, vxlan_mode=CROSS)
+    c = Cluster(VXLAN_POOL, v6)
+    node = c.register(underlay6=NET("fd00:0:1::10/64"))
+    assert (str(node.ipv4_address), str(node.ipv6_address)) == ("192.0.2.10/24", "fd00:0:1::10/64")
+    # An IPv6-only node: no IPv4 underlay recorded (Calico's IP=none).
+    only6 = register_node(c.store, c.ipam, "node-a", None, underlay6=NET("fd00:0:1::10/64"))
+    assert only6.ipv4_address is None and str(only6.ipv6_address) == "fd00:0:1::10/64"
+    assert only6.ipv6_vxlan_tunnel_addr in v6.cidr
+    # Without an IPv6 underlay any more: cleared, so peers stop sending IPv6 VXLAN here.
+    assert c.register().ipv6_address is None
+    with pytest.raises(ValueError, match="neither an IPv4 nor an IPv6 underlay"):
+        register_node(c.store, c.ipam, "node-a", None)
