@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +256,26 @@ def test_a_deleted_ipv6_nat_table_is_written_again_within_a_second(v6u: Lab) -> 
     assert took <= 1.0, f"restored after {took:.2f}s"
     assert netns.run_in(ns, ["nft", "list", "table", "ip", "overlay-nat"])  # IPv4 untouched
     assert v6u.ping(v6u.pod(2).netns, str(EXTERNAL_HOST6), count=2)
+
+
+def test_ipv6_vxlan_from_a_stranger_is_dropped_and_counted(v6u: Lab) -> None:
+    """The router is no node: its IPv6 VXLAN to node1 is dropped by ip6 overlay-filter."""
+    node = v6u.node(1)
+    before = v6u.metrics(node)
+    assert before["overlay_tunnel6_filter_hosts"] == 4
+    send = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+        "for _ in range(3):\n"
+        "    s.sendto(bytes(16), (sys.argv[1], 4789))\n"
+    )
+    netns.run_in(v6u.state.router_netns, [sys.executable, "-c", send, underlay6(v6u, 1)])
+
+    def dropped() -> float:
+        m = v6u.metrics(node)
+        return m["overlay_tunnel6_drops_unknown_host_total"] - before.get(
+            "overlay_tunnel6_drops_unknown_host_total", 0
+        )
+
+    ok, _ = poll(lambda: dropped() == 3, 5.0, interval=0.05)
+    assert ok, dropped()

@@ -213,6 +213,28 @@ def _filter_status(f: TunnelFilter | None) -> dict[str, Any] | None:
     }
 
 
+def _drop_metrics(version: int) -> dict[str, tuple[str, str, float]]:
+    """The drop counters of the tunnel filter of outer IP `version` (read from nftables)."""
+    from overlay.kernel.tunnel_filter import read_drops
+
+    drops = read_drops(version=version)
+    prefix, what = (
+        ("overlay_tunnel", "Tunnelled") if version == 4 else ("overlay_tunnel6", "IPv6 VXLAN")
+    )
+    return {
+        f"{prefix}_drops_unknown_host_total": (
+            "counter",
+            f"{what} packets dropped: not from a node's address nor --external-nodes",
+            drops["unknown_hosts"],
+        ),
+        f"{prefix}_drops_from_pods_total": (
+            "counter",
+            f"{what} packets dropped: sent by a pod",
+            drops["pods"],
+        ),
+    }
+
+
 def _settings_status(s: Settings) -> dict[str, Any]:
     """Each setting's value and where it came from, for `overlayctl status`."""
     out: dict[str, Any] = {}
@@ -646,22 +668,16 @@ class Agent:
                         "Node addresses the tunnel filter admits (0: no filter)",
                         len(desired.tunnel_filter.hosts) if desired.tunnel_filter else 0,
                     ),
+                    "overlay_tunnel6_filter_hosts": (
+                        "gauge",
+                        "Node IPv6 addresses the vxlan-v6.calico filter admits (0: no filter)",
+                        len(desired.tunnel_filter6.hosts) if desired.tunnel_filter6 else 0,
+                    ),
                 }
             )
-            if desired.tunnel_filter is not None:
-                from overlay.kernel.tunnel_filter import read_drops
-
-                drops = read_drops()
-                m["overlay_tunnel_drops_unknown_host_total"] = (
-                    "counter",
-                    "Tunnelled packets dropped: not from a node's address nor --external-nodes",
-                    drops["unknown_hosts"],
-                )
-                m["overlay_tunnel_drops_from_pods_total"] = (
-                    "counter",
-                    "Tunnelled packets dropped: sent by a pod",
-                    drops["pods"],
-                )
+            for version, f in ((4, desired.tunnel_filter), (6, desired.tunnel_filter6)):
+                if f is not None:
+                    m.update(_drop_metrics(version))
         m["overlay_pod_routes_restored_total"] = (
             "counter",
             "Host routes to pods that someone else deleted, written again",
