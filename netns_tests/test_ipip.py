@@ -39,7 +39,7 @@ from overlay.kernel import nlmsg
 from overlay.kernel.batch import RtnlSocket
 from overlay.kernel.tunnel_filter import TABLE as FILTER_TABLE
 from overlay.kernel.tunnel_filter import read_filter
-from overlay.lab import check, lab
+from overlay.lab import check, lab, netns
 from overlay.lab.topology import LabOptions, pool_manifest
 from overlay.model import IPIP_DEVICE, IPIP_OVERHEAD, MAIN_TABLE, RT_PROTO
 
@@ -561,3 +561,19 @@ def test_dual_stack_pods_ride_ipip_for_ipv4_and_vxlan_for_ipv6() -> None:
     assert failed == [], failed
     paths = {(p.family, p.path) for p in probes if p.dst != check.EXTERNAL}
     assert paths == {(4, "ipip"), (6, "vxlan")}, paths
+
+
+def test_with_an_ipv6_underlay_ipv4_rides_ipip_and_ipv6_rides_vxlan_v6() -> None:
+    """The same with IPv6 underlay addresses: tunl0 for IPv4 next to vxlan-v6.calico for
+    IPv6 (no vxlan.calico at all, no IPv4 pool asks for VXLAN); across subnets IPv4 is
+    IP-in-IP and IPv6 is VXLAN over IPv6, within a subnet both go direct."""
+    opts = LabOptions(name=f"qu{os.getpid() % 100000}", nodes=4, subnets=2, encap="ipip",
+                      mode="cross-subnet", pods_per_node=1, ipv6_underlay=True)  # fmt: skip
+    with lab_in_vm(opts):
+        _state, probes = check.run_check(opts.name, timeout=CHECK_TIMEOUT_S)
+        links = netns.run(["ip", "-n", f"{opts.name}-node1", "-o", "link", "show"])
+    failed = [p for p in probes if not p.passed]
+    assert failed == [], failed
+    paths = {(p.family, p.path) for p in probes if p.dst != check.EXTERNAL}
+    assert paths == {(4, "ipip"), (4, "direct"), (6, "vxlan"), (6, "direct")}, paths
+    assert "tunl0" in links and "vxlan-v6.calico" in links and "vxlan.calico:" not in links
