@@ -21,7 +21,8 @@ import pytest
 
 from netns_tests.lab_fixtures import LAB_TEST_MARKS, OUR_PROTO, VXLAN_DEV, Lab, poll, running_lab
 from overlay.lab import netns
-from overlay.view import vtep_mac
+from overlay.model import VXLAN6_DEVICE
+from overlay.view import vtep_mac, vtep_mac6
 
 pytestmark = LAB_TEST_MARKS
 
@@ -134,3 +135,68 @@ def test_a_node_whose_address_moves_to_another_interface_is_followed_everywhere(
     for src in (lab3.pod(1), lab3.pod(3)):
         reached, _ = poll(partial(lab3.ping, src.netns, dst, count=1), timeout=10, interval=0.2)
         assert reached, f"{src.name} cannot reach {dst} after the move"
+
+
+def fdb6_dst(ns: str, mac: str) -> str | None:
+    for line in netns.run(["bridge", "-n", ns, "fdb", "show", "dev", VXLAN6_DEVICE]).splitlines():
+        words = line.split()
+        if words and words[0] == mac and "dst" in words:
+            return words[words.index("dst") + 1]
+    return None
+
+
+def test_a_node_whose_ipv6_underlay_address_changes_is_followed_everywhere() -> None:
+    """The same for an IPv6 underlay: node3's IPv6 address gets a new host part. Its own
+    vxlan-v6.calico is made again on the new local address; node1 (other subnet) moves its
+    FDB entry for node3's IPv6 VTEP, node4 (same subnet) its direct IPv6 route; nothing of
+    ours names the old address; the pods reach node3's pod over IPv6 again."""
+    with running_lab(
+        nodes=4, subnets=2, mode="cross-subnet", pods_per_node=1, ipv6_underlay=True
+    ) as lab:
+        node1, node3, node4 = lab.node(1), lab.node(3), lab.node(4)
+        assert node3.subnet == node4.subnet != node1.subnet and node3.underlay_ip6
+        old, prefix = node3.underlay_ip6.split("/")
+        new = old.rsplit(":", 1)[0] + ":77"
+        mac6 = vtep_mac6(node3.name)
+        pod3 = lab.pod(3).ip6
+        assert pod3 is not None
+        block6 = next(
+            line.split()[0]
+            for line in ip(node4.netns, "-6", "route", "show", "proto", OUR_PROTO).splitlines()
+            if f"via {old} dev eth0" in line
+        )
+        assert fdb6_dst(node1.netns, mac6) == old
+
+        argv = lab.stop_agent(node3)
+        argv[argv.index("--ip6-autodetection") + 1] = f"cidr={old.rsplit(':', 2)[0]}::/{prefix}"
+        lab.start_agent(node3, [*argv, "--underlay-check-interval", CHECK_INTERVAL])
+        lab.wait_agent(node3, peers=3)
+        netns.batch(
+            node3.netns,
+            [f"addr add {new}/{prefix} dev eth0 nodad", f"addr del {old}/{prefix} dev eth0"],
+        )
+
+        def followed() -> bool:
+            try:
+                dev = ip(node3.netns, "-d", "link", "show", VXLAN6_DEVICE)
+            except netns.NetnsError:
+                return False  # caught between the delete and the create of a recreate
+            route = ip(node4.netns, "-6", "route", "show", "proto", OUR_PROTO, "exact", block6)
+            return (
+                f"local {new} dev eth0" in dev
+                and fdb6_dst(node1.netns, mac6) == new
+                and f"via {new} dev eth0" in route
+            )
+
+        ok, took = poll(followed, timeout=CONVERGE_S, interval=0.05)
+        assert ok, lab.log_since(node3, 0)[-3000:]
+        print(f"\nIPv6 underlay change followed by node3, node1 and node4 in {took:.2f}s")
+        for ns in (node1.netns, node4.netns):  # nothing of ours still names the old address
+            assert old not in ip(ns, "-6", "route", "show", "proto", OUR_PROTO)
+            fdb = netns.run(["bridge", "-n", ns, "fdb", "show", "dev", VXLAN6_DEVICE])
+            assert old not in fdb, fdb
+        stored = lab.overlayctl("get", "node", node3.name, "-o", "json")
+        assert f'"{new}/{prefix}"' in stored, stored
+        for src in (lab.pod(1), lab.pod(4)):  # over vxlan-v6.calico, and direct
+            reached, _ = poll(partial(lab.ping, src.netns, pod3, count=1), timeout=10, interval=0.2)
+            assert reached, f"{src.name} cannot reach {pod3} after the change"
