@@ -307,56 +307,43 @@ def test_every_pass_is_reported_and_a_failing_listener_does_not_stop_the_writer(
     assert converged(kernel, standard_view(pool(CROSS)))
 
 
-def test_the_ipv6_filter_table_is_repaired_apart_when_someone_else_changes_it() -> None:
-    f6 = TunnelFilter(frozenset({IPAddress("2001:db8::5")}), 4789, False, version=6)
+_POOLS6 = frozenset({IPNetwork("fd00:10:244::/48")})
+_FILTER6 = TunnelFilter(frozenset({IPAddress("2001:db8::5")}), 4789, False, version=6)
 
-    def with_filter6(view: ClusterView) -> Dataplane:
-        dp = COMPUTE(view)
-        dp.tunnel_filter6 = f6  # until compute fills it (vxlan-v6.calico)
+
+@pytest.mark.parametrize(
+    ("table", "obj"),
+    [
+        (
+            "tunnel_filter6",
+            TunnelFilter(frozenset({IPAddress("2001:db8::5")}), 4789, False, version=6),
+        ),
+        ("nat6", NatOutgoing(_POOLS6, _POOLS6, version=6)),
+    ],
+)
+def test_an_ipv6_table_is_repaired_apart_when_someone_else_changes_it(
+    table: str, obj: TunnelFilter | NatOutgoing
+) -> None:
+    def with_table(view: ClusterView) -> Dataplane:
+        dp = COMPUTE(view)  # no IPv6 underlay here: compute would give no IPv6 table
+        setattr(dp, table, obj)
         return dp
 
     kernel = FakeKernel()
-    rec = Reconciler(kernel, with_filter6, clock=FakeClock())
-    first_sync(rec, standard_view(pool(ALWAYS)))
-    assert kernel.tunnel_filter6 == f6
-    kernel.nft_pids = frozenset({4242})
-    calls = kernel.apply_calls
-    rec.kick("nft_table_changed", gone=[("tunnel_filter6", 4242, "")])  # what we just wrote
-    assert rec.run_once() is Outcome.IDLE
-    assert kernel.apply_calls == calls
-    kernel.tunnel_filter6 = None  # someone deleted `ip6 overlay-filter`
-    logged = len(kernel.log)
-    rec.kick("nft_table_changed", gone=[("tunnel_filter6", 31337, "")])
-    assert rec.run_once() is Outcome.SYNCED
-    assert kernel.tunnel_filter6 == f6
-    assert [op.obj for op, _ok in kernel.log[logged:]] == [f6]  # that table alone
-    assert rec.stats().drift_repairs == 1
-
-
-def test_the_ipv6_nat_table_is_repaired_apart_when_someone_else_changes_it() -> None:
-    pools6 = frozenset({IPNetwork("fd00:10:244::/48")})
-    nat6 = NatOutgoing(pools6, pools6, version=6)
-
-    def with_nat6(view: ClusterView) -> Dataplane:
-        dp = COMPUTE(view)  # no IPv6 underlay here: compute would give no nat6
-        dp.nat6 = nat6
-        return dp
-
-    kernel = FakeKernel()
-    rec = Reconciler(kernel, with_nat6, clock=FakeClock())
+    rec = Reconciler(kernel, with_table, clock=FakeClock())
     first_sync(rec, standard_view(pool(ALWAYS, nat=True)))
-    assert kernel.nat6 == nat6 and kernel.nat is not None
+    assert getattr(kernel, table) == obj and kernel.nat is not None
     kernel.nft_pids = frozenset({4242})
     calls = kernel.apply_calls
-    rec.kick("nft_table_changed", gone=[("nat6", 4242, "")])  # what we just wrote
+    rec.kick("nft_table_changed", gone=[(table, 4242, "")])  # what we just wrote
     assert rec.run_once() is Outcome.IDLE
     assert kernel.apply_calls == calls
-    kernel.nat6 = None  # someone deleted `ip6 overlay-nat`
+    setattr(kernel, table, None)  # someone deleted it
     logged = len(kernel.log)
-    rec.kick("nft_table_changed", gone=[("nat6", 31337, "")])
+    rec.kick("nft_table_changed", gone=[(table, 31337, "")])
     assert rec.run_once() is Outcome.SYNCED
-    assert kernel.nat6 == nat6
-    assert [op.obj for op, _ok in kernel.log[logged:]] == [nat6]  # that table alone
+    assert getattr(kernel, table) == obj
+    assert [op.obj for op, _ok in kernel.log[logged:]] == [obj]  # that table alone
     assert rec.stats().drift_repairs == 1
 
 
