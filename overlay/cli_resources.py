@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from ipam.model import IPAMConfig, IPPool
+from ipam.model import FelixConfiguration, IPAMConfig, IPPool
 from ipam.resources import (
     IPAM_CONFIG_NAME,
     Resource,
@@ -146,6 +146,10 @@ def cmd_patch(args: argparse.Namespace, ctx: Context) -> int:
     def patched(current: Resource | None) -> Resource:
         if current is None and kind == "IPAMConfig" and args.name == IPAM_CONFIG_NAME:
             current = IPAMConfig()  # never applied: Calico's defaults, as `get` shows
+        if current is None and kind == "FelixConfiguration":
+            # Nothing set yet is the same as an empty one (Calico installs `default` empty,
+            # so its docs patch it straight away); the name is checked like any other.
+            current = FelixConfiguration(name=args.name)
         if current is None:
             raise ResourceNotFound(f'{kind} "{args.name}" not found')
         return from_manifest(merge_patch(to_manifest(current), patch))

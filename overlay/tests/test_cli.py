@@ -217,6 +217,12 @@ def test_patch_merges_fields_as_calicoctl_patch_and_refuses_bad_results(url: str
         expect=f'IPPool "{name}": the change made it IPPool "other"',
     )  # fmt: skip
     assert_user_error(url, "patch", "ippool", "nope", "-p", "{}", expect='IPPool "nope" not found')
+    # A FelixConfiguration that was never applied patches from empty, as in Calico, where
+    # the docs patch `default` straight away; a name Felix never reads is still refused.
+    out = ok(url, "patch", "felixconfig", "default", "-p", '{"spec": {"vxlanPort": 8472}}')
+    assert out.strip() == "felixconfiguration/default patched"
+    assert "8472" in ok(url, "get", "felixconfig", "default")
+    assert_user_error(url, "patch", "felixconfig", "custom", "-p", "{}", expect="'custom'")
     assert_user_error(url, "patch", "ippool", name, "-p", "[1]", expect="expected a mapping")
     assert_user_error(url, "patch", "ippool", name, "-p", "{", expect="--patch: not JSON or YAML")
 
