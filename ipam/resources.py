@@ -888,9 +888,7 @@ def _external_node(ctx: _Ctx, path: str, value: Any) -> netaddr.IPNetwork:
     try:
         net = netaddr.IPNetwork(text)
     except (netaddr.AddrFormatError, ValueError, TypeError):
-        ctx.fail(path, f"{text!r} is not an IPv4 address or CIDR")
-    if net.version != 4:
-        ctx.fail(path, f"{text!r} is not IPv4 (the tunnels run over the IPv4 underlay)")
+        ctx.fail(path, f"{text!r} is not an IP address or CIDR")
     if net.ip != net.network:
         ctx.fail(path, f"{text!r} has host bits set (did you mean {net.cidr}?)")
     return net

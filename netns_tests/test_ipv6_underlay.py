@@ -279,3 +279,19 @@ def test_ipv6_vxlan_from_a_stranger_is_dropped_and_counted(v6u: Lab) -> None:
 
     ok, _ = poll(lambda: dropped() == 3, 5.0, interval=0.05)
     assert ok, dropped()
+    # Admitted through the cluster's FelixConfiguration externalNodesList: no more drops.
+    router6 = f"{underlay6(v6u, 1).rsplit(':', 1)[0]}:1"
+    manifest = (
+        '{"apiVersion": "projectcalico.org/v3", "kind": "FelixConfiguration", '
+        f'"metadata": {{"name": "default"}}, "spec": {{"externalNodesList": ["{router6}"]}}}}'
+    )
+    netns.run([lab_cli.bin_path("overlayctl"), "--datastore", v6u.state.datastore, "apply",
+               "-f", "-"], stdin=manifest)  # fmt: skip
+    try:
+        table = ["nft", "list", "set", "ip6", "overlay-filter", "external"]
+        admitted, _ = poll(lambda: router6 in netns.run_in(node.netns, table), 5.0, 0.05)
+        assert admitted, netns.run_in(node.netns, table)
+        netns.run_in(v6u.state.router_netns, [sys.executable, "-c", send, underlay6(v6u, 1)])
+        assert not poll(lambda: dropped() > 3, 1.0, interval=0.05)[0], dropped()
+    finally:
+        v6u.overlayctl("delete", "felixconfiguration", "default")

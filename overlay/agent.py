@@ -147,8 +147,8 @@ def _external_node(text: str) -> netaddr.IPNetwork:
         net = netaddr.IPNetwork(text.strip())
     except (netaddr.AddrFormatError, ValueError, TypeError):
         net = None
-    if net is None or net.version != 4 or ("/" in text and net.ip != net.network):
-        raise ValueError(f"external_nodes: {text!r} is not an IPv4 address or network (CIDR)")
+    if net is None or ("/" in text and net.ip != net.network):
+        raise ValueError(f"external_nodes: {text!r} is not an IP address or network (CIDR)")
     return net
 
 

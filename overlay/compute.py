@@ -128,7 +128,8 @@ class DataplaneConfig:
     # Turn TX checksum offload off on our tunnel devices (Calico's ChecksumOffloadBroken,
     # decided by the agent from the kernel release: kernel/ethtool.py).
     tx_checksum_off: bool = False
-    # Senders of tunnelled packets admitted besides the nodes (Calico's externalNodesList).
+    # Senders of tunnelled packets admitted besides the nodes (Calico's externalNodesList):
+    # IPv4 networks to the IPv4 tunnels, IPv6 ones to vxlan-v6.calico.
     external_nodes: frozenset[netaddr.IPNetwork] = frozenset()
     # Source address for natOutgoing traffic (Calico's natOutgoingAddress); None: masquerade.
     nat_outgoing_address: netaddr.IPAddress | None = None
@@ -136,11 +137,8 @@ class DataplaneConfig:
     def __post_init__(self) -> None:
         if self.nat_outgoing_address is not None and self.nat_outgoing_address.version != 4:
             raise ValueError(f"nat_outgoing_address: {self.nat_outgoing_address} is not IPv4")
-        for net in self.external_nodes:
-            if net.version != 4:
-                raise ValueError(f"external_nodes: {net} is not an IPv4 network")
         # Merged (the kernel's interval set rejects overlaps), so that it reads back equal.
-        merged = frozenset(netaddr.cidr_merge(list(self.external_nodes)))
+        merged = frozenset(netaddr.cidr_merge(list(self.external_nodes)))  # per family
         object.__setattr__(self, "external_nodes", merged)
         for name in ("vxlan_mtu", "vxlan_mtu_v6", "ipip_mtu"):
             value = getattr(self, name)
@@ -454,7 +452,7 @@ class ComputeCache:
             nat=nat,
             nat6=nat6,
             tunnel_filter=self._tunnel_filter(devices, cfg),
-            tunnel_filter6=self._tunnel_filter6(devices),
+            tunnel_filter6=self._tunnel_filter6(devices, cfg),
         )
 
     def _tunnel_filter(
@@ -470,17 +468,22 @@ class ComputeCache:
         if self.hosts_changed:
             self.hosts = frozenset(self.host_refs)  # of a dict: reuses the stored hashes
             self.hosts_changed = False
-        return TunnelFilter(self.hosts, port, ipip, cfg.external_nodes)
+        external = frozenset(n for n in cfg.external_nodes if n.version == 4)
+        return TunnelFilter(self.hosts, port, ipip, external)
 
-    def _tunnel_filter6(self, devices: dict[str, Device]) -> TunnelFilter | None:
-        """The same for vxlan-v6.calico: IPv6 VXLAN only from the nodes' IPv6 addresses."""
+    def _tunnel_filter6(
+        self, devices: dict[str, Device], cfg: DataplaneConfig
+    ) -> TunnelFilter | None:
+        """The same for vxlan-v6.calico: IPv6 VXLAN only from the nodes' IPv6 addresses
+        and the IPv6 networks of externalNodesList."""
         vxlan6 = devices.get(VXLAN6_DEVICE)
         if not isinstance(vxlan6, VxlanDevice):
             return None
         if self.hosts6_changed:
             self.hosts6 = frozenset(self.host6_refs)
             self.hosts6_changed = False
-        return TunnelFilter(self.hosts6, vxlan6.port, False, version=6)
+        external = frozenset(n for n in cfg.external_nodes if n.version == 6)
+        return TunnelFilter(self.hosts6, vxlan6.port, False, external, version=6)
 
     def _pools_in_use(self, pools: tuple[IPPool, ...]) -> list[IPPool]:
         """Enabled pools (new pods may land in them any moment) and the ones holding blocks

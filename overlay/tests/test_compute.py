@@ -758,3 +758,13 @@ def test_an_ipv6_only_node_has_only_the_ipv6_device_and_routes() -> None:
     assert dp.tunnel_filter is None and dp.tunnel_filter6 is not None
     with pytest.raises(ValueError, match="needs an IPv4 or an IPv6 underlay"):
         me6u(underlay=None, underlay6=None)
+
+
+def test_external_nodes_go_to_the_filter_of_their_family() -> None:
+    cfg = DataplaneConfig(
+        external_nodes=frozenset({IPNetwork("192.0.2.0/24"), IPNetwork("fd00:99::/64")})
+    )
+    dp = compute(v6_underlay_view(), me6u(), cfg)
+    assert dp.tunnel_filter is not None and dp.tunnel_filter6 is not None
+    assert dp.tunnel_filter.external == {IPNetwork("192.0.2.0/24")}
+    assert dp.tunnel_filter6.external == {IPNetwork("fd00:99::/64")}
