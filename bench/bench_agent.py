@@ -11,8 +11,15 @@ Measured against, in the same run and in fresh namespaces:
   iproute2 classic : the same, but each route with its own onlink gateway and no nexthop
                      objects (how Calico and Flannel program them)
 
+With --family 6 the same runs are made for IPv6-only nodes: eth0 also holds
+fd00:c000:2::1/64, the agent runs with `--ip-autodetection none --ip6-autodetection
+interface=eth0`, the pool is fd00:10::/48 (blockSize 122), each peer has an IPv6 underlay
+address in another /64 and a tunnel address in its block, and everything (agent and anchors)
+goes over vxlan-v6.calico; so does the one-peer latency.
+
 Usage (root): .venv/bin/python bench/bench_agent.py [--peers 1000,10000,20000,50000]
               [--quick] [--samples 40] [--latency-peers 10000] [--no-etcd] [--mode ...]
+              [--family 4|6]
 Only namespaces and processes this script makes are touched; all are removed on exit,
 also on Ctrl-C or failure.
 """
@@ -49,8 +56,16 @@ from ipam.records import block_key  # noqa: E402
 from ipam.store import ResourceStore, encode, resource_key  # noqa: E402
 from overlay.kernel import nlmsg  # noqa: E402
 from overlay.kernel.batch import RtnlSocket, open_rtnl  # noqa: E402
-from overlay.model import MAIN_TABLE, RT_PROTO, VXLAN_DEVICE  # noqa: E402
-from overlay.view import vtep_mac  # noqa: E402
+from overlay.model import (  # noqa: E402
+    MAIN_TABLE,
+    RT_PROTO,
+    VXLAN6_DEVICE,
+    VXLAN_DEVICE,
+    VXLAN_PORT,
+    VXLAN_VNI,
+)
+from overlay.nodes import TunnelKind, tunnel_handle  # noqa: E402
+from overlay.view import vtep_mac, vtep_mac6  # noqa: E402
 
 AGENT = str(ROOT / ".venv" / "bin" / "overlay-agent")
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -62,10 +77,73 @@ POOL = IPPool(
     block_size=26,
     vxlan_mode=EncapMode.CROSS_SUBNET,
 )
-PEER_UNDERLAY_BASE = int(netaddr.IPAddress("100.64.0.0"))
+AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 PREFIX = f"ovb{os.getpid()}"
 _made_ns: list[str] = []
 _made_procs: list[subprocess.Popen[bytes]] = []
+
+
+# --- the address family: what differs between the IPv4 and the IPv6-only benchmark ----------
+
+
+@dataclass(frozen=True)
+class Family:
+    """The few things the IPv4 and the IPv6-only benchmark differ in (V4 and V6 below)."""
+
+    version: int
+    node_ip: str  # the node's underlay address on eth0 (NODE_IP, or an IPv6 one besides it)
+    pool: IPPool
+    peer_underlay: netaddr.IPNetwork  # peer i's underlay: this network's address + i, its prefix
+    device: str  # the VXLAN device the peers are routed over
+    tunnel: TunnelKind  # the tunnel address's handle and Node field
+    tunnel_type: str  # the tunnel allocation's `type` attribute
+    route_group: int  # rtnetlink multicast group of route changes
+    autodetect: tuple[str, ...]  # the agent's underlay autodetection flags
+    label: str = ""  # in the summary line
+
+    @property
+    def ip(self) -> str:
+        """iproute2's family flag."""
+        return f"-{self.version}"
+
+    def mac(self, name: str) -> str:
+        return vtep_mac(name) if self.version == 4 else vtep_mac6(name)
+
+    def node(self, name: str, underlay: netaddr.IPNetwork, tunnel: netaddr.IPAddress) -> Node:
+        if self.version == 4:
+            return Node(name=name, ipv4_address=underlay, ipv4_vxlan_tunnel_addr=tunnel)
+        return Node(name=name, ipv6_address=underlay, ipv6_vxlan_tunnel_addr=tunnel)
+
+
+V4 = Family(
+    version=4,
+    node_ip=NODE_IP,
+    pool=POOL,
+    peer_underlay=netaddr.IPNetwork("100.64.0.0/16"),
+    device=VXLAN_DEVICE,
+    tunnel="vxlan",
+    tunnel_type="vxlanTunnelAddress",
+    route_group=nlmsg.RTMGRP_IPV4_ROUTE,
+    autodetect=("--ip-autodetection", "interface=eth0"),
+)
+V6 = Family(
+    version=6,
+    node_ip="fd00:c000:2::1/64",
+    pool=IPPool(
+        name="bench-pool-v6",
+        cidr=netaddr.IPNetwork("fd00:10::/48"),
+        block_size=122,
+        vxlan_mode=EncapMode.CROSS_SUBNET,
+    ),
+    peer_underlay=netaddr.IPNetwork("fd00:64::/64"),
+    device=VXLAN6_DEVICE,
+    tunnel="vxlan-v6",
+    tunnel_type="vxlanV6TunnelAddress",
+    route_group=nlmsg.RTMGRP_IPV6_ROUTE,
+    autodetect=("--ip-autodetection", "none", "--ip6-autodetection", "interface=eth0"),
+    label=" family=IPv6-only",
+)
+FAMILIES = {4: V4, 6: V6}
 
 
 # --- processes and namespaces, always cleaned up ---------------------------------------------
@@ -78,13 +156,16 @@ def sh(*args: str, check: bool = True, timeout: float = 900) -> str:
     return res.stdout
 
 
-def make_netns(tag: str) -> str:
-    """A namespace with lo and a veth pair eth0/eth0p up; eth0 has NODE_IP."""
+def make_netns(tag: str, fam: Family = V4) -> str:
+    """A namespace with lo and a veth pair eth0/eth0p up; eth0 has NODE_IP (and the
+    family's underlay address, if another: without DAD, so that it is usable at once)."""
     ns = f"{PREFIX}-{tag}"
     sh("ip", "netns", "add", ns)
     _made_ns.append(ns)
     sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
     sh("ip", "-n", ns, "addr", "add", NODE_IP, "dev", "eth0")
+    if fam.node_ip != NODE_IP:
+        sh("ip", "-n", ns, "addr", "add", fam.node_ip, "dev", "eth0", "nodad")
     for dev in ("lo", "eth0", "eth0p"):
         sh("ip", "-n", ns, "link", "set", dev, "up")
     # The agent's autodetection wants eth0 operationally up (veth carrier comes async).
@@ -138,30 +219,34 @@ class Peer:
         return self.block.network
 
 
-def peer(i: int, pool: IPPool = POOL) -> Peer:
+def peer(i: int, fam: Family = V4) -> Peer:
     """Peer i owns block i+1 of the pool (block 0 is left for the node under test)."""
     name = f"peer-{i:06d}"
-    underlay = netaddr.IPNetwork((PEER_UNDERLAY_BASE + i, 16))
-    return Peer(name, underlay, nth_block(pool, i + 1), vtep_mac(name))
+    base = fam.peer_underlay
+    underlay = netaddr.IPNetwork((base.first + i, base.prefixlen), version=fam.version)
+    return Peer(name, underlay, nth_block(fam.pool, i + 1), fam.mac(name))
 
 
-def peer_records(p: Peer) -> list[tuple[str, str]]:
+def peer_records(p: Peer, fam: Family = V4) -> list[tuple[str, str]]:
     """(key, value) of the peer's Node and its block (tunnel address allocated in it)."""
-    node = Node(name=p.name, ipv4_address=p.underlay, ipv4_vxlan_tunnel_addr=p.tunnel)
+    node = fam.node(p.name, p.underlay, p.tunnel)
     block = Block.new(p.block, affinity=f"host:{p.name}", sequence_number=1)
     block.assign(
         p.tunnel,
-        f"vxlan-tunnel-addr-{p.name}",
-        {"node": p.name, "type": "vxlanTunnelAddress"},
+        tunnel_handle(fam.tunnel, p.name),
+        {"node": p.name, "type": fam.tunnel_type},
     )
     return [(resource_key("Node", p.name), encode(node)), (block_key(p.block), block.to_json())]
 
 
-def fill(ds: Datastore, peers: list[Peer], mode: EncapMode, threads: int = 1) -> None:
+def fill(
+    ds: Datastore, peers: list[Peer], mode: EncapMode, threads: int = 1, fam: Family = V4
+) -> None:
+    pool = fam.pool
     ResourceStore(ds).apply(
-        IPPool(POOL.name, POOL.cidr, POOL.block_size, vxlan_mode=mode, nat_outgoing=False)
+        IPPool(pool.name, pool.cidr, pool.block_size, vxlan_mode=mode, nat_outgoing=False)
     )
-    records = [kv for p in peers for kv in peer_records(p)]
+    records = [kv for p in peers for kv in peer_records(p, fam)]
     if threads == 1:
         for key, value in records:
             ds.create(key, value)
@@ -187,34 +272,34 @@ def fill(ds: Datastore, peers: list[Peer], mode: EncapMode, threads: int = 1) ->
 # --- observing the kernel ----------
 
 
-def count_routes(sock: RtnlSocket) -> int:
+def count_routes(sock: RtnlSocket, version: int = 4) -> int:
     """Our routes in the main table (the kernel filters by protocol; we only count)."""
     n = 0
-    for _t, _payload in sock.dump(nlmsg.dump_routes(socket.AF_INET, MAIN_TABLE, RT_PROTO)):
+    for _t, _payload in sock.dump(nlmsg.dump_routes(AF[version], MAIN_TABLE, RT_PROTO)):
         n += 1
     return n
 
 
-def count_objects(ns: str) -> dict[str, int]:
+def count_objects(ns: str, fam: Family = V4) -> dict[str, int]:
     """Neighbour / FDB / nexthop / route counts of ours, from iproute2 (a check, untimed)."""
 
     def lines(*args: str) -> int:
         return sh("ip", "-n", ns, *args).count("\n")
 
-    fdb = sh("bridge", "-n", ns, "fdb", "show", "dev", VXLAN_DEVICE).splitlines()
+    fdb = sh("bridge", "-n", ns, "fdb", "show", "dev", fam.device).splitlines()
     return {
-        "neigh": lines("neigh", "show", "dev", VXLAN_DEVICE, "nud", "permanent"),
+        "neigh": lines(fam.ip, "neigh", "show", "dev", fam.device, "nud", "permanent"),
         "fdb": sum(1 for line in fdb if " dst " in line and not line.startswith("00:00:00")),
         "nexthop": lines("nexthop", "show", "protocol", str(RT_PROTO)),
-        "route": lines("route", "show", "proto", str(RT_PROTO)),
+        "route": lines(fam.ip, "route", "show", "proto", str(RT_PROTO)),
     }
 
 
 class RouteWatch:
     """A netlink monitor socket in the namespace: timestamps of route adds/deletes per dst."""
 
-    def __init__(self, ns: str | None) -> None:
-        self.sock = open_rtnl(ns, nlmsg.RTMGRP_IPV4_ROUTE)
+    def __init__(self, ns: str | None, fam: Family = V4) -> None:
+        self.sock = open_rtnl(ns, fam.route_group)
         self.buf = bytearray(1 << 20)
 
     def close(self) -> None:
@@ -230,7 +315,7 @@ class RouteWatch:
     def wait(self, dst: netaddr.IPNetwork, added: bool, timeout: float) -> float | None:
         """monotonic time when a route to `dst` of ours was added (or deleted); None on timeout."""
         want_type = nlmsg.RTM_NEWROUTE if added else nlmsg.RTM_DELROUTE
-        want_dst = int(dst.network).to_bytes(4, "big")
+        want_dst = dst.network.packed
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             ready, _, _ = select.select([self.sock], [], [], left)
@@ -307,7 +392,9 @@ def _log_time(line: str) -> float:
     return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
 
 
-def start_agent(ns: str | None, url: str, workdir: Path, extra: tuple[str, ...] = ()) -> AgentRun:
+def start_agent(
+    ns: str | None, url: str, workdir: Path, extra: tuple[str, ...] = (), fam: Family = V4
+) -> AgentRun:
     state = workdir / NODE
     state.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -316,7 +403,7 @@ def start_agent(ns: str | None, url: str, workdir: Path, extra: tuple[str, ...] 
         "--datastore", url,
         "--state-dir", str(state),
         "--socket", str(state / "cni.sock"),
-        "--ip-autodetection", "interface=eth0",
+        *fam.autodetect,
         "--metrics-addr", "127.0.0.1:0",
         "--log-file", str(workdir / "agent.log"),
         *extra,
@@ -338,8 +425,9 @@ RTM_F_FIB_MATCH = 0x2000  # answer a route get with the FIB entry that matched
 def has_route(sock: socket.socket, dst: netaddr.IPNetwork) -> bool:
     """Whether our route to `dst` is in the main table: one `ip route get fibmatch` request,
     not a dump (a 50k-route dump every few ms would take a core from the agent)."""
-    body = nlmsg.RTMSG.pack(socket.AF_INET, 32, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
-    body += nlmsg.attr(nlmsg.RTA_DST, dst.first.to_bytes(4, "big"))
+    addr = dst.network.packed
+    body = nlmsg.RTMSG.pack(AF[dst.version], 8 * len(addr), 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH)
+    body += nlmsg.attr(nlmsg.RTA_DST, addr)
     sock.send(nlmsg.NLMSG_HDR.pack(16 + len(body), nlmsg.RTM_GETROUTE, 1, 1, 0) + body)
     for msg_type, _flags, _seq, payload in nlmsg.iter_messages(sock.recv(65536)):
         if msg_type == nlmsg.RTM_NEWROUTE:
@@ -363,14 +451,14 @@ def wait_routes(
             while time.monotonic() < deadline:
                 if has_route(sock, last):
                     seen = time.monotonic() - run.started
-                    if count_routes(dumps) >= want:
+                    if count_routes(dumps, last.version) >= want:
                         return seen
                     break
                 if run.proc.poll() is not None:
                     raise RuntimeError(f"agent exited ({run.proc.returncode}):\n{run.log_tail()}")
                 time.sleep(0.005)
             while time.monotonic() < deadline:
-                if count_routes(dumps) >= want:
+                if count_routes(dumps, last.version) >= want:
                     return time.monotonic() - run.started
                 time.sleep(0.02)
     finally:
@@ -394,24 +482,26 @@ def wait_idle(run: AgentRun, quiet: float = 1.5, timeout: float = 120.0) -> None
 # --- iproute2 anchors ----------
 
 
-def iproute2_program(peers: list[Peer], nexthops: bool) -> tuple[float, float]:
+def iproute2_program(peers: list[Peer], nexthops: bool, fam: Family = V4) -> tuple[float, float]:
     """(wall s, CPU s) of bridge -batch + ip -batch of the same objects in a fresh namespace."""
-    ns = make_netns("ip2")
+    ns = make_netns("ip2", fam)
+    dev = fam.device
     try:
-        sh("ip", "-n", ns, "link", "add", VXLAN_DEVICE, "type", "vxlan", "id", "4096",
-           "dstport", "4789", "local", "192.0.2.1", "dev", "eth0", "nolearning")  # fmt: skip
-        sh("ip", "-n", ns, "link", "set", VXLAN_DEVICE, "up")
-        fdb = [f"fdb replace {p.mac} dev {VXLAN_DEVICE} dst {p.underlay.ip} self permanent"
+        local = str(netaddr.IPNetwork(fam.node_ip).ip)
+        sh("ip", "-n", ns, "link", "add", dev, "type", "vxlan", "id", str(VXLAN_VNI),
+           "dstport", str(VXLAN_PORT), "local", local, "dev", "eth0", "nolearning")  # fmt: skip
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        fdb = [f"fdb replace {p.mac} dev {dev} dst {p.underlay.ip} self permanent"
                for p in peers]  # fmt: skip
-        ip = [f"neigh replace {p.tunnel} lladdr {p.mac} dev {VXLAN_DEVICE} nud permanent"
+        ip = [f"neigh replace {p.tunnel} lladdr {p.mac} dev {dev} nud permanent"
               for p in peers]  # fmt: skip
         if nexthops:
-            ip += [f"nexthop replace id {i + 1} via {p.tunnel} dev {VXLAN_DEVICE} onlink "
+            ip += [f"nexthop replace id {i + 1} via {p.tunnel} dev {dev} onlink "
                    f"proto {RT_PROTO}" for i, p in enumerate(peers)]  # fmt: skip
             ip += [f"route replace {p.block} nhid {i + 1} proto {RT_PROTO}"
                    for i, p in enumerate(peers)]  # fmt: skip
         else:
-            ip += [f"route replace {p.block} via {p.tunnel} dev {VXLAN_DEVICE} onlink "
+            ip += [f"route replace {p.block} via {p.tunnel} dev {dev} onlink "
                    f"proto {RT_PROTO}" for p in peers]  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
             fdb_file, ip_file = Path(tmp, "fdb"), Path(tmp, "ip")
@@ -424,7 +514,7 @@ def iproute2_program(peers: list[Peer], nexthops: bool) -> tuple[float, float]:
             sh("ip", "-n", ns, "-batch", str(ip_file))
             took = time.perf_counter() - start
             cpu = _children_cpu() - cpu0
-        got = count_objects(ns)
+        got = count_objects(ns, fam)
         assert got["route"] == len(peers), got
         return took, cpu
 
@@ -479,28 +569,34 @@ class ColdResult:
 
 
 def cold_run(
-    n: int, mode: EncapMode, *, drift_samples: int, idle_seconds: float, timeout: float
+    n: int,
+    mode: EncapMode,
+    fam: Family,
+    *,
+    drift_samples: int,
+    idle_seconds: float,
+    timeout: float,
 ) -> ColdResult:
-    peers = [peer(i) for i in range(n)]
+    peers = [peer(i, fam) for i in range(n)]
     with tempfile.TemporaryDirectory(prefix="ovb-") as tmp:
         workdir = Path(tmp)
         ds = open_datastore(f"sqlite:///{workdir}/o.db")
         try:
-            fill(ds, peers, mode)
+            fill(ds, peers, mode, fam=fam)
         finally:
             ds.close()
-        ns = make_netns(f"c{n}")
+        ns = make_netns(f"c{n}", fam)
         try:
             wait_quiet()
-            run = start_agent(ns, f"sqlite:///{workdir}/o.db", workdir)
+            run = start_agent(ns, f"sqlite:///{workdir}/o.db", workdir, fam=fam)
             # Every peer's block plus the blackhole for our own block.
             ours = wait_routes(run, ns, n + 1, timeout, peers[-1].block)
             cpu = run.cpu_seconds()
             wait_idle(run)
-            result = ColdResult(n, ours, run.proc_status(), count_objects(ns), cpu=cpu)
+            result = ColdResult(n, ours, run.proc_status(), count_objects(ns, fam), cpu=cpu)
             result.phases = run.phases()
             if drift_samples:
-                result.drift = drift_repair(ns, peers, drift_samples)
+                result.drift = drift_repair(ns, peers, drift_samples, fam)
                 wait_idle(run)
             if idle_seconds:
                 cpu0, t0 = run.cpu_seconds(), time.monotonic()
@@ -512,15 +608,15 @@ def cold_run(
     return result
 
 
-def drift_repair(ns: str, peers: list[Peer], samples: int) -> list[float]:
+def drift_repair(ns: str, peers: list[Peer], samples: int, fam: Family) -> list[float]:
     """Delete one of our routes by hand; seconds until the agent has it back."""
     out: list[float] = []
-    watch = RouteWatch(ns)
+    watch = RouteWatch(ns, fam)
     try:
         for k in range(samples):
             p = peers[(k * 7919) % len(peers)]
             watch.drain()
-            sh("ip", "-n", ns, "route", "del", str(p.block), "proto", str(RT_PROTO))
+            sh("ip", "-n", ns, fam.ip, "route", "del", str(p.block), "proto", str(RT_PROTO))
             gone = watch.wait(p.block, added=False, timeout=5)
             back = watch.wait(p.block, added=True, timeout=10)
             if gone is None or back is None:
@@ -533,23 +629,30 @@ def drift_repair(ns: str, peers: list[Peer], samples: int) -> list[float]:
 
 
 def latency_run(
-    ns: str | None, url: str, workdir: Path, n: int, samples: int, mode: EncapMode, timeout: float
+    ns: str | None,
+    url: str,
+    workdir: Path,
+    n: int,
+    samples: int,
+    mode: EncapMode,
+    timeout: float,
+    fam: Family,
 ) -> dict[str, list[float]]:
     """One peer added then removed, `samples` times: datastore write -> route in/out."""
     ds = open_datastore(url)
     try:
-        peers = [peer(i) for i in range(n)]
-        fill(ds, peers, mode, threads=1 if url.startswith("sqlite") else 8)
-        run = start_agent(ns, url, workdir)
+        peers = [peer(i, fam) for i in range(n)]
+        fill(ds, peers, mode, threads=1 if url.startswith("sqlite") else 8, fam=fam)
+        run = start_agent(ns, url, workdir, fam=fam)
         wait_routes(run, ns, n + 1, timeout, peers[-1].block)
         wait_idle(run)
-        watch = RouteWatch(ns)
+        watch = RouteWatch(ns, fam)
         add: list[float] = []
         remove: list[float] = []
         try:
             for k in range(samples):
-                p = peer(n + k)
-                records = peer_records(p)
+                p = peer(n + k, fam)
+                records = peer_records(p, fam)
                 watch.drain()
                 start = time.monotonic()
                 revs = [ds.create(key, value) for key, value in records]
@@ -591,7 +694,7 @@ def etcd_child(args: argparse.Namespace) -> None:
             cluster.start(timeout=60)
             out = latency_run(
                 None, cluster.url, Path(tmp), args.latency_peers, args.samples,
-                EncapMode(args.mode), args.timeout,
+                EncapMode(args.mode), args.timeout, FAMILIES[args.family],
             )  # fmt: skip
         finally:
             cleanup()
@@ -600,11 +703,11 @@ def etcd_child(args: argparse.Namespace) -> None:
 
 
 def etcd_latency(args: argparse.Namespace) -> dict[str, list[float]]:
-    ns = make_netns("etcd")
+    ns = make_netns("etcd", FAMILIES[args.family])
     try:
         argv = [PYTHON, __file__, "--etcd-child", "--latency-peers", str(args.latency_peers),
                 "--samples", str(args.samples), "--mode", args.mode,
-                "--timeout", str(args.timeout)]  # fmt: skip
+                "--timeout", str(args.timeout), "--family", str(args.family)]  # fmt: skip
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True,
@@ -690,6 +793,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-seconds", type=float, default=20.0)
     p.add_argument("--mode", choices=[m.value for m in EncapMode if m is not EncapMode.NEVER],
                    default=EncapMode.CROSS_SUBNET.value)  # fmt: skip
+    p.add_argument("--family", type=int, choices=sorted(FAMILIES), default=4,
+                   help="6: IPv6-only nodes, over vxlan-v6.calico")  # fmt: skip
     p.add_argument("--no-etcd", action="store_true")
     p.add_argument("--no-latency", action="store_true")
     p.add_argument("--no-iproute2", action="store_true")
@@ -712,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     mode = EncapMode(args.mode)
+    fam = FAMILIES[args.family]
     counts = [int(x) for x in args.peers.split(",")]
     cold: list[ColdResult] = []
     latency: dict[str, dict[str, list[float]]] = {}
@@ -720,23 +826,23 @@ def main(argv: list[str] | None = None) -> int:
             detail = n == args.detail_peers
             load0 = os.getloadavg()[0]
             r = cold_run(
-                n, mode, drift_samples=args.samples if detail else 0,
+                n, mode, fam, drift_samples=args.samples if detail else 0,
                 idle_seconds=args.idle_seconds if detail else 0, timeout=args.timeout,
             )  # fmt: skip
             if not args.no_iproute2:
-                peers = [peer(i) for i in range(n)]
-                r.ip_nhid, r.ip_nhid_cpu = iproute2_program(peers, nexthops=True)
-                r.ip_classic, r.ip_classic_cpu = iproute2_program(peers, nexthops=False)
+                peers = [peer(i, fam) for i in range(n)]
+                r.ip_nhid, r.ip_nhid_cpu = iproute2_program(peers, nexthops=True, fam=fam)
+                r.ip_classic, r.ip_classic_cpu = iproute2_program(peers, nexthops=False, fam=fam)
             r.load = (load0, os.getloadavg()[0])
             cold.append(r)
             print(report([r], {}), flush=True)
         if not args.no_latency:
             with tempfile.TemporaryDirectory(prefix="ovb-") as tmp:
-                ns = make_netns("lat")
+                ns = make_netns("lat", fam)
                 try:
                     latency["sqlite"] = latency_run(
                         ns, f"sqlite:///{tmp}/o.db", Path(tmp), args.latency_peers,
-                        args.samples, mode, args.timeout,
+                        args.samples, mode, args.timeout, fam,
                     )  # fmt: skip
                 finally:
                     del_netns(ns)
@@ -748,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup()
     print()
-    print(f"mode={mode.value} machine: {os.cpu_count()} CPUs, {os.uname().release}")
+    print(f"mode={mode.value}{fam.label} machine: {os.cpu_count()} CPUs, {os.uname().release}")
     print(report(cold, latency))
     return 0
 
