@@ -24,7 +24,7 @@ from ipam.block import HOST_AFFINITY_PREFIX, Block, parse_cidr
 from ipam.datastore import KV, Compacted, Datastore, DatastoreError, Event, EventType
 from ipam.model import FelixConfiguration, IPPool, Node
 from ipam.records import BLOCKS_PREFIX
-from ipam.resources import canonical_ipv4_network
+from ipam.resources import canonical_network
 from ipam.store import RESOURCES_PREFIX, decode, kind_prefix, load_json
 from overlay.view import BlockInfo, ClusterView
 
@@ -109,7 +109,7 @@ def _block_info_from_raw(raw: Any, value: str) -> BlockInfo:
     if not isinstance(raw, dict):
         raise ValueError(f"block: expected a JSON object, got {value[:80]!r}")
     text = raw.get("cidr")
-    cidr = canonical_ipv4_network(text) if type(text) is str else None
+    cidr = canonical_network(text) if type(text) is str else None
     if cidr is None:
         try:
             cidr = parse_cidr(raw["cidr"])
