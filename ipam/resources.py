@@ -591,16 +591,19 @@ def _reservation(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) 
     spec = ctx.fields("spec", spec_value, {"reservedCIDRs"})
     items = spec.get("reservedCIDRs")
     items = [] if items is None else ctx.typed("spec.reservedCIDRs", items, list, "a list")
-    cidrs: list[netaddr.IPNetwork] = []
-    for i, item in enumerate(items):
-        path = f"spec.reservedCIDRs[{i}]"
-        text = ctx.string(path, item)
-        if "/" in text:
-            cidrs.append(_cidr(ctx, path, text))
-        else:
-            addr = _address(ctx, path, text)
-            cidrs.append(netaddr.IPNetwork(f"{addr}/{32 if addr.version == 4 else 128}"))
+    cidrs = [
+        _cidr_or_address(ctx, f"spec.reservedCIDRs[{i}]", item) for i, item in enumerate(items)
+    ]
     return IPReservation(name=name, reserved_cidrs=tuple(cidrs))
+
+
+def _cidr_or_address(ctx: _Ctx, path: str, value: Any) -> netaddr.IPNetwork:
+    """A CIDR, or a bare address as its host network (/32, /128)."""
+    text = ctx.string(path, value)
+    if "/" in text:
+        return _cidr(ctx, path, text)
+    addr = _address(ctx, path, text)
+    return netaddr.IPNetwork(f"{addr}/{32 if addr.version == 4 else 128}")
 
 
 # ---------------------------------------------------------------------------- Node
@@ -884,7 +887,7 @@ def _felix(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> Fel
     if external is not None:
         items = ctx.typed("spec.externalNodesList", external, list, "a list")
         nets = tuple(
-            _external_node(ctx, f"spec.externalNodesList[{i}]", item)
+            _cidr_or_address(ctx, f"spec.externalNodesList[{i}]", item)
             for i, item in enumerate(items)
         )
     severity = spec.get("logSeverityScreen")
@@ -912,17 +915,6 @@ def _felix(ctx: _Ctx, name: str, labels: dict[str, str], spec_value: Any) -> Fel
         if nat_address in (None, "")
         else _v4(ctx, "spec.natOutgoingAddress", nat_address),
     )
-
-
-def _external_node(ctx: _Ctx, path: str, value: Any) -> netaddr.IPNetwork:
-    text = ctx.string(path, value)
-    try:
-        net = netaddr.IPNetwork(text)
-    except (netaddr.AddrFormatError, ValueError, TypeError):
-        ctx.fail(path, f"{text!r} is not an IP address or CIDR")
-    if net.ip != net.network:
-        ctx.fail(path, f"{text!r} has host bits set (did you mean {net.cidr}?)")
-    return net
 
 
 def _harmless_felix_fields(ctx: _Ctx, spec: dict[str, Any]) -> None:

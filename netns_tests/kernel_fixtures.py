@@ -10,7 +10,8 @@ import dataclasses
 import itertools
 import os
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import netaddr
@@ -119,3 +120,35 @@ def peer_ops(count: int, start: int = 0, action: Action = Action.SET) -> list[Op
     if action is Action.DELETE:
         groups.reverse()
     return [op for g in groups for op in g]
+
+
+def assert_table_changes_reported(
+    node: str, kind: str, write_ours: Callable[[], None], theirs: list[str]
+) -> None:
+    """The netlink monitor reports our own nftables write on one of our tables with our nft
+    pid (the reconciler drops it as ours), and another process's change (`theirs`, an nft
+    argv run in `node`) with that process's pid, as GoneKey kind `kind`; neither kicks."""
+    from overlay.kernel import nft
+    from overlay.kernel.monitor import Monitor
+    from overlay.model import GoneKey
+
+    gone: list[GoneKey] = []
+    got = threading.Event()
+
+    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
+        gone.extend(keys)
+        got.set()
+
+    kicks: list[str] = []
+    with Monitor(kicks.append, netns=node, on_gone=on_gone):
+        write_ours()
+        assert got.wait(2.0), f"our own write was not reported; kicks={kicks}"
+        [(k, pid, _)] = gone
+        assert k == kind and pid in nft.own_pids()
+        got.clear()
+        gone.clear()
+        proc = subprocess.Popen(["ip", "netns", "exec", node, *theirs])
+        assert proc.wait(10) == 0
+        assert got.wait(2.0), f"another process's change was not reported; kicks={kicks}"
+        assert gone == [(kind, proc.pid, "")]
+        assert kicks == []

@@ -16,8 +16,15 @@ from unittest.mock import ANY
 import netaddr
 import pytest
 
-from netns_tests.kernel_fixtures import as_read, ip, peer, peer_ops, vxlan_device
-from overlay.kernel import nft, nlmsg
+from netns_tests.kernel_fixtures import (
+    as_read,
+    assert_table_changes_reported,
+    ip,
+    peer,
+    peer_ops,
+    vxlan_device,
+)
+from overlay.kernel import nlmsg
 from overlay.kernel.apply import Kernel, describe
 from overlay.kernel.monitor import Monitor
 from overlay.kernel.nat import apply_nat, read_nat
@@ -29,7 +36,6 @@ from overlay.model import (
     Action,
     Dataplane,
     FdbEntry,
-    GoneKey,
     IpipDevice,
     NatOutgoing,
     Neighbour,
@@ -487,25 +493,10 @@ def test_the_monitor_reports_anyone_elses_change_of_either_nat_table(
 ) -> None:
     net = netaddr.IPNetwork("10.128.0.0/16" if version == 4 else "fd00:10:244::/48")
     kind, family = ("nat", "ip") if version == 4 else ("nat6", "ip6")
-    gone: list[GoneKey] = []
-    got = threading.Event()
-
-    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
-        gone.extend(keys)
-        got.set()
-
-    kicks: list[str] = []
-    with Monitor(kicks.append, netns=node, on_gone=on_gone):
-        apply_nat(NatOutgoing(frozenset({net}), frozenset({net}), version=version), node)
-        assert got.wait(2.0), f"our own write was not reported; kicks={kicks}"
-        [(k, pid, _)] = gone
-        assert k == kind and pid in nft.own_pids()  # the reconciler drops it as ours
-        got.clear()
-        gone.clear()
-        argv = ["ip", "netns", "exec", node, "nft", "flush", "chain", family, "overlay-nat",
-                "postrouting"]  # fmt: skip
-        theirs = subprocess.Popen(argv)
-        assert theirs.wait(10) == 0
-        assert got.wait(2.0), f"another process's change was not reported; kicks={kicks}"
-        assert gone == [(kind, theirs.pid, "")]
-        assert kicks == []
+    nat = NatOutgoing(frozenset({net}), frozenset({net}), version=version)
+    assert_table_changes_reported(
+        node,
+        kind,
+        lambda: apply_nat(nat, node),
+        ["nft", "flush", "chain", family, "overlay-nat", "postrouting"],
+    )

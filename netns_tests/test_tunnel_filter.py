@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,13 +24,12 @@ import netaddr
 import pytest
 
 from netns_tests import injection
-from netns_tests.kernel_fixtures import ip, underlay
+from netns_tests.kernel_fixtures import assert_table_changes_reported, ip, underlay
 from netns_tests.lab_fixtures import Lab, poll, running_lab
 from netns_tests.vm.ipip_smoke import packet_socket_in
 from overlay.kernel import nft as nft_run
 from overlay.kernel import nlmsg
 from overlay.kernel.batch import in_netns
-from overlay.kernel.monitor import Monitor
 from overlay.kernel.nat import TABLE as NAT_TABLE
 from overlay.kernel.nat import read_nat
 from overlay.kernel.nftevents import Transactions, open_events
@@ -46,7 +43,7 @@ from overlay.kernel.tunnel_filter import (
     render,
 )
 from overlay.lab import netns
-from overlay.model import VXLAN_PORT, GoneKey, TunnelFilter, TunnelHosts
+from overlay.model import VXLAN_PORT, TunnelFilter, TunnelHosts
 from overlay.view import vtep_mac
 
 pytestmark = [
@@ -226,30 +223,10 @@ def test_the_ipv6_filter_drops_vxlan_from_unknown_hosts_only() -> None:
 def test_the_monitor_reports_anyone_elses_change_of_either_table(node: str, version: int) -> None:
     kind = "tunnel_filter" if version == 4 else "tunnel_filter6"
     host = A if version == 4 else A6
-    gone: list[GoneKey] = []
-    got = threading.Event()
-
-    def on_gone(_reason: str, keys: list[GoneKey]) -> None:
-        gone.extend(keys)
-        got.set()
-
-    kicks: list[str] = []
-    with Monitor(kicks.append, netns=node, on_gone=on_gone):
-        apply_filter(TunnelFilter(frozenset({host}), VXLAN_PORT, False, version=version), node)
-        assert got.wait(2.0), f"our own write was not reported; kicks={kicks}"
-        [(k, pid, _)] = gone
-        assert k == kind and pid in nft_run.own_pids()  # the reconciler drops it as ours
-        got.clear()
-        gone.clear()
-        # Someone else takes a node's address out of our set.
-        theirs = subprocess.Popen(
-            ["ip", "netns", "exec", node, "nft", "delete", "element", family(version), TABLE,
-             "hosts", "{", str(host), "}"]
-        )  # fmt: skip
-        assert theirs.wait(10) == 0
-        assert got.wait(2.0), f"another process's change was not reported; kicks={kicks}"
-        assert gone == [(kind, theirs.pid, "")]
-        assert kicks == []
+    ours = TunnelFilter(frozenset({host}), VXLAN_PORT, False, version=version)
+    # Someone else takes a node's address out of our set.
+    theirs = ["nft", "delete", "element", family(version), TABLE, "hosts", "{", str(host), "}"]
+    assert_table_changes_reported(node, kind, lambda: apply_filter(ours, node), theirs)
 
 
 # --- attacks on a lab ----------------------------------------------------------------------

@@ -591,7 +591,7 @@ def test_route_refresh_interval_reads_go_durations(text: str, seconds: float) ->
         ("default", {"routeRefreshInterval": "-1s"}, ["spec.routeRefreshInterval", "'-1s'"]),
         ("default", {"externalNodesList": "1.2.3.4"}, ["spec.externalNodesList", "a list"]),
         ("default", {"externalNodesList": ["10.0.0.5/24"]}, ["[0]", "host bits"]),
-        ("default", {"externalNodesList": ["x"]}, ["[0]", "'x'", "not an IP address or CIDR"]),
+        ("default", {"externalNodesList": ["x"]}, ["[0]", "'x'", "not a valid IP address"]),
         ("default", {"externalNodesList": ["fd00::1/64"]}, ["[0]", "host bits"]),
         ("default", {"featureDetectOverride": "SNATFullyRandom=true"}, ["'SNATFullyRandom'"]),
         ("default", {"featureDetectOverride": "ChecksumOffloadBroken=yes"}, ["=yes'"]),

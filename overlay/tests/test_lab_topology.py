@@ -165,21 +165,6 @@ def test_ipv6_underlay_agents_autodetect_their_ipv6_address_on_eth0() -> None:
     ]
 
 
-def test_lab_up_ipv6_underlay_flag_implies_ipv6(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[LabOptions] = []
-
-    def fake_up(opts: LabOptions, log: object = None) -> lab.LabState:
-        seen.append(opts)
-        return lab._initial_state(opts, build(opts), tmp_path)
-
-    monkeypatch.setattr(lab, "up", fake_up)
-    assert cli.main(["lab", "up", "--name", "u", "--ipv6-underlay"]) == 0
-    assert cli.main(["lab", "up", "--name", "u", "--ipv6"]) == 0
-    assert [(o.ipv6, o.ipv6_underlay) for o in seen] == [(True, True), (True, False)]
-
-
 def test_namespace_pattern_matches_only_this_lab() -> None:
     pattern = lab.ns_pattern("a")
     topo = build(LabOptions(name="a", nodes=12, subnets=2, pods_per_node=11))
@@ -343,8 +328,16 @@ def test_ipv6_only_with_ipip_is_refused_naming_both_options(
     assert len(err.splitlines()) == 1 and "--encap ipip" in err and "--ipv6-only" in err
 
 
-def test_lab_up_ipv6_only_flag_implies_the_others(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("flag", "implied"),
+    [
+        ("--ipv6", (True, False, False)),
+        ("--ipv6-underlay", (True, True, False)),  # implies --ipv6
+        ("--ipv6-only", (True, True, True)),  # implies both
+    ],
+)
+def test_lab_up_ipv6_flags_imply_the_weaker_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, implied: tuple[bool, ...]
 ) -> None:
     seen: list[LabOptions] = []
 
@@ -353,12 +346,8 @@ def test_lab_up_ipv6_only_flag_implies_the_others(
         return lab._initial_state(opts, build(opts), tmp_path)
 
     monkeypatch.setattr(lab, "up", fake_up)
-    assert cli.main(["lab", "up", "--name", "u", "--ipv6-only"]) == 0
-    assert cli.main(["lab", "up", "--name", "u", "--ipv6-underlay"]) == 0
-    assert [(o.ipv6, o.ipv6_underlay, o.ipv6_only) for o in seen] == [
-        (True, True, True),
-        (True, True, False),
-    ]
+    assert cli.main(["lab", "up", "--name", "u", flag]) == 0
+    assert [(o.ipv6, o.ipv6_underlay, o.ipv6_only) for o in seen] == [implied]
 
 
 def test_ipv6_only_datastore_gets_the_ipv6_pool_with_nat_and_no_ipv4_pool(
