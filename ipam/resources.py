@@ -41,6 +41,7 @@ __all__ = [
     "LOG_SEVERITIES",
     "Resource",
     "ResourceError",
+    "canonical_ipv4",
     "canonical_network",
     "duration_text",
     "from_manifest",
@@ -51,6 +52,7 @@ __all__ = [
     "resolve_kind",
     "stored_node",
     "to_manifest",
+    "valid_name",
 ]
 
 API_VERSION = "overlay.dev/v1"
@@ -177,7 +179,7 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def _canonical_ipv4(text: str) -> int | None:
+def canonical_ipv4(text: str) -> int | None:
     """The value of a canonical dotted quad (no leading zeros, no short forms), else None.
 
     Every parser reads such text the same way, so it can skip netaddr's string parser: that
@@ -193,7 +195,7 @@ def _canonical_ipv4(text: str) -> int | None:
 
 def _canonical_ipv6(text: str) -> int | None:
     """The value of an IPv6 address written as inet_ntop writes it (lower case, the zeros
-    compressed), else None. The same short cut as _canonical_ipv4, and more: netaddr's
+    compressed), else None. The same short cut as canonical_ipv4, and more: netaddr's
     string parser tries IPv4 first, and the exception it catches leaves ~10 objects in
     reference cycles per IPv6 address (garbage only the cyclic collector frees)."""
     try:
@@ -245,7 +247,7 @@ def canonical_network(text: str) -> netaddr.IPNetwork | None:
             return None
         return _network(value, prefixlen, 6)
     prefixlen = _IPV4_PREFIXLENS.get(length) if slash else 32
-    value = _canonical_ipv4(address)
+    value = canonical_ipv4(address)
     if prefixlen is None or value is None:
         return None
     return _network(value, prefixlen)
@@ -362,12 +364,17 @@ def from_manifest(doc: Any) -> Resource:
     return _PARSERS[kind](ctx, name, labels, spec)
 
 
+def valid_name(name: str) -> bool:
+    """Whether `name` is a valid resource name (DNS-1123 subdomain, as Calico checks)."""
+    return len(name) <= 253 and _NAME.fullmatch(name) is not None
+
+
 def _name(ctx: _Ctx, meta: dict[str, Any]) -> str:
     name = meta.get("name")
     if name is None or name == "":
         ctx.fail("metadata.name", "missing")
     name = ctx.string("metadata.name", name)
-    if len(name) > 253 or not _NAME.fullmatch(name):
+    if not valid_name(name):
         ctx.fail(
             "metadata.name",
             f"{name!r} is not a valid name (lower-case letters, digits, '-' and '.', "
@@ -623,7 +630,7 @@ _BGP_FIELDS = {"ipv4Address", "ipv6Address", "ipv4IPIPTunnelAddr", "asNumber"}
 
 
 def _address(ctx: _Ctx, path: str, value: Any, version: int | None = None) -> netaddr.IPAddress:
-    if version != 6 and type(value) is str and (number := _canonical_ipv4(value)) is not None:
+    if version != 6 and type(value) is str and (number := canonical_ipv4(value)) is not None:
         return _ipv4_address(number)
     if version != 4 and type(value) is str and (number := _canonical_ipv6(value)) is not None:
         return _ipv6_address(number)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ipam.datastore import Datastore, open_datastore
 from ipam.model import IPPool, Node
 from ipam.records import BLOCKS_PREFIX, block_key
 from ipam.store import ResourceStore, encode, resource_key
-from netns_tests.lab_fixtures import LAB_TEST_MARKS, Lab, _reaped, poll, running_lab
+from netns_tests.lab_fixtures import LAB_TEST_MARKS, VXLAN_DEV, Lab, _reaped, poll, running_lab
 from overlay.compute import compute, local_node_from
 from overlay.kernel.apply import Kernel, describe
 from overlay.kernel.batch import open_rtnl
@@ -362,5 +363,96 @@ def test_an_agent_killed_in_its_first_pass_restarts_to_the_exact_kernel(lab2: La
         cluster.remove_all()
         if me.agent_pid is not None and not netns.alive(me.agent_pid):
             lab2.start_agent(me, argv)  # the module's other tests want it running
+        kernel.close()
+        ds.close()
+
+
+# ------------------------------------------------------------------------- cold start
+
+COLD_PEERS = 300
+OURS = re.compile(r"event=(route|nexthop|neighbour|fdb|device)_(set|deleted)\b")
+
+
+def empty_kernel(lab: Lab, node_ns: str) -> None:
+    """node's kernel as after a reboot: nothing of ours (the device takes its neighbours,
+    FDB entries, nexthops and routes; our blackholes and direct nexthops go by protocol)."""
+    lab.run(node_ns, "ip", "link", "del", "vxlan.calico")
+    lab.run(node_ns, "ip", "nexthop", "flush", "protocol", "80")  # with the routes using them
+    lab.run(node_ns, "ip", "route", "flush", "proto", "80")
+    assert Kernel(netns=node_ns).holds_ours() is False
+
+
+def restart_and_converge(lab: Lab, ds: Datastore, kernel: Kernel, argv: list[str]) -> str:
+    """Start node1's agent; its log once it converged and its first pass is over."""
+    me = lab.node(1)
+    offset = lab.log_size(me)
+    lab.start_agent(me, argv)
+    assert_converges(ds, kernel, me.name, "start")
+    lab.wait_agent(me)  # the first pass is over (and logged)
+    return lab.log_since(me, offset)
+
+
+def test_an_agent_on_an_empty_kernel_programs_it_straight_from_the_records(lab2: Lab) -> None:
+    """cold_start.py on a real kernel: a node that boots with 300+ peers in the datastore
+    gets the whole dataplane from the cold plan (direct and VXLAN peers, our blackhole),
+    and the normal first pass after it finds no route, nexthop, neighbour, FDB entry or
+    device to change. A restart on a kernel that holds our objects takes the normal path."""
+    me = lab2.node(1)
+    ds = open_datastore(lab2.state.datastore)
+    kernel = Kernel(netns=me.netns)
+    (pool,) = ResourceStore(ds).list_pools()
+    blocks = free_blocks(ds, pool, COLD_PEERS)
+    cluster = Cluster(ds, pool, "cold", random.Random(3), blocks, direct_share=0.3)
+    argv = lab2.stop_agent(me)
+    try:
+        for _ in range(COLD_PEERS):
+            cluster.add()
+        empty_kernel(lab2, me.netns)
+        log = restart_and_converge(lab2, ds, kernel, argv)
+        lines = log.splitlines()
+        (cold,) = [i for i, line in enumerate(lines) if "event=cold_start " in line]
+        dp = kernel.read()
+        written = len(dp.neighbours) + len(dp.fdb) + len(dp.nexthops) + len(dp.routes)
+        assert f"changes={written + 1} failed=0" in lines[cold], lines[cold]  # + the device
+        assert sum(1 for line in lines[:cold] if OURS.search(line)) == written + 1
+        after = [line for line in lines[cold:] if OURS.search(line)]
+        assert after == [], f"the normal pass changed what the cold plan wrote: {after[:5]}"
+        paths = {r.nexthop.dev if r.nexthop else "blackhole" for r in dp.routes}
+        assert paths == {"eth0", VXLAN_DEV, "blackhole"}, paths
+
+        lab2.stop_agent(me)
+        log = restart_and_converge(lab2, ds, kernel, argv)
+        assert "event=cold_start" not in log, "a restart on our objects went the cold way"
+    finally:
+        cluster.remove_all()
+        if me.agent_pid is None or not netns.alive(me.agent_pid):
+            lab2.start_agent(me, argv)
+        kernel.close()
+        ds.close()
+
+
+def test_a_cluster_the_cold_plan_does_not_cover_takes_the_normal_path(lab2: Lab) -> None:
+    """A block lending an address to another node: the cold plan declines, says why, and
+    the normal first pass programs everything, the borrowed /32 included."""
+    me = lab2.node(1)
+    ds = open_datastore(lab2.state.datastore)
+    kernel = Kernel(netns=me.netns)
+    (pool,) = ResourceStore(ds).list_pools()
+    cluster = Cluster(ds, pool, "decl", random.Random(4), free_blocks(ds, pool, 20))
+    argv = lab2.stop_agent(me)
+    try:
+        for _ in range(10):
+            cluster.add()
+        cluster.borrow()
+        empty_kernel(lab2, me.netns)
+        log = restart_and_converge(lab2, ds, kernel, argv)
+        assert "event=cold_start_declined reason=" in log and "borrowed" in log, log[-2000:]
+        assert "event=cold_start " not in log
+        (_, ip, _) = cluster.borrows[0]
+        assert f"{ip}/32" in {str(r.dst) for r in kernel.read().routes}
+    finally:
+        cluster.remove_all()
+        if me.agent_pid is None or not netns.alive(me.agent_pid):
+            lab2.start_agent(me, argv)
         kernel.close()
         ds.close()

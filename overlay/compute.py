@@ -411,7 +411,7 @@ class ComputeCache:
             self.pools.update((p.name, p) for p in pools)
         touched = self._sync_nodes(view)
         dirty = self._sync_blocks(view)
-        devices = _devices(self._pools_in_use(pools), me, cfg)
+        devices = devices_for(self._pools_in_use(pools), me, cfg)
         ready = (VXLAN_DEVICE in devices, IPIP_DEVICE in devices, VXLAN6_DEVICE in devices)
         if ready != self.ready:  # part of every decision: redo them all (rare)
             self.ready = ready
@@ -857,7 +857,8 @@ def _peer_order(path: PeerPath) -> tuple[str, str]:
     return (path.node, path.reason)
 
 
-def _devices(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[str, Device]:
+def devices_for(pools: list[IPPool], me: LocalNode, cfg: DataplaneConfig) -> dict[str, Device]:
+    """Our tunnel devices for the encapsulations these pools (the ones in use) ask for."""
     encaps = {e[0] for e in map(_encap, pools) if e is not None}
     devices: dict[str, Device] = {}
     tx_checksum = False if cfg.tx_checksum_off else None

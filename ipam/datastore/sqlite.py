@@ -12,15 +12,17 @@ processes wait on the busy timeout instead of failing.
 
 from __future__ import annotations
 
+import builtins
+import json
 import os
 import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import starmap
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 from ipam.datastore.base import (
@@ -35,6 +37,7 @@ from ipam.datastore.base import (
     NotFound,
     Unavailable,
 )
+from ipam.datastore.fields import check_paths
 
 DEFAULT_HISTORY = 100_000
 # How often a watch looks for commits from other processes; in-process writes wake it at once.
@@ -85,6 +88,10 @@ def _prefix_end(prefix: str) -> str | None:
 
 def _kvs(rows: sqlite3.Cursor) -> list[KV]:
     return list(starmap(KV, rows))
+
+
+def _fetch_one(rows: sqlite3.Cursor) -> Any:
+    return rows.fetchone()
 
 
 def _keys(rows: sqlite3.Cursor) -> list[str]:
@@ -291,6 +298,23 @@ class SqliteDatastore:
     def keys(self, prefix: str) -> KeyListing:
         # Without the value column no value becomes a Python string.
         return KeyListing(*self._read_range("key", prefix, _keys))
+
+    def list_fields(self, prefix: str, paths: Sequence[str]) -> builtins.list[tuple[Any, ...]]:
+        """fields.list_fields() by SQLite's JSON functions: the records are never parsed in
+        Python, only one JSON array of the values (`->` keeps them JSON, so a string holding
+        a NUL comes back whole, and true as true)."""
+        check_paths(paths)  # so each path can go into the query as a literal
+        fields = "".join(f", value -> '{p}'" for p in paths)
+        try:
+            # (The range scan gathers the rows in key order.)
+            (text,) = self._read_range(
+                f"json_group_array(json_array(key{fields}))", prefix, _fetch_one
+            )[0]
+        except Unavailable as e:
+            if "malformed JSON" in str(e.__cause__):
+                raise ValueError(f"a record under {prefix} is not JSON") from None
+            raise
+        return list(map(tuple, json.loads(text)))
 
     def _read_range(
         self, columns: str, prefix: str, collect: Callable[[sqlite3.Cursor], T]

@@ -11,8 +11,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
+from typing import TYPE_CHECKING
 
 import netaddr
 
@@ -25,6 +29,7 @@ from overlay.kernel.reader import read_dataplane
 from overlay.kernel.tunnel_filter import apply_filter, apply_hosts, kind, read_filter
 from overlay.model import (
     IPIP_DEVICE,
+    MAIN_TABLE,
     RT_PROTO,
     VXLAN6_DEVICE,
     VXLAN_DEVICE,
@@ -41,6 +46,9 @@ from overlay.model import (
     TunnelHosts,
     VxlanDevice,
 )
+
+if TYPE_CHECKING:
+    from overlay.cold_start import ColdPeers, ColdRoutes
 
 log = logging.getLogger("overlay.kernel")
 
@@ -100,6 +108,30 @@ def describe(op: Op) -> str:
     return f"event=device_{verb} dev={obj.name}"
 
 
+def _peer_lines(cold: ColdPeers) -> Iterator[str]:
+    """describe() of each neighbour and FDB entry of a cold plan, in the order sent."""
+    ntoa, dev = socket.inet_ntoa, cold.device.name
+    for ip, mac in cold.neighbours:
+        yield f"event=neighbour_set dev={dev} ip={ntoa(ip)} mac={mac.hex(':')}"
+    for mac, host in cold.fdb:
+        yield f"event=fdb_set dev={dev} mac={mac.hex(':')} dst={ntoa(host)}"
+
+
+def _route_lines(cold: ColdRoutes) -> Iterator[str]:
+    """describe() of each nexthop and route of a cold plan, in the order sent."""
+    ntoa = socket.inet_ntoa
+    via = {}
+    for nhid, gw, name in cold.nexthops:
+        via[nhid] = f"via={ntoa(gw)} dev={name}"
+        yield f"event=nexthop_set id={nhid} {via[nhid]} onlink=True"
+    for net, plen, nhid in cold.routes:
+        dst = f"{ntoa(net.to_bytes(4, 'big'))}/{plen}"
+        if nhid:
+            yield f"event=route_set dst={dst} nhid={nhid} {via[nhid]}"
+        else:
+            yield f"event=route_set dst={dst} type=blackhole"
+
+
 class Kernel:
     """The agent's whole view of the kernel. Not thread-safe: one reconciler drives it."""
 
@@ -145,6 +177,14 @@ class Kernel:
                 self._nexthops = False
         return self._nexthops
 
+    def holds_ours(self) -> bool:
+        """Whether the kernel may hold something of ours already: one of our devices, or any
+        nexthop object (a cold plan numbers its nexthops without looking at others')."""
+        if not self.device_names or set(self._sock.links().values()) & set(self.device_names):
+            return True
+        nexthops = self._sock.dump(nlmsg.dump_nexthops()) if self.supports_nexthops() else ()
+        return next(iter(nexthops), None) is not None
+
     def own_nft_pids(self) -> frozenset[int]:
         return nft.own_pids()
 
@@ -182,6 +222,78 @@ class Kernel:
         for op in tables:
             self._apply_table(op, result)
         return result
+
+    def program_cold(
+        self, peers: ColdPeers, make_routes: Callable[[], ColdRoutes]
+    ) -> tuple[int, int]:
+        """Write a cold plan (cold_start.py) to a kernel that holds nothing of ours: the
+        device (as apply() makes it), the peers' neighbour and FDB entries, then the
+        nexthops and routes that `make_routes()` plans meanwhile (the kernel's share of
+        the first batch runs without the GIL). One log line per change once all is sent,
+        as apply() writes them. (done, failed) changes; what `make_routes` raises comes
+        out after the first half is written and logged."""
+        result = ApplyResult()
+        self._apply_device(Op(Action.SET, peers.device), result)
+        links = {name: i for i, name in self._sock.links().items()}
+        if result.failed or peers.device.name not in links:
+            return result.done, 1
+        dev = links[peers.device.name]
+        first = chain(
+            (nlmsg.neighbour(True, dev, ip, mac) for ip, mac in peers.neighbours),
+            (nlmsg.fdb(True, dev, mac, host) for mac, host in peers.fdb),
+        )
+        sent: list[list[tuple[int, int, str]]] = []
+        writer = threading.Thread(target=lambda: sent.append(self._sock.batch(first)))
+        writer.start()
+        try:
+            routes = make_routes()
+        except BaseException:
+            writer.join()
+            self._log_cold(_peer_lines(peers), sent[0] if sent else None)
+            raise
+        missing = {d for _, _, d in routes.nexthops} - links.keys()
+        oifs = {d: links.get(d, 0) for _, _, d in routes.nexthops}
+        second = chain(
+            (nlmsg.nexthop(True, i, gw, oifs[d], True, RT_PROTO) for i, gw, d in routes.nexthops),
+            (
+                nlmsg.route(
+                    True,
+                    net.to_bytes(4, "big"),
+                    plen,
+                    table=MAIN_TABLE,
+                    protocol=RT_PROTO,
+                    nhid=nhid,
+                    blackhole=not nhid,
+                )
+                for net, plen, nhid in routes.routes
+            ),
+        )
+        writer.join()
+        nacks = None if missing or not sent else self._sock.batch(second)
+        if missing:
+            log.warning("event=cold_start_failed error=%r", f"no device {sorted(missing)}")
+        # The log after the kernel work: the routes matter more than their lines.
+        done, failed = self._log_cold(_peer_lines(peers), sent[0] if sent else None)
+        done2, failed2 = self._log_cold(_route_lines(routes), nacks)
+        return result.done + done + done2, failed + failed2
+
+    def _log_cold(
+        self, lines: Iterator[str], nacks: list[tuple[int, int, str]] | None
+    ) -> tuple[int, int]:
+        """Log a cold batch, one line per change; (done, failed). None: not sent."""
+        if nacks is None:
+            return 0, 1
+        failed = {i: (code, text) for i, code, text in nacks}
+        changes = []
+        for i, line in enumerate(lines):
+            if i in failed:
+                code, text = failed[i]
+                log.warning("%s outcome=failed errno=%d error=%r", line, code, text)
+            else:
+                changes.append(line)
+        for i in range(0, len(changes), LOG_CHUNK):
+            log.info("\n".join(changes[i : i + LOG_CHUNK]))
+        return len(changes), len(failed)
 
     def _apply_table(self, op: Op, result: ApplyResult) -> None:
         obj = op.obj
