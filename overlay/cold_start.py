@@ -21,6 +21,7 @@ How it stays right:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import socket
 from collections.abc import Iterable
@@ -29,7 +30,7 @@ from typing import Any
 
 from ipam.block import HOST_AFFINITY_PREFIX
 from ipam.model import EncapMode, IPPool
-from ipam.resources import canonical_ipv4, valid_name
+from ipam.resources import valid_name
 from overlay.compute import DataplaneConfig, LocalNode, devices_for
 from overlay.model import VXLAN_DEVICE, VxlanDevice
 
@@ -47,7 +48,10 @@ NodeRow = tuple[str, Any, Any, Any, Any, Any]  # key, then NODE_FIELDS
 BlockRow = tuple[str, Any, Any, Any]  # key, then BLOCK_FIELDS
 
 _PREFIXLENS = {str(n): n for n in range(33)}
-_NTOA = socket.inet_ntoa
+# inet_pton takes a dotted quad of decimal octets without leading zeros and nothing else:
+# exactly the canonical text that the full decoding reads as written (a test holds the two
+# equal), at a fifth of the cost of inet_aton plus the inet_ntoa round trip.
+_PTON, _INET = socket.inet_pton, socket.AF_INET
 
 
 class Declined(Exception):
@@ -220,21 +224,18 @@ def _cidr(text: Any, what: str) -> tuple[int, int]:
     """(value, prefix length) of a canonical "a.b.c.d/len"; Declined for anything else."""
     if type(text) is str:
         address, _, length = text.partition("/")
-        value, plen = canonical_ipv4(address), _PREFIXLENS.get(length)
-        if value is not None and plen is not None:
-            return value, plen
+        plen = _PREFIXLENS.get(length)
+        if plen is not None:
+            with contextlib.suppress(OSError, ValueError):
+                return int.from_bytes(_PTON(_INET, address), "big"), plen
     raise Declined(f"{what}: {text!r} is not a canonical IPv4 address/prefix")
 
 
 def _address(text: Any, what: str) -> bytes:
     """The packed address of a canonical dotted quad; Declined for anything else."""
     if type(text) is str:
-        try:
-            packed = socket.inet_aton(text)
-        except (OSError, ValueError):
-            packed = b""
-        if packed and _NTOA(packed) == text:
-            return packed
+        with contextlib.suppress(OSError, ValueError):
+            return _PTON(_INET, text)
     raise Declined(f"{what}: {text!r} is not a canonical IPv4 address")
 
 

@@ -18,7 +18,9 @@ from ipam.datastore.base import Datastore
 from ipam.datastore.fields import list_fields
 from ipam.model import EncapMode, IPPool, Node
 from ipam.records import BLOCKS_PREFIX, block_key
+from ipam.resources import canonical_ipv4
 from ipam.store import encode, kind_prefix, resource_key
+from overlay import cold_start
 from overlay.cold_start import (
     BLOCK_FIELDS,
     NODE_FIELDS,
@@ -333,3 +335,34 @@ def test_a_typical_cluster_is_planned_like_compute() -> None:
     }
     assert {n.ip for n in cold.neighbours} == {IPAddress("10.244.0.65"), C_TUNNEL}
     assert mac_bytes(ME.vtep_mac) not in {bytes.fromhex(f.mac.replace(":", "")) for f in cold.fdb}
+
+
+@settings(max_examples=500)
+@given(
+    st.one_of(
+        st.text(alphabet="0123456789./x: \x00", max_size=20),
+        st.tuples(*[st.integers(0, 300)] * 4, st.integers(0, 40)).map(
+            lambda t: f"{t[0]}.{t[1]}.{t[2]}.{t[3]}/{t[4]}"
+        ),
+        st.tuples(*[st.sampled_from(["0", "00", "01", "1", "10", "255", "256"])] * 4).map(
+            lambda t: ".".join(t)
+        ),
+    )
+)
+def test_addresses_are_read_only_in_their_canonical_form(text: str) -> None:
+    """The plan reads an address or prefix exactly when the full decoding's canonical path
+    reads it (ipam.resources.canonical_ipv4), to the same value."""
+    address, slash, length = text.partition("/")
+    want = canonical_ipv4(address)
+    try:
+        got: int | None = int.from_bytes(cold_start._address(address, "x"), "big")
+    except Declined:
+        got = None
+    assert got == want
+    plen = int(length) if length.isdigit() and str(int(length)) == length else None
+    try:
+        cidr: tuple[int, int] | None = cold_start._cidr(text, "x")
+    except Declined:
+        cidr = None
+    ok = slash and want is not None and plen is not None and plen <= 32
+    assert cidr == ((want, plen) if ok else None)
