@@ -577,3 +577,19 @@ def test_with_an_ipv6_underlay_ipv4_rides_ipip_and_ipv6_rides_vxlan_v6() -> None
     paths = {(p.family, p.path) for p in probes if p.dst != check.EXTERNAL}
     assert paths == {(4, "ipip"), (4, "direct"), (6, "vxlan"), (6, "direct")}, paths
     assert "tunl0" in links and "vxlan-v6.calico" in links and "vxlan.calico:" not in links
+
+
+def test_the_ipip_modules_tunl0_does_not_keep_a_node_from_a_cold_start() -> None:
+    """With the ipip module loaded every namespace has a tunl0 (on real hosts the agent's
+    service loads it): that device is not ours to count, so a fresh node still takes the
+    cold start (Kernel.holds_ours)."""
+    from overlay.kernel.apply import Kernel
+
+    ns = f"ovqcold-{os.getpid()}"
+    _ip("netns", "add", ns)
+    try:
+        assert IPIP_DEVICE in _ip("-n", ns, "-o", "link", "show").stdout
+        with Kernel(netns=ns) as k:
+            assert k.holds_ours() is False
+    finally:
+        _ip("netns", "del", ns, check_rc=False)

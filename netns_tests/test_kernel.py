@@ -17,6 +17,7 @@ import netaddr
 import pytest
 
 from netns_tests.kernel_fixtures import (
+    PEER_HOST_IP,
     as_read,
     assert_table_changes_reported,
     ip,
@@ -500,3 +501,16 @@ def test_the_monitor_reports_anyone_elses_change_of_either_nat_table(
         lambda: apply_nat(nat, node),
         ["nft", "flush", "chain", family, "overlay-nat", "postrouting"],
     )
+
+
+def test_holds_ours_tells_a_fresh_kernel_from_one_with_our_objects(node: str) -> None:
+    """What decides a cold start (cold_start.py): nothing of ours, or a VXLAN device of ours,
+    or any nexthop object at all (the cold plan picks nexthop ids without looking)."""
+    with Kernel(netns=node) as k:
+        assert k.holds_ours() is False
+        ip("-n", node, "nexthop", "add", "id", "7", "via", str(PEER_HOST_IP), "dev", "veth0")
+        assert k.holds_ours() is True, "a foreign nexthop object"
+        ip("-n", node, "nexthop", "del", "id", "7")
+        assert k.holds_ours() is False
+        _apply_ok(k, [Op(Action.SET, vxlan_device())])
+        assert k.holds_ours() is True, "our vxlan.calico"

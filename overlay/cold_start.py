@@ -1,12 +1,14 @@
-"""cold_plan(): the first programming of a node whose kernel holds nothing of ours, planned
-from a few fields of each stored record. PURE.
+"""cold_peers() + cold_routes(): the first programming of a node whose kernel holds nothing
+of ours, planned from a few fields of each stored record. PURE.
 
 Why: the agent's normal first pass decodes every record into validated objects, computes
 with the state that makes every later pass O(change), plans against the kernel and encodes
 typed operations. At 10k peers that is ~0.8 s of CPU, several times what iproute2 needs to
 write the same objects, and a node that boots or joins waits for it before its pods reach
 anyone. This plan is made from plain strings and integers (the datastore extracts the
-fields: datastore.list_fields) and goes to the kernel as ready netlink messages.
+fields: datastore.list_fields) and goes to the kernel as ready netlink messages
+(Kernel.program_cold). It is the netlink part only: the tunnel filter and NAT-outgoing
+tables come with the normal pass.
 
 How it stays right:
 - It covers the common shape only: IPv4 VXLAN pools (Always or CrossSubnet), an IPv4

@@ -178,9 +178,12 @@ class Kernel:
         return self._nexthops
 
     def holds_ours(self) -> bool:
-        """Whether the kernel may hold something of ours already: one of our devices, or any
-        nexthop object (a cold plan numbers its nexthops without looking at others')."""
-        if not self.device_names or set(self._sock.links().values()) & set(self.device_names):
+        """Whether the kernel may hold something of ours already: one of our VXLAN devices,
+        or any nexthop object (a cold plan numbers its nexthops without looking at others').
+        Not tunl0: the ipip module makes one in every namespace; routes over it of ours
+        would use nexthop objects."""
+        ours = set(self.device_names) - {IPIP_DEVICE}
+        if set(self._sock.links().values()) & ours:
             return True
         nexthops = self._sock.dump(nlmsg.dump_nexthops()) if self.supports_nexthops() else ()
         return next(iter(nexthops), None) is not None
