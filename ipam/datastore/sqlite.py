@@ -301,20 +301,27 @@ class SqliteDatastore:
 
     def list_fields(self, prefix: str, paths: Sequence[str]) -> builtins.list[tuple[Any, ...]]:
         """fields.list_fields() by SQLite's JSON functions: the records are never parsed in
-        Python, only one JSON array of the values (`->` keeps them JSON, so a string holding
-        a NUL comes back whole, and true as true)."""
+        Python, only one JSON array of the values. Each record is parsed once for all paths
+        (json_extract with several paths gives a JSON array of the values; `->` for one:
+        JSON either way, so a string holding a NUL comes back whole, and true as true)."""
         check_paths(paths)  # so each path can go into the query as a literal
-        fields = "".join(f", value -> '{p}'" for p in paths)
+        if len(paths) == 1:
+            values = f"value -> '{paths[0]}'"
+        else:
+            values = "json_extract(value, " + ", ".join(f"'{p}'" for p in paths) + ")"
         try:
             # (The range scan gathers the rows in key order.)
             (text,) = self._read_range(
-                f"json_group_array(json_array(key{fields}))", prefix, _fetch_one
+                f"json_group_array(json_array(key, {values}))", prefix, _fetch_one
             )[0]
         except Unavailable as e:
             if "malformed JSON" in str(e.__cause__):
                 raise ValueError(f"a record under {prefix} is not JSON") from None
             raise
-        return list(map(tuple, json.loads(text)))
+        rows = json.loads(text)
+        if len(paths) == 1:
+            return list(map(tuple, rows))
+        return [(key, *values) for key, values in rows]
 
     def _read_range(
         self, columns: str, prefix: str, collect: Callable[[sqlite3.Cursor], T]

@@ -246,7 +246,14 @@ class Kernel:
             (nlmsg.fdb(True, dev, mac, host) for mac, host in peers.fdb),
         )
         sent: list[list[tuple[int, int, str]]] = []
-        writer = threading.Thread(target=lambda: sent.append(self._sock.batch(first)))
+
+        def write_first() -> None:
+            try:
+                sent.append(self._sock.batch(first))
+            except OSError as exc:  # then nothing more is sent: the normal pass takes over
+                log.warning("event=cold_start_failed error=%r", str(exc))
+
+        writer = threading.Thread(target=write_first, name="cold-start")
         writer.start()
         try:
             routes = make_routes()
