@@ -370,7 +370,9 @@ def test_an_agent_killed_in_its_first_pass_restarts_to_the_exact_kernel(lab2: La
 # ------------------------------------------------------------------------- cold start
 
 COLD_PEERS = 300
-OURS = re.compile(r"event=(route|nexthop|neighbour|fdb|device)_(set|deleted)\b")
+OURS = re.compile(
+    r"event=(route|nexthop|neighbour|fdb|device|nat6?|tunnel_filter6?(_hosts)?)_(set|deleted)\b"
+)
 
 
 def empty_kernel(lab: Lab, node_ns: str) -> None:
@@ -379,6 +381,8 @@ def empty_kernel(lab: Lab, node_ns: str) -> None:
     lab.run(node_ns, "ip", "link", "del", "vxlan.calico")
     lab.run(node_ns, "ip", "nexthop", "flush", "protocol", "80")  # with the routes using them
     lab.run(node_ns, "ip", "route", "flush", "proto", "80")
+    for table in ("overlay-filter", "overlay-nat"):  # the nftables tables too
+        lab.run(node_ns, "nft", "delete", "table", "ip", table)
     assert Kernel(netns=node_ns).holds_ours() is False
 
 
@@ -394,9 +398,10 @@ def restart_and_converge(lab: Lab, ds: Datastore, kernel: Kernel, argv: list[str
 
 def test_an_agent_on_an_empty_kernel_programs_it_straight_from_the_records(lab2: Lab) -> None:
     """cold_start.py on a real kernel: a node that boots with 300+ peers in the datastore
-    gets the whole dataplane from the cold plan (direct and VXLAN peers, our blackhole),
-    and the normal first pass after it finds no route, nexthop, neighbour, FDB entry or
-    device to change. A restart on a kernel that holds our objects takes the normal path."""
+    gets the whole dataplane from the cold plan (direct and VXLAN peers, our blackhole, the
+    tunnel filter and NAT), and the normal first pass after it finds no route, nexthop,
+    neighbour, FDB entry, device or table to change. A restart on a kernel that holds our
+    objects takes the normal path."""
     me = lab2.node(1)
     ds = open_datastore(lab2.state.datastore)
     kernel = Kernel(netns=me.netns)
@@ -412,9 +417,11 @@ def test_an_agent_on_an_empty_kernel_programs_it_straight_from_the_records(lab2:
         lines = log.splitlines()
         (cold,) = [i for i, line in enumerate(lines) if "event=cold_start " in line]
         dp = kernel.read()
+        assert dp.tunnel_filter is not None and dp.nat is not None  # the lab's pool: NAT
         written = len(dp.neighbours) + len(dp.fdb) + len(dp.nexthops) + len(dp.routes)
-        assert f"changes={written + 1} failed=0" in lines[cold], lines[cold]  # + the device
-        assert sum(1 for line in lines[:cold] if OURS.search(line)) == written + 1
+        written += 3  # the device and both tables
+        assert f"changes={written} failed=0" in lines[cold], lines[cold]
+        assert sum(1 for line in lines[:cold] if OURS.search(line)) == written
         after = [line for line in lines[cold:] if OURS.search(line)]
         assert after == [], f"the normal pass changed what the cold plan wrote: {after[:5]}"
         paths = {r.nexthop.dev if r.nexthop else "blackhole" for r in dp.routes}

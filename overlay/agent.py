@@ -42,7 +42,7 @@ from overlay.compute import (
     pools_without_nat,
 )
 from overlay.kernel.ethtool import checksum_offload_broken
-from overlay.model import Dataplane, PeerPath, TunnelFilter
+from overlay.model import Action, Dataplane, Op, PeerPath, TunnelFilter
 from overlay.pod_routes import PodRouteKeeper
 from overlay.reconciler import Outcome, Reconciler
 from overlay.settings import Flags, Settings, effective, felix_name
@@ -320,6 +320,8 @@ class Agent:
         self._store: ResourceStore | None = None
         self._exhausted_at: tuple[float, str | None] | None = None
         self.watcher: ClusterWatcher | None = None
+        # What the cold start wrote (cold_start.py): {changes, failed, duration}; None: none.
+        self._cold: dict[str, float] | None = None
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -571,6 +573,7 @@ class Agent:
             "tunnel_filter": _filter_status(desired.tunnel_filter if desired else None),
             "tunnel_filter6": _filter_status(desired.tunnel_filter6 if desired else None),
             "dataplane_synced": bool(rec and rec.last_sync_time is not None),
+            "cold_start": self._cold,
             "last_sync": last_sync,
             "reconciler": rec.__dict__ if rec else None,
             "warnings": (nodes.check_node_address(self.node) if self.node else [])
@@ -614,7 +617,9 @@ class Agent:
             not_ready.append(f"datastore unreachable: {watcher.last_error}")
         stats = rec.stats() if rec is not None else None
         if stats is None or stats.last_sync_time is None:
-            not_ready.append("dataplane not programmed yet")
+            # A complete cold start programmed it: ready while the normal pass checks it.
+            if self._cold is None or self._cold["failed"]:
+                not_ready.append("dataplane not programmed yet")
         elif stats.consecutive_failures:
             not_ready.append(
                 f"last {stats.consecutive_failures} reconcile passes failed: {stats.last_error}"
@@ -861,8 +866,16 @@ class Agent:
     def _cold_start(self, ds: Datastore, kernel: Kernel) -> None:
         """A kernel that holds nothing of ours is programmed straight from the records
         (cold_start.py): routes in place several times sooner at 10k peers. The normal first
-        pass follows anyway and finds nothing, or only what the plan could not know, to do."""
-        from overlay.cold_start import BLOCK_FIELDS, NODE_FIELDS, Declined, cold_peers, cold_routes
+        pass follows anyway and finds nothing, or only what the plan could not know, to do;
+        the node is ready meanwhile when all was written."""
+        from overlay.cold_start import (
+            BLOCK_FIELDS,
+            NODE_FIELDS,
+            Declined,
+            cold_peers,
+            cold_routes,
+            cold_tables,
+        )
         from overlay.plan import NHID_BASE
 
         assert self.local is not None
@@ -889,12 +902,13 @@ class Agent:
         except (DatastoreError, ValueError, OSError) as exc:
             log.warning("event=cold_start_failed error=%r", str(exc))
             return
-        log.info(
-            "event=cold_start changes=%d failed=%d duration=%.3fs",
-            done,
-            failed,
-            time.monotonic() - started,
-        )
+        # The nftables tables after the routes, as apply() orders them.
+        tables = cold_tables(peers, self._dataplane_cfg, self._pools)
+        result = kernel.apply([Op(Action.SET, t) for t in tables if t is not None])
+        done, failed = done + result.done, failed + len(result.failed)
+        took = time.monotonic() - started
+        self._cold = {"changes": done, "failed": failed, "duration": round(took, 3)}
+        log.info("event=cold_start changes=%d failed=%d duration=%.3fs", done, failed, took)
 
     def _start_settings(self, store: ResourceStore) -> None:
         """The settings as the datastore has them at start (the watch follows them after).

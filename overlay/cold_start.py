@@ -7,15 +7,15 @@ typed operations. At 10k peers that is ~0.8 s of CPU, several times what iproute
 write the same objects, and a node that boots or joins waits for it before its pods reach
 anyone. This plan is made from plain strings and integers (the datastore extracts the
 fields: datastore.list_fields) and goes to the kernel as ready netlink messages
-(Kernel.program_cold). It is the netlink part only: the tunnel filter and NAT-outgoing
-tables come with the normal pass.
+(Kernel.program_cold), followed by the tunnel filter and NAT-outgoing tables.
 
 How it stays right:
 - It covers the common shape only: IPv4 VXLAN pools (Always or CrossSubnet), an IPv4
   underlay, nodes with the derived VTEP MAC, no borrowed addresses, no duplicate VTEP
   or block. Anything else is Declined, with the reason, and the normal pass does the work.
 - For every cluster it accepts it wants exactly what compute() wants: the same device,
-  neighbours, FDB entries, nexthops and routes (a property test holds it to compute()).
+  neighbours, FDB entries, nexthops, routes and nftables tables (a property test holds it
+  to compute()).
 - It is never the last word: the agent's normal first pass follows at once, reads the
   kernel and changes what differs. That is normally nothing; a record that only the full
   validation refuses (this plan reads a few fields of it) is taken out then.
@@ -30,11 +30,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import netaddr
+
 from ipam.block import HOST_AFFINITY_PREFIX
 from ipam.model import EncapMode, IPPool
 from ipam.resources import valid_name
-from overlay.compute import DataplaneConfig, LocalNode, devices_for
-from overlay.model import VXLAN_DEVICE, VxlanDevice
+from overlay.compute import DataplaneConfig, LocalNode, devices_for, nat_outgoing
+from overlay.model import VXLAN_DEVICE, NatOutgoing, TunnelFilter, VxlanDevice
 
 # What the plan reads of each record, as JSON paths (datastore.list_fields gives the key,
 # then the value at each path as JSON has it; None when absent).
@@ -72,6 +74,7 @@ class ColdPeers:
     peers: dict[str, tuple[int, int, bytes | None]]
     me: LocalNode
     modes: list[tuple[int, int, int, str, EncapMode]]  # _pool_modes()
+    hosts: set[int]  # every node's underlay address, ours too: the tunnel filter's
 
 
 @dataclass(frozen=True)
@@ -109,17 +112,19 @@ def cold_peers(
     peers: dict[str, tuple[int, int, bytes | None]] = {}
     neighbours: list[tuple[bytes, bytes]] = []
     fdb: list[tuple[bytes, bytes]] = []
+    hosts: set[int] = set()
     cut, sha1 = len(nodes_prefix), hashlib.sha1
     for key, name, address, tunnel, mac, tunnel6 in nodes:
         if type(name) is not str or key[cut:] != name or not valid_name(name):
             raise Declined(f"Node record {key}: name {name!r} is not its key's")
+        if address is None:
+            continue  # no IPv4 underlay: no VTEP, no route
+        underlay, plen = _cidr(address, f"node {name} ipv4Address")
+        hosts.add(underlay)
         if name == me.name:
             continue
         if mac is not None or tunnel6 is not None:
             raise Declined(f"node {name}: a VTEP MAC of its own or an IPv6 tunnel address")
-        if address is None:
-            continue  # no IPv4 underlay: no VTEP, no route
-        underlay, plen = _cidr(address, f"node {name} ipv4Address")
         if tunnel is None:
             peers[name] = (underlay, plen, None)
             continue
@@ -132,7 +137,19 @@ def cold_peers(
         peers[name] = (underlay, plen, gateway)
         neighbours.append((gateway, peer_mac))
         fdb.append((peer_mac, underlay.to_bytes(4, "big")))
-    return ColdPeers(device, neighbours, fdb, peers, me, modes)
+    return ColdPeers(device, neighbours, fdb, peers, me, modes, hosts)
+
+
+def cold_tables(
+    cold: ColdPeers, cfg: DataplaneConfig, pools: list[IPPool]
+) -> tuple[TunnelFilter, NatOutgoing | None]:
+    """The nftables side, as compute() wants it: the tunnel filter admitting VXLAN from
+    every node's underlay address (and externalNodesList), NAT-outgoing for the pools that
+    ask for it."""
+    external = frozenset(n for n in cfg.external_nodes if n.version == 4)
+    hosts = frozenset(netaddr.IPAddress(value, 4) for value in cold.hosts)
+    tunnel_filter = TunnelFilter(hosts, cold.device.port, False, external)
+    return tunnel_filter, nat_outgoing(4, pools, cfg.nat_outgoing_address)
 
 
 def cold_routes(cold: ColdPeers, blocks: Iterable[BlockRow], *, nhid_base: int) -> ColdRoutes:

@@ -437,11 +437,11 @@ class ComputeCache:
         for dst in dirty_dsts:
             self._choose(dst)
 
-        nat = _nat_outgoing(4, pools, cfg.nat_outgoing_address)
+        nat = nat_outgoing(4, pools, cfg.nat_outgoing_address)
         # NAT66 needs an IPv6 way out of the cluster: an IPv6 underlay (without one,
         # pools_without_nat() names the pools that go without). It masquerades: Calico's
         # natOutgoingAddress is IPv4.
-        nat6 = _nat_outgoing(6, pools) if me.underlay6 is not None else None
+        nat6 = nat_outgoing(6, pools) if me.underlay6 is not None else None
         # Copies: the caller keeps this state while the cache moves on to the next view.
         return Dataplane(
             devices=devices,
@@ -914,7 +914,7 @@ def compute(
     return state.update(view, me, cfg or DataplaneConfig())
 
 
-def _nat_outgoing(
+def nat_outgoing(
     version: int, pools: Iterable[IPPool], address: netaddr.IPAddress | None = None
 ) -> NatOutgoing | None:
     """NAT-outgoing for IP `version`: traffic from the pools that ask for natOutgoing to

@@ -310,7 +310,7 @@ class Reconciler:
                 last_failed=(),
             )
             self._next_attempt = 0.0
-        if ops:
+        if ops or not s.passes:  # (the first pass always: when the node became synced)
             log.info("synced ops=%d read=%s duration=%.3fs", applied, read, end - start)
         return Outcome.SYNCED
 

@@ -155,3 +155,23 @@ def test_health_says_why_the_agent_is_not_ready_or_not_live(tmp_path: Path) -> N
     agent._threads = [dead]
     h = agent.health()
     assert h.not_live == ["thread watch has stopped"] and h.not_ready == h.not_live
+
+
+def test_a_complete_cold_start_makes_the_node_ready_before_the_normal_pass(
+    tmp_path: Path,
+) -> None:
+    """cold_start.py wrote the whole dataplane (routes, L2, nexthops, tunnel filter, NAT):
+    ready once the datastore is read, while the normal first pass still checks it; a cold
+    start with a failed change is not enough."""
+    agent = Agent(AgentConfig("n1", "memory://", tmp_path, str(tmp_path / "cni.sock")))
+    watcher = SimpleNamespace(synced=threading.Event(), last_error=None)
+    watcher.synced.set()
+    agent.watcher = watcher  # type: ignore[assignment]
+    agent.reconciler = Reconciler(FakeKernel(), lambda v: compute(v, me(), DataplaneConfig()))
+    assert agent.health().not_ready == ["dataplane not programmed yet"]
+    agent._cold = {"changes": 40006, "failed": 1, "duration": 0.3}
+    assert agent.health().not_ready == ["dataplane not programmed yet"]
+    agent._cold = {"changes": 40007, "failed": 0, "duration": 0.3}
+    assert agent.health() == Health([], [])
+    agent.watcher = None
+    assert agent.status()["cold_start"] == agent._cold

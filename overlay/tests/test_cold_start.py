@@ -29,6 +29,7 @@ from overlay.cold_start import (
     Declined,
     cold_peers,
     cold_routes,
+    cold_tables,
 )
 from overlay.compute import DataplaneConfig, LocalNode, compute
 from overlay.kernel.nlmsg import mac_bytes
@@ -65,7 +66,9 @@ def plan(ds: Datastore, me: LocalNode, cfg: DataplaneConfig, pools: list[IPPool]
     """The cold plan as model objects, for comparing with compute()."""
     peers = cold_peers(me, cfg, pools, list_fields(ds, NODES, NODE_FIELDS), nodes_prefix=NODES)
     routes = cold_routes(peers, list_fields(ds, BLOCKS_PREFIX, BLOCK_FIELDS), nhid_base=NHID_BASE)
-    return as_dataplane(peers, routes)
+    dataplane = as_dataplane(peers, routes)
+    dataplane.tunnel_filter, dataplane.nat = cold_tables(peers, cfg, pools)
+    return dataplane
 
 
 def as_dataplane(peers: ColdPeers, routes: ColdRoutes) -> Dataplane:
@@ -99,6 +102,9 @@ def assert_same_kernel_objects(cold: Dataplane, want: Dataplane) -> None:
     assert cold.fdb == want.fdb
     assert cold.nexthops == want.nexthops
     assert cold.routes == want.routes
+    assert cold.tunnel_filter == want.tunnel_filter
+    assert cold.nat == want.nat
+    assert (want.tunnel_filter6, want.nat6) == (None, None)
 
 
 # --- clusters of the shape the plan covers (and its edges) -----------------------------------
@@ -163,6 +169,12 @@ def clusters(draw: st.DrawFn) -> tuple[ClusterView, LocalNode, DataplaneConfig]:
         vxlan_vni=draw(st.sampled_from([4096, 4097])),
         vxlan_port=draw(st.sampled_from([4789, 8472])),
         tx_checksum_off=draw(st.booleans()),
+        external_nodes=draw(
+            st.sampled_from(
+                [frozenset(), frozenset({IPNetwork("198.51.100.0/24"), IPNetwork("fd00::/64")})]
+            )
+        ),
+        nat_outgoing_address=draw(st.none() | st.just(IPAddress("10.0.1.99"))),
     )
     return ClusterView(nodes, pools, blocks), me, cfg
 
