@@ -72,3 +72,40 @@ def test_a_busy_or_malformed_address_is_refused_naming_it() -> None:
             StatusServer(address, dict, dict)
     with pytest.raises(ValueError, match=r"metrics_addr: 'localhost' is not HOST:PORT"):
         StatusServer("localhost", dict, dict)
+
+
+def raw(server: StatusServer, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as conn:
+        conn.sendall(request)
+        out = b""
+        while chunk := conn.recv(65536):
+            out += chunk
+    return out
+
+
+def test_only_get_and_head_are_served_and_head_has_no_body(
+    served: tuple[StatusServer, Probe],
+) -> None:
+    server, _ = served
+    head = raw(server, b"HEAD /readiness HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 3\r\n" in head
+    assert head.endswith(b"\r\n\r\n")
+    assert raw(server, b"POST /status HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 405 ")
+    assert raw(server, b"nonsense\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert raw(server, b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_restarted_server_binds_the_same_port_at_once() -> None:
+    first = StatusServer("127.0.0.1:0", dict, dict)
+    first.start()
+    port = first.port
+    assert get(first, "/status")[0] == 200  # a connection that leaves TIME_WAIT behind
+    first.stop()
+    second = StatusServer(f"127.0.0.1:{port}", dict, dict)
+    second.start()
+    try:
+        assert get(second, "/status")[0] == 200
+    finally:
+        second.stop()
