@@ -48,7 +48,7 @@ from overlay.reconciler import Outcome, Reconciler
 from overlay.settings import Flags, Settings, effective, felix_name
 from overlay.status_http import Health, StatusServer
 from overlay.view import ClusterView
-from overlay.watch import ClusterWatcher
+from overlay.watch import ClusterWatcher, block_info_from_json
 
 log = logging.getLogger("overlay.agent")
 
@@ -871,10 +871,12 @@ class Agent:
         from overlay.cold_start import (
             BLOCK_FIELDS,
             NODE_FIELDS,
+            ColdRoutes,
             Declined,
             cold_peers,
             cold_routes,
             cold_tables,
+            lenders,
         )
         from overlay.plan import NHID_BASE
 
@@ -890,12 +892,13 @@ class Agent:
                 list_fields(ds, NODES_PREFIX, NODE_FIELDS),
                 nodes_prefix=NODES_PREFIX,
             )
-            done, failed = kernel.program_cold(
-                peers,
-                lambda: cold_routes(
-                    peers, list_fields(ds, BLOCKS_PREFIX, BLOCK_FIELDS), nhid_base=NHID_BASE
-                ),
-            )
+
+            def make_routes() -> ColdRoutes:
+                blocks = list_fields(ds, BLOCKS_PREFIX, BLOCK_FIELDS)
+                lent = {key: _lent(ds, key) for key in lenders(blocks, self.cfg.node_name)}
+                return cold_routes(peers, blocks, lent, nhid_base=NHID_BASE)
+
+            done, failed = kernel.program_cold(peers, make_routes)
         except Declined as exc:
             log.info("event=cold_start_declined reason=%r", str(exc))
             return
@@ -982,6 +985,20 @@ class Agent:
         self.stop_event.set()
         if self.reconciler is not None:
             self.reconciler.kick("stop", drift=False)
+
+
+def _lent(ds: Datastore, key: str) -> dict[int, str]:
+    """A block's borrowed addresses (address -> hosting node), decoded as the watch does."""
+    from overlay.cold_start import Declined
+
+    kv = ds.get(key)
+    if kv is None:
+        raise Declined(f"block {key}: gone since it was listed")
+    try:
+        borrowed = block_info_from_json(kv.value).borrowed
+    except (ValueError, KeyError, TypeError) as exc:  # the watch skips it: so does the plan
+        raise Declined(f"block {key}: {exc}") from None
+    return {int(address): host for address, host in borrowed.items()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

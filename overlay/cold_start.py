@@ -11,8 +11,9 @@ fields: datastore.list_fields) and goes to the kernel as ready netlink messages
 
 How it stays right:
 - It covers the common shape only: IPv4 VXLAN pools (Always or CrossSubnet), an IPv4
-  underlay, nodes with the derived VTEP MAC, no borrowed addresses, no duplicate VTEP
-  or block. Anything else is Declined, with the reason, and the normal pass does the work.
+  underlay, nodes with the derived VTEP MAC, no duplicate VTEP or block. Anything else is
+  Declined, with the reason, and the normal pass does the work. The few blocks that lend
+  addresses to other nodes (lenders()) are read whole, by the watch's own decoder.
 - For every cluster it accepts it wants exactly what compute() wants: the same device,
   neighbours, FDB entries, nexthops, routes and nftables tables (a property test holds it
   to compute()).
@@ -23,11 +24,10 @@ How it stays right:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import netaddr
@@ -83,6 +83,9 @@ class ColdRoutes:
 
     nexthops: list[tuple[int, bytes, str]]  # (id, gateway, device name), onlink
     routes: list[tuple[int, int, int]]  # (network, prefix length, nhid; 0: blackhole), sorted
+    # /32s to a borrowed address that is its host's own VXLAN tunnel address: on the device,
+    # no gateway (the neighbour entry resolves it), as compute() routes them. Sorted.
+    device_routes: list[int] = field(default_factory=list)
 
 
 def cold_peers(
@@ -152,10 +155,32 @@ def cold_tables(
     return tunnel_filter, nat_outgoing(4, pools, cfg.nat_outgoing_address)
 
 
-def cold_routes(cold: ColdPeers, blocks: Iterable[BlockRow], *, nhid_base: int) -> ColdRoutes:
+def lenders(blocks: Iterable[BlockRow], me: str) -> list[str]:
+    """The keys of the blocks that may lend addresses to other nodes than their owner (and
+    us): cold_routes() needs their borrowed addresses, which their attributes alone do not
+    give (Calico's blocks name the node per allocation). Usually none, or a few."""
+    out = []
+    for key, _cidr, affinity, attributes in blocks:
+        owner = None
+        if type(affinity) is str and affinity.startswith(HOST_AFFINITY_PREFIX):
+            owner = affinity[len(HOST_AFFINITY_PREFIX) :]
+        if attributes and _hosted_elsewhere(attributes, owner, me):
+            out.append(key)
+    return out
+
+
+def cold_routes(
+    cold: ColdPeers,
+    blocks: Iterable[BlockRow],
+    lent: Mapping[str, Mapping[int, str]],
+    *,
+    nhid_base: int,
+) -> ColdRoutes:
     """A blackhole per block of ours; per peer block, the path compute() would choose
-    (direct on the underlay for a CrossSubnet peer in our subnet, else VXLAN); or
-    Declined. Nexthop ids count up from `nhid_base`."""
+    (direct on the underlay for a CrossSubnet peer in our subnet, else VXLAN); per address
+    a block lends to another node, a /32 on that node's path; or Declined. `lent`: for each
+    key lenders() named, the block's borrowed addresses (address -> hosting node), as the
+    watch decodes them. Nexthop ids count up from `nhid_base`."""
     me, peers, modes = cold.me, cold.peers, cold.modes
     assert me.underlay is not None
     local_first, local_last = me.underlay.cidr.first, me.underlay.cidr.last
@@ -165,8 +190,32 @@ def cold_routes(cold: ColdPeers, blocks: Iterable[BlockRow], *, nhid_base: int) 
     ids: dict[tuple[bytes, str], int] = {}
     nexthops: list[tuple[int, bytes, str]] = []
     routes: list[tuple[int, int, int]] = []
+    device_routes: list[int] = []
     seen: set[tuple[int, int]] = set()
     cross, cut = EncapMode.CROSS_SUBNET, len(HOST_AFFINITY_PREFIX)
+
+    def via(host: str | None, mode: EncapMode | None) -> tuple[bytes, str] | None:
+        """compute()'s path to a node for a pool: the gateway and device of its nexthop."""
+        peer = peers.get(host) if host is not None else None
+        if peer is None or mode is None:
+            return None
+        underlay, peer_plen, tunnel = peer
+        if (
+            mode is cross
+            and cross_subnet_possible
+            and peer_plen != 32
+            and local_first <= underlay <= local_last
+        ):
+            return underlay.to_bytes(4, "big"), iface
+        return (tunnel, VXLAN_DEVICE) if tunnel is not None else None
+
+    def route(dst: int, plen: int, gateway: tuple[bytes, str]) -> None:
+        nhid = ids.get(gateway)
+        if nhid is None:
+            nhid = ids[gateway] = nhid_base + len(ids)
+            nexthops.append((nhid, *gateway))
+        routes.append((dst, plen, nhid))
+
     for key, cidr, affinity, attributes in blocks:
         first, plen = block = _cidr(cidr, f"block {key} cidr")
         host_bits = (1 << (32 - plen)) - 1
@@ -177,39 +226,39 @@ def cold_routes(cold: ColdPeers, blocks: Iterable[BlockRow], *, nhid_base: int) 
         owner = None
         if type(affinity) is str and affinity.startswith(HOST_AFFINITY_PREFIX):
             owner = affinity[cut:]
-        if attributes and _hosted_elsewhere(attributes, owner):
-            raise Declined(f"block {key}: it may hold addresses of other nodes (borrowed)")
-        if owner == my_name:
-            routes.append((first, plen, 0))
-            continue
-        peer = peers.get(owner) if owner is not None else None
-        if peer is None:
-            continue
         if single is not None:
             mode = single[4] if single[0] <= first and last <= single[1] else None
         else:
             mode = _mode_for(first, last, modes)
-        if mode is None:
+        borrowed = lent.get(key)
+        if borrowed is None and attributes and _hosted_elsewhere(attributes, owner, my_name):
+            raise Declined(f"block {key}: lends addresses, and they were not read")
+        for address, host in sorted((borrowed or {}).items()):
+            if host in (my_name, owner):  # ours: the CNI routes them; the owner's: the block
+                continue
+            if (address, 32) in seen or not first <= address <= last:
+                raise Declined(f"block {key}: borrowed {address} is routed twice")
+            seen.add((address, 32))
+            gateway = via(host, mode)
+            peer = peers.get(host)
+            if (
+                gateway is not None
+                and gateway[1] == VXLAN_DEVICE
+                and peer is not None
+                and (address.to_bytes(4, "big") == peer[2])
+            ):
+                device_routes.append(address)  # the host's own tunnel address
+            elif gateway is not None:
+                route(address, 32, gateway)
+        if owner == my_name:
+            routes.append((first, plen, 0))
             continue
-        underlay, peer_plen, tunnel = peer
-        if (
-            mode is cross
-            and cross_subnet_possible
-            and peer_plen != 32
-            and local_first <= underlay <= local_last
-        ):
-            via = (underlay.to_bytes(4, "big"), iface)
-        elif tunnel is not None:
-            via = (tunnel, VXLAN_DEVICE)
-        else:
-            continue
-        nhid = ids.get(via)
-        if nhid is None:
-            nhid = ids[via] = nhid_base + len(ids)
-            nexthops.append((nhid, *via))
-        routes.append((first, plen, nhid))
+        gateway = via(owner, mode)
+        if gateway is not None:
+            route(first, plen, gateway)
     routes.sort()
-    return ColdRoutes(nexthops, routes)
+    device_routes.sort()
+    return ColdRoutes(nexthops, routes, device_routes)
 
 
 def _pool_modes(pools: list[IPPool]) -> list[tuple[int, int, int, str, EncapMode]]:
@@ -245,22 +294,26 @@ def _cidr(text: Any, what: str) -> tuple[int, int]:
         address, _, length = text.partition("/")
         plen = _PREFIXLENS.get(length)
         if plen is not None:
-            with contextlib.suppress(OSError, ValueError):
+            try:  # (not contextlib.suppress: this runs twice per peer)
                 return int.from_bytes(_PTON(_INET, address), "big"), plen
+            except (OSError, ValueError):
+                pass
     raise Declined(f"{what}: {text!r} is not a canonical IPv4 address/prefix")
 
 
 def _address(text: Any, what: str) -> bytes:
     """The packed address of a canonical dotted quad; Declined for anything else."""
     if type(text) is str:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             return _PTON(_INET, text)
+        except (OSError, ValueError):
+            pass
     raise Declined(f"{what}: {text!r} is not a canonical IPv4 address")
 
 
-def _hosted_elsewhere(attributes: Any, owner: str | None) -> bool:
-    """Whether a block's attributes name a node other than its owner, so that the block
-    may lend addresses to it (an attribute no address refers to counts too). True when
+def _hosted_elsewhere(attributes: Any, owner: str | None, me: str) -> bool:
+    """Whether a block's attributes name a node other than its owner and us, so that the
+    block may lend it addresses (an attribute no address refers to counts too). True when
     unsure: anything but a list of objects."""
     if type(attributes) is not list:
         return True
@@ -273,6 +326,6 @@ def _hosted_elsewhere(attributes: Any, owner: str | None) -> bool:
         if type(secondary) is not dict:
             return True
         host = secondary.get("node")
-        if host and host != owner:
+        if host and host != owner and host != me:
             return True
     return False

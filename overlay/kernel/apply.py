@@ -130,6 +130,8 @@ def _route_lines(cold: ColdRoutes) -> Iterator[str]:
             yield f"event=route_set dst={dst} nhid={nhid} {via[nhid]}"
         else:
             yield f"event=route_set dst={dst} type=blackhole"
+    for net in cold.device_routes:
+        yield f"event=route_set dst={ntoa(net.to_bytes(4, 'big'))}/32 dev={VXLAN_DEVICE}"
 
 
 class Kernel:
@@ -276,6 +278,12 @@ class Kernel:
                     blackhole=not nhid,
                 )
                 for net, plen, nhid in routes.routes
+            ),
+            (
+                nlmsg.route(
+                    True, net.to_bytes(4, "big"), 32, table=MAIN_TABLE, protocol=RT_PROTO, oif=dev
+                )
+                for net in routes.device_routes
             ),
         )
         writer.join()
