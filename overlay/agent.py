@@ -34,6 +34,16 @@ from ipam.resources import FELIX_DEFAULT_NAME, ResourceError
 from ipam.store import ResourceNotFound, ResourceStore, kind_prefix
 from overlay import autodetect, nodes
 from overlay.cni_service import exhaustion
+from overlay.cold_start import (
+    BLOCK_FIELDS,
+    NODE_FIELDS,
+    ColdRoutes,
+    Declined,
+    cold_peers,
+    cold_routes,
+    cold_tables,
+    lenders,
+)
 from overlay.compute import (
     ComputeCache,
     DataplaneConfig,
@@ -43,6 +53,7 @@ from overlay.compute import (
 )
 from overlay.kernel.ethtool import checksum_offload_broken
 from overlay.model import Action, Dataplane, Op, PeerPath, TunnelFilter
+from overlay.plan import NHID_BASE
 from overlay.pod_routes import PodRouteKeeper
 from overlay.reconciler import Outcome, Reconciler
 from overlay.settings import Flags, Settings, effective, felix_name
@@ -868,18 +879,6 @@ class Agent:
         (cold_start.py): routes in place several times sooner at 10k peers. The normal first
         pass follows anyway and finds nothing, or only what the plan could not know, to do;
         the node is ready meanwhile when all was written."""
-        from overlay.cold_start import (
-            BLOCK_FIELDS,
-            NODE_FIELDS,
-            ColdRoutes,
-            Declined,
-            cold_peers,
-            cold_routes,
-            cold_tables,
-            lenders,
-        )
-        from overlay.plan import NHID_BASE
-
         assert self.local is not None
         started = time.monotonic()
         try:
@@ -989,8 +988,6 @@ class Agent:
 
 def _lent(ds: Datastore, key: str) -> dict[int, str]:
     """A block's borrowed addresses (address -> hosting node), decoded as the watch does."""
-    from overlay.cold_start import Declined
-
     kv = ds.get(key)
     if kv is None:
         raise Declined(f"block {key}: gone since it was listed")
