@@ -237,18 +237,14 @@ def cold_routes(
             if host in (my_name, owner):  # ours: the CNI routes them; the owner's: the block
                 continue
             if (address, 32) in seen or not first <= address <= last:
-                raise Declined(f"block {key}: borrowed {address} is routed twice")
+                raise Declined(f"block {key}: borrowed {address} is routed twice or outside")
             seen.add((address, 32))
             gateway = via(host, mode)
-            peer = peers.get(host)
-            if (
-                gateway is not None
-                and gateway[1] == VXLAN_DEVICE
-                and peer is not None
-                and (address.to_bytes(4, "big") == peer[2])
-            ):
-                device_routes.append(address)  # the host's own tunnel address
-            elif gateway is not None:
+            if gateway is None:
+                continue
+            if gateway == (address.to_bytes(4, "big"), VXLAN_DEVICE):
+                device_routes.append(address)  # the host's own tunnel address: no gateway
+            else:
                 route(address, 32, gateway)
         if owner == my_name:
             routes.append((first, plen, 0))
