@@ -52,6 +52,7 @@ __all__ = [
     "resolve_kind",
     "stored_node",
     "to_manifest",
+    "valid_mac",
     "valid_name",
 ]
 
@@ -682,9 +683,14 @@ def _optional(
     return None if value is None or value == "" else parse(ctx, path, value)
 
 
+def valid_mac(text: str) -> bool:
+    """Whether `text` is a MAC address as resources take it: xx:xx:xx:xx:xx:xx, any case."""
+    return _MAC.fullmatch(text) is not None
+
+
 def _mac(ctx: _Ctx, path: str, value: Any) -> str:
     text = ctx.string(path, value)
-    if not _MAC.fullmatch(text):
+    if not valid_mac(text):
         ctx.fail(path, f"{text!r} is not a MAC address (expected xx:xx:xx:xx:xx:xx)")
     return text.lower()
 

@@ -11,7 +11,7 @@ fields: datastore.list_fields) and goes to the kernel as ready netlink messages
 
 How it stays right:
 - It covers the common shape only: IPv4 VXLAN pools (Always or CrossSubnet), an IPv4
-  underlay, nodes with the derived VTEP MAC, no duplicate VTEP or block. Anything else is
+  underlay, no duplicate VTEP or block. Anything else is
   Declined, with the reason, and the normal pass does the work. The few blocks that lend
   addresses to other nodes (lenders()) are read whole, by the watch's own decoder.
 - For every cluster it accepts it wants exactly what compute() wants: the same device,
@@ -34,7 +34,7 @@ import netaddr
 
 from ipam.block import HOST_AFFINITY_PREFIX
 from ipam.model import EncapMode, IPPool
-from ipam.resources import valid_name
+from ipam.resources import valid_mac, valid_name
 from overlay.compute import DataplaneConfig, LocalNode, devices_for, nat_outgoing
 from overlay.model import VXLAN_DEVICE, NatOutgoing, TunnelFilter, VxlanDevice
 
@@ -126,13 +126,18 @@ def cold_peers(
         hosts.add(underlay)
         if name == me.name:
             continue
-        if mac is not None or tunnel6 is not None:
-            raise Declined(f"node {name}: a VTEP MAC of its own or an IPv6 tunnel address")
+        if tunnel6 is not None:
+            raise Declined(f"node {name}: an IPv6 tunnel address")
+        if mac is not None and not (type(mac) is str and valid_mac(mac)):
+            raise Declined(f"node {name}: vxlanTunnelMACAddr {mac!r} is not a MAC address")
         if tunnel is None:
             peers[name] = (underlay, plen, None)
             continue
         gateway = _address(tunnel, f"node {name} ipv4VXLANTunnelAddr")
-        peer_mac = b"\x66" + sha1(name.encode()).digest()[:5]
+        if mac is None:  # Calico's rule, as view.vtep_mac()
+            peer_mac = b"\x66" + sha1(name.encode()).digest()[:5]
+        else:
+            peer_mac = bytes.fromhex(mac.replace(":", ""))
         if gateway in tunnels or peer_mac in macs:
             raise Declined(f"node {name}: its VXLAN tunnel address or VTEP MAC is not its own")
         tunnels.add(gateway)
