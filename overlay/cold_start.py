@@ -1,5 +1,5 @@
-"""cold_peers() + cold_routes(): the first programming of a node whose kernel holds nothing
-of ours, planned from a few fields of each stored record. PURE.
+"""cold_peers(), cold_routes(), cold_tables(): the first programming of a node whose kernel
+holds nothing of ours, planned from a few fields of each stored record. PURE.
 
 Why: the agent's normal first pass decodes every record into validated objects, computes
 with the state that makes every later pass O(change), plans against the kernel and encodes
@@ -11,7 +11,7 @@ fields: datastore.list_fields) and goes to the kernel as ready netlink messages
 
 How it stays right:
 - It covers the common shape only: IPv4 VXLAN pools (Always or CrossSubnet), an IPv4
-  underlay, no duplicate VTEP or block. Anything else is
+  underlay, no VTEP address or MAC claimed twice, no block twice. Anything else is
   Declined, with the reason, and the normal pass does the work. The few blocks that lend
   addresses to other nodes (lenders()) are read whole, by the watch's own decoder.
 - For every cluster it accepts it wants exactly what compute() wants: the same device,
