@@ -655,8 +655,8 @@ class Agent:
                     ),
                     "overlay_kernel_ops_total": (
                         "counter",
-                        "Kernel changes applied",
-                        rec.ops_applied,
+                        "Kernel changes applied (the cold start's too)",
+                        rec.ops_applied + (self._cold["changes"] if self._cold else 0),
                     ),
                     "overlay_drift_repairs_total": (
                         "counter",

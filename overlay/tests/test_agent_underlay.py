@@ -162,7 +162,7 @@ def test_a_complete_cold_start_makes_the_node_ready_before_the_normal_pass(
 ) -> None:
     """cold_start.py wrote the whole dataplane (routes, L2, nexthops, tunnel filter, NAT):
     ready once the datastore is read, while the normal first pass still checks it; a cold
-    start with a failed change is not enough."""
+    start with a failed change is not enough. Its changes count in the metrics."""
     agent = Agent(AgentConfig("n1", "memory://", tmp_path, str(tmp_path / "cni.sock")))
     watcher = SimpleNamespace(synced=threading.Event(), last_error=None)
     watcher.synced.set()
@@ -175,3 +175,5 @@ def test_a_complete_cold_start_makes_the_node_ready_before_the_normal_pass(
     assert agent.health() == Health([], [])
     agent.watcher = None
     assert agent.status()["cold_start"] == agent._cold
+    # Its changes count among the kernel changes, before the reconciler made any.
+    assert agent.metrics()["overlay_kernel_ops_total"][2] == 40007
