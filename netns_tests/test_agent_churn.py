@@ -396,6 +396,38 @@ def restart_and_converge(lab: Lab, ds: Datastore, kernel: Kernel, argv: list[str
     return lab.log_since(me, offset)
 
 
+@dataclass
+class Stopped:
+    """node1 with its agent stopped, and synthetic peers to write before it starts again."""
+
+    ds: Datastore
+    kernel: Kernel
+    cluster: Cluster
+    argv: list[str]
+
+
+@contextlib.contextmanager
+def node1_stopped(
+    lab: Lab, prefix: str, seed: int, peers: int, direct_share: float = 0.5
+) -> Iterator[Stopped]:
+    """Whatever happens: the synthetic peers removed and node1's agent running again."""
+    me = lab.node(1)
+    ds = open_datastore(lab.state.datastore)
+    kernel = Kernel(netns=me.netns)
+    (pool,) = ResourceStore(ds).list_pools()
+    blocks = free_blocks(ds, pool, peers)
+    cluster = Cluster(ds, pool, prefix, random.Random(seed), blocks, direct_share=direct_share)
+    argv = lab.stop_agent(me)
+    try:
+        yield Stopped(ds, kernel, cluster, argv)
+    finally:
+        cluster.remove_all()
+        if me.agent_pid is None or not netns.alive(me.agent_pid):
+            lab.start_agent(me, argv)
+        kernel.close()
+        ds.close()
+
+
 def test_an_agent_on_an_empty_kernel_programs_it_straight_from_the_records(lab2: Lab) -> None:
     """cold_start.py on a real kernel: a node that boots with 300+ peers in the datastore
     gets the whole dataplane from the cold plan (direct and VXLAN peers, our blackhole, the
@@ -403,20 +435,15 @@ def test_an_agent_on_an_empty_kernel_programs_it_straight_from_the_records(lab2:
     neighbour, FDB entry, device or table to change. A restart on a kernel that holds our
     objects takes the normal path."""
     me = lab2.node(1)
-    ds = open_datastore(lab2.state.datastore)
-    kernel = Kernel(netns=me.netns)
-    (pool,) = ResourceStore(ds).list_pools()
-    blocks = free_blocks(ds, pool, COLD_PEERS)
-    cluster = Cluster(ds, pool, "cold", random.Random(3), blocks, direct_share=0.3)
-    argv = lab2.stop_agent(me)
-    try:
+    with node1_stopped(lab2, "cold", 3, COLD_PEERS, direct_share=0.3) as node1:
+        cluster, kernel = node1.cluster, node1.kernel
         for _ in range(COLD_PEERS):
             cluster.add()
         for _ in range(3):  # lent addresses and VTEP MACs of their own: the cold path too
             cluster.borrow()
             cluster.change_mac()
         empty_kernel(lab2, me.netns)
-        log = restart_and_converge(lab2, ds, kernel, argv)
+        log = restart_and_converge(lab2, node1.ds, kernel, node1.argv)
         lines = log.splitlines()
         (cold,) = [i for i, line in enumerate(lines) if "event=cold_start " in line]
         dp = kernel.read()
@@ -433,36 +460,18 @@ def test_an_agent_on_an_empty_kernel_programs_it_straight_from_the_records(lab2:
         assert all(f"{ip}/32" in routes for _, ip, _ in cluster.borrows), cluster.borrows
 
         lab2.stop_agent(me)
-        log = restart_and_converge(lab2, ds, kernel, argv)
+        log = restart_and_converge(lab2, node1.ds, kernel, node1.argv)
         assert "event=cold_start" not in log, "a restart on our objects went the cold way"
-    finally:
-        cluster.remove_all()
-        if me.agent_pid is None or not netns.alive(me.agent_pid):
-            lab2.start_agent(me, argv)
-        kernel.close()
-        ds.close()
 
 
 def test_a_cluster_the_cold_plan_does_not_cover_takes_the_normal_path(lab2: Lab) -> None:
     """Two peers claiming one VXLAN tunnel address: the cold plan declines, says why, and the
     normal first pass programs everything (the first by name keeps the VTEP)."""
-    me = lab2.node(1)
-    ds = open_datastore(lab2.state.datastore)
-    kernel = Kernel(netns=me.netns)
-    (pool,) = ResourceStore(ds).list_pools()
-    cluster = Cluster(ds, pool, "decl", random.Random(4), free_blocks(ds, pool, 20))
-    argv = lab2.stop_agent(me)
-    try:
+    with node1_stopped(lab2, "decl", 4, 20) as node1:
         for _ in range(10):
-            cluster.add()
-        cluster.duplicate()
-        empty_kernel(lab2, me.netns)
-        log = restart_and_converge(lab2, ds, kernel, argv)
+            node1.cluster.add()
+        node1.cluster.duplicate()
+        empty_kernel(lab2, lab2.node(1).netns)
+        log = restart_and_converge(lab2, node1.ds, node1.kernel, node1.argv)
         assert "event=cold_start_declined reason=" in log and "not its own" in log, log[-2000:]
         assert "event=cold_start " not in log  # (and the kernel is exact: restart_and_converge)
-    finally:
-        cluster.remove_all()
-        if me.agent_pid is None or not netns.alive(me.agent_pid):
-            lab2.start_agent(me, argv)
-        kernel.close()
-        ds.close()
